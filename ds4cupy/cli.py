@@ -1,0 +1,56 @@
+"""The `ds4cupy` command line. Each command lives in its own module exposing add_arguments(parser) and main(args)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "serve": ("ds4cupy.server.cli", "OpenAI-compatible HTTP server (the demo model when no -m is given)"),
+    "run": ("ds4cupy.run_cli", "generate from a prompt, or chat interactively"),
+    "make-model": ("ds4cupy.make_model", "write a random model in the exact ds4 GGUF layout"),
+    "convert": ("ds4cupy.convert", "convert a transformers DeepseekV4 directory to a ds4-layout GGUF"),
+    "info": ("ds4cupy.info", "show a model's config, tensor types and memory needs"),
+    "bench": ("ds4cupy.bench", "measure load, prefill and decode speed"),
+    "verify": ("ds4cupy.verify", "run the correctness checks and print a verdict per check"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ds4cupy",
+        description="DeepSeek-V4-Flash inference on one NVIDIA GPU (CUDA kernels through CuPy), reading ds4 GGUF "
+                    "files. Runs on the CPU reference backend when no GPU is present.")
+    p.add_argument("--version", action="version", version=f"ds4cupy {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        sp = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
+        mod.add_arguments(sp)
+        sp.set_defaults(_main=mod.main)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
