@@ -1,0 +1,88 @@
+"""`ds4cupy.load()`: open a model file and pick a backend. The Model/Session contract is docs/ARCHITECTURE.md.
+
+Both backends give sessions with the same methods (prefill, decode, snapshot, restore, reset, n_tokens, tokens), so the
+CLI, server, bench and verify never know which one runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from functools import cached_property
+
+from .config import ModelConfig
+from .model_file import ModelFile
+
+BACKENDS = ("auto", "reference", "cuda")
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device (never raises)."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+class Model:
+    """A loaded model: config, tokenizer and a backend that makes sessions."""
+
+    def __init__(self, file: ModelFile, impl, backend: str):
+        self.file = file
+        self._impl = impl
+        self.backend = backend
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.file.config
+
+    @property
+    def path(self):
+        return self.file.path
+
+    @property
+    def name(self) -> str:
+        return str(self.file.metadata.get("general.name") or self.file.path.stem)
+
+    @cached_property
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+        fields = self.file.tokenizer_fields
+        if not fields:
+            raise ValueError(f"{self.file.path}: the file carries no tokenizer (tokenizer.ggml.* metadata)")
+        return Tokenizer.from_gguf_fields(fields)
+
+    def new_session(self, ctx: int | None = None):
+        ctx = int(ctx or min(self.config.n_ctx_train, 65536))
+        if ctx <= 0:
+            raise ValueError(f"ctx must be positive, got {ctx}")
+        return self._impl.new_session(ctx)
+
+    def close(self) -> None:
+        close = getattr(self._impl, "close", None)
+        if close:
+            close()
+        self.file.close()
+
+
+def load(path: str | os.PathLike, backend: str = "auto", qat: bool = True, memory: str = "auto",
+         progress: bool | None = None) -> Model:
+    """Open a ds4-layout GGUF. backend: auto (cuda when a GPU is present) | reference (NumPy) | cuda.
+    qat=False switches off the FP8/FP4 QAT simulation (to compare with transformers). memory: weight placement on the
+    GPU (auto | device | managed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    mf = ModelFile(path)
+    if backend == "auto":
+        backend = "cuda" if gpu_available() else "reference"
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if backend == "reference":
+        from .reference import ReferenceModel
+        impl = ReferenceModel(mf, qat=qat)
+    else:
+        if not gpu_available():
+            raise RuntimeError("backend 'cuda' needs an NVIDIA GPU that CuPy can see; use --backend reference")
+        from .cuda.session import CudaModel
+        impl = CudaModel(mf, qat=qat, memory=memory, progress=progress)
+    return Model(mf, impl, backend)

@@ -1,0 +1,350 @@
+"""The DeepSeek-V4 forward pass in NumPy float32: the oracle for the CUDA kernels, and the CPU backend.
+
+Read top to bottom it is docs/model.md §2 (section numbers in the comments): embedding -> per block (mHC pre,
+attention with window + compressed rows + indexer, mHC post, mHC pre, MoE, mHC post) -> hc_head -> norm -> head.
+
+A session processes tokens in chunks; every op takes the S new tokens of a chunk plus the per-layer state left by the
+tokens before, so decode is simply a chunk of one and prefill(L+1) == prefill(L) + decode(1) holds by construction.
+Per-layer state (LayerState): the last `sliding_window` raw KV rows (the window ring, in logical order), the compressed
+rows emitted so far, the compressor's partial window, and for CSA layers the indexer's compressed rows and partial
+window. QAT simulation (FP8 on KV nope dims, Hadamard + FP4 on indexer q/k, §2.7) is on unless qat=False.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ModelConfig
+from .model_file import ModelFile
+from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, rope_apply, rope_cos_sin, rope_freqs,
+                       sigmoid, silu, softplus)
+
+F32 = np.float32
+
+
+class ReferenceWeights:
+    """Dequantized float32 views of a ModelFile's tensors, decoded on first use (experts one at a time)."""
+
+    def __init__(self, mf: ModelFile):
+        self.file = mf
+        self._dense: dict[str, np.ndarray] = {}
+        self._experts: dict[tuple[str, int], np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        w = self._dense.get(name)
+        if w is None:
+            t = self.file.info(name)
+            w = np.asarray(self.file.raw(name)) if t.qtype.name == "I32" else self.file.dequantize(name)
+            self._dense[name] = w
+        return w
+
+    def optional(self, name: str) -> np.ndarray | None:
+        return self(name) if self.file.has(name) else None
+
+    def expert(self, name: str, e: int) -> np.ndarray:
+        key = (name, e)
+        w = self._experts.get(key)
+        if w is None:
+            w = self._experts[key] = self.file.dequantize(name, index=e)
+        return w
+
+
+# ---- §2.5 compressor state -------------------------------------------------------------------------------------------
+@dataclass
+class CompressorState:
+    """Partial window of a compressor: the projections (kv, gate score with ape) of the tokens of the current window,
+    and for the overlapping ratio-4 compressor also those of the previous full window."""
+    cur_kv: list = field(default_factory=list)
+    cur_score: list = field(default_factory=list)
+    prev_kv: np.ndarray | None = None
+    prev_score: np.ndarray | None = None
+
+
+@dataclass
+class LayerState:
+    window_kv: np.ndarray            # [<= sliding_window, head_dim] raw KV rows of the latest positions, oldest first
+    comp_kv: np.ndarray              # [n_comp, head_dim] compressed rows (ratio != 0)
+    compressor: CompressorState
+    index_kv: np.ndarray             # [n_comp, indexer_head_dim] indexer rows (ratio 4)
+    index_compressor: CompressorState
+
+
+class ReferenceModel:
+    """Weights + per-layer RoPE tables. `new_session()` gives a ReferenceSession."""
+
+    backend = "reference"
+
+    def __init__(self, mf: ModelFile, qat: bool = True, chunk: int = 256):
+        self.file = mf
+        self.config: ModelConfig = mf.config
+        self.w = ReferenceWeights(mf)
+        self.qat = qat
+        self.chunk = chunk
+        c = self.config
+        yarn = (c.rope_scaling_factor, c.rope_orig_ctx, c.yarn_beta_fast, c.yarn_beta_slow)
+        self.freqs = [rope_freqs(c.n_rot, c.rope_base(il), yarn if c.uses_yarn(il) else None)
+                      for il in range(c.n_layer)]
+
+    def new_session(self, ctx: int | None = None) -> "ReferenceSession":
+        return ReferenceSession(self, ctx or self.config.n_ctx_train)
+
+    # ---- §2.2 hyper-connections ----------------------------------------------------------------------------------
+    def hc_pre(self, X: np.ndarray, site: str, il: int):
+        """X [S, n, D] -> (u [S, D], post [S, n], comb [S, n, n])."""
+        c, w, p = self.config, self.w, f"blk.{il}.hc_{site}_"
+        flat = X.reshape(X.shape[0], -1)
+        mix = (flat @ w(p + "fn.weight").T) * (1.0 / np.sqrt(np.mean(np.square(flat, dtype=np.float64), axis=-1,
+                                                                         keepdims=True) + c.rms_eps))
+        pre, post, comb = hc_split_sinkhorn(mix, w(p + "scale.weight"), w(p + "base.weight"), c.hc_mult,
+                                            c.hc_sinkhorn_iters, c.hc_eps)
+        u = np.einsum("sn,snd->sd", pre, X).astype(F32)
+        return u, post, comb
+
+    @staticmethod
+    def hc_post(y: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
+        """X'[k] = post[k] * y + sum_j comb[j, k] X[j]."""
+        return (post[:, :, None] * y[:, None, :] + np.einsum("sjk,sjd->skd", comb, X)).astype(F32)
+
+    def hc_head(self, X: np.ndarray) -> np.ndarray:
+        c, w = self.config, self.w
+        flat = X.reshape(X.shape[0], -1)
+        m = (flat @ w("output_hc_fn.weight").T) / np.sqrt(
+            np.mean(np.square(flat, dtype=np.float64), axis=-1, keepdims=True) + c.rms_eps)
+        pre = sigmoid(m * w("output_hc_scale.weight")[0] + w("output_hc_base.weight")) + c.hc_eps
+        return np.einsum("sn,snd->sd", pre, X).astype(F32)
+
+    # ---- §2.5 compressor -----------------------------------------------------------------------------------------
+    def compress(self, x: np.ndarray, pos0: int, st: CompressorState, prefix: str, ratio: int, d: int, il: int,
+                 indexer: bool) -> list[np.ndarray]:
+        """Feed S tokens (x [S, D], positions pos0..) to a compressor; return the rows emitted, in order."""
+        w = self.w
+        kv = x @ w(prefix + "kv.weight").T                       # [S, coff*d]
+        score = x @ w(prefix + "gate.weight").T
+        ape = w(prefix + "ape.weight")                           # [ratio, coff*d]
+        overlap = ratio == 4
+        rows = []
+        for i in range(x.shape[0]):
+            p = pos0 + i
+            st.cur_kv.append(kv[i])
+            st.cur_score.append(score[i] + ape[p % ratio])
+            if (p + 1) % ratio:
+                continue
+            cur_kv, cur_sc = np.stack(st.cur_kv), np.stack(st.cur_score)
+            if overlap:
+                if st.prev_kv is None:
+                    prev_kv = np.zeros((ratio, d), F32)
+                    prev_sc = np.full((ratio, d), -np.inf, F32)
+                else:
+                    prev_kv, prev_sc = st.prev_kv[:, :d], st.prev_score[:, :d]
+                slot_kv = np.concatenate([prev_kv, cur_kv[:, d:]])
+                slot_sc = np.concatenate([prev_sc, cur_sc[:, d:]])
+                st.prev_kv, st.prev_score = cur_kv, cur_sc
+            else:
+                slot_kv, slot_sc = cur_kv, cur_sc
+            st.cur_kv, st.cur_score = [], []
+            e = np.exp(slot_sc - slot_sc.max(axis=0, keepdims=True))
+            row = (e / e.sum(axis=0, keepdims=True) * slot_kv).sum(axis=0).astype(F32)
+            row = rms_norm(row, w(prefix + "norm.weight"), self.config.rms_eps)
+            wpos = p + 1 - ratio
+            cos, sin = rope_cos_sin(self.freqs[il], np.array([wpos]))
+            row = rope_apply(row[None], cos, sin)[0]
+            rows.append(self._qat_index(row) if indexer else self._qat_kv(row))
+        return rows
+
+    def _qat_kv(self, kv: np.ndarray) -> np.ndarray:
+        """FP8 simulation on the nope dims of KV rows (rope dims untouched), §2.7."""
+        if not self.qat:
+            return kv
+        nope = self.config.nope_dim
+        kv = kv.copy()
+        kv[..., :nope] = fp8_sim(kv[..., :nope], 64)
+        return kv
+
+    def _qat_index(self, v: np.ndarray) -> np.ndarray:
+        """Hadamard + FP4 simulation of indexer q / k rows, §2.7 (the Hadamard alone would cancel in q.k)."""
+        return fp4_sim(hadamard(v), 32) if self.qat else v
+
+    # ---- §2.4 attention ------------------------------------------------------------------------------------------
+    def attention(self, x: np.ndarray, pos0: int, st: LayerState, il: int) -> np.ndarray:
+        """x [S, D] (attn_norm output) at positions pos0.. -> [S, D]; updates st."""
+        c, w, p = self.config, self.w, f"blk.{il}."
+        S, H, hd = x.shape[0], c.n_head, c.head_dim
+        pos = np.arange(pos0, pos0 + S)
+        cos, sin = rope_cos_sin(self.freqs[il], pos)
+
+        qr = rms_norm(x @ w(p + "attn_q_a.weight").T, w(p + "attn_q_a_norm.weight"), c.rms_eps)
+        q = rms_norm((qr @ w(p + "attn_q_b.weight").T).reshape(S, H, hd), None, c.rms_eps)
+        q = rope_apply(q, cos, sin)
+        kv = rms_norm(x @ w(p + "attn_kv.weight").T, w(p + "attn_kv_a_norm.weight"), c.rms_eps)
+        kv = self._qat_kv(rope_apply(kv, cos, sin))
+
+        # Window: the previous rows and the new ones; query t sees positions t-window+1 .. t.
+        n_prev = st.window_kv.shape[0]
+        win_kv = np.concatenate([st.window_kv, kv])              # positions pos0-n_prev .. pos0+S-1
+        win_pos = np.arange(pos0 - n_prev, pos0 + S)
+        win_mask = (win_pos[None, :] <= pos[:, None]) & (win_pos[None, :] > pos[:, None] - c.sliding_window)
+        st.window_kv = win_kv[-c.sliding_window:]
+
+        keys, mask = win_kv, win_mask
+        ratio = c.ratio(il)
+        if ratio:
+            new_rows = self.compress(x, pos0, st.compressor, p + "attn_compressor_", ratio, hd, il, indexer=False)
+            if new_rows:
+                st.comp_kv = np.concatenate([st.comp_kv, np.stack(new_rows)])
+            n_comp = st.comp_kv.shape[0]
+            visible = np.arange(n_comp)[None, :] < ((pos + 1) // ratio)[:, None]      # [S, n_comp]
+            if ratio == 4:
+                visible &= self.indexer_select(x, qr, pos, st, il, visible)
+            keys = np.concatenate([win_kv, st.comp_kv])
+            mask = np.concatenate([win_mask, visible], axis=1)
+
+        scores = np.einsum("shd,kd->shk", q, keys) * (hd ** -0.5)
+        scores = np.where(mask[:, None, :], scores, -np.inf)
+        sink = w(p + "attn_sinks.weight")                         # [H]
+        m = np.maximum(scores.max(axis=-1), sink[None, :])        # [S, H]
+        e = np.exp(scores - m[:, :, None])
+        denom = e.sum(axis=-1) + np.exp(sink[None, :] - m)
+        o = (np.einsum("shk,kd->shd", e, keys) / denom[:, :, None]).astype(F32)
+        o = rope_apply(o, cos, sin, inverse=True)
+
+        G, R = c.o_groups, c.o_lora_rank
+        wo_a = w(p + "attn_output_a.weight").reshape(G, R, c.o_group_in)
+        low = np.einsum("sgi,gri->sgr", o.reshape(S, G, c.o_group_in), wo_a).reshape(S, G * R)
+        return (low @ w(p + "attn_output_b.weight").T).astype(F32)
+
+    # ---- §2.6 lightning indexer ----------------------------------------------------------------------------------
+    def indexer_select(self, x, qr, pos, st: LayerState, il: int, visible: np.ndarray) -> np.ndarray:
+        """Boolean [S, n_comp]: the indexer's top-k compressed rows for each query (among the visible ones)."""
+        c, w, p = self.config, self.w, f"blk.{il}."
+        S, Hi, di = x.shape[0], c.indexer_n_head, c.indexer_head_dim
+        rows = self.compress(x, int(pos[0]), st.index_compressor, p + "indexer_compressor_", 4, di, il, indexer=True)
+        if rows:
+            st.index_kv = np.concatenate([st.index_kv, np.stack(rows)])
+        n_comp = visible.shape[1]
+        assert st.index_kv.shape[0] == n_comp
+        cos, sin = rope_cos_sin(self.freqs[il], pos)
+        qi = rope_apply((qr @ w(p + "indexer.attn_q_b.weight").T).reshape(S, Hi, di), cos, sin)
+        qi = self._qat_index(qi)
+        hw = (x @ w(p + "indexer.proj.weight").T) * (di ** -0.5) * (Hi ** -0.5)   # [S, Hi]
+        score = np.einsum("sh,shc->sc", hw, np.maximum(np.einsum("shd,cd->shc", qi, st.index_kv), 0.0))
+        score = np.where(visible, score, -np.inf)
+        sel = np.zeros_like(visible)
+        k = c.indexer_top_k
+        for t in range(S):
+            nv = int(visible[t].sum())
+            if nv <= k:
+                sel[t] = visible[t]
+            else:
+                top = np.argsort(-score[t], kind="stable")[:k]
+                sel[t, top] = True
+        return sel
+
+    # ---- §2.8 MoE ------------------------------------------------------------------------------------------------
+    def moe(self, x: np.ndarray, ids: np.ndarray, il: int) -> np.ndarray:
+        c, w, p = self.config, self.w, f"blk.{il}."
+        S = x.shape[0]
+        logits = (x.astype(np.float64) @ w(p + "ffn_gate_inp.weight").T.astype(np.float64))
+        sc = np.sqrt(softplus(logits)).astype(np.float64)                     # [S, E]
+        if c.is_hash_layer(il):
+            sel = w(p + "ffn_gate_tid2eid.weight")[ids].astype(np.int64)     # [S, k]
+        else:
+            bias = w.optional(p + "exp_probs_b.bias")
+            biased = sc + (bias if bias is not None else 0.0)
+            sel = np.argsort(-biased, axis=-1, kind="stable")[:, : c.n_expert_used]
+        wsel = np.take_along_axis(sc, sel, axis=-1)
+        if c.expert_weights_norm:
+            wsel = wsel / wsel.sum(axis=-1, keepdims=True)
+        wsel = (wsel * c.expert_weights_scale).astype(F32)
+        lim = c.swiglu_clamp[il]
+        y = np.zeros((S, c.n_embd), np.float64)
+        for e in np.unique(sel):
+            rows, slot = np.nonzero(sel == e)
+            xe = x[rows]
+            h = self._swiglu(xe @ w.expert(p + "ffn_gate_exps.weight", e).T,
+                             xe @ w.expert(p + "ffn_up_exps.weight", e).T, lim) * wsel[rows, slot][:, None]
+            np.add.at(y, rows, h @ w.expert(p + "ffn_down_exps.weight", e).T)
+        if c.n_expert_shared:
+            h = self._swiglu(x @ w(p + "ffn_gate_shexp.weight").T, x @ w(p + "ffn_up_shexp.weight").T, lim)
+            y += h @ w(p + "ffn_down_shexp.weight").T
+        return y.astype(F32)
+
+    @staticmethod
+    def _swiglu(g: np.ndarray, u: np.ndarray, lim: float) -> np.ndarray:
+        return silu(np.minimum(g, lim)) * np.clip(u, -lim, lim)
+
+    # ---- §2.1 top level ------------------------------------------------------------------------------------------
+    def new_layer_state(self, il: int) -> LayerState:
+        c = self.config
+        return LayerState(window_kv=np.zeros((0, c.head_dim), F32), comp_kv=np.zeros((0, c.head_dim), F32),
+                          compressor=CompressorState(), index_kv=np.zeros((0, c.indexer_head_dim), F32),
+                          index_compressor=CompressorState())
+
+    def forward_chunk(self, ids: np.ndarray, pos0: int, states: list[LayerState], all_logits: bool) -> np.ndarray:
+        c, w = self.config, self.w
+        h = w("token_embd.weight")[ids].astype(F32)                            # [S, D]
+        X = np.repeat(h[:, None, :], c.hc_mult, axis=1)                         # [S, n, D]
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            u, post, comb = self.hc_pre(X, "attn", il)
+            y = self.attention(rms_norm(u, w(p + "attn_norm.weight"), c.rms_eps), pos0, states[il], il)
+            X = self.hc_post(y, X, post, comb)
+            u, post, comb = self.hc_pre(X, "ffn", il)
+            y = self.moe(rms_norm(u, w(p + "ffn_norm.weight"), c.rms_eps), ids, il)
+            X = self.hc_post(y, X, post, comb)
+        if not all_logits:
+            X = X[-1:]
+        y = rms_norm(self.hc_head(X), w("output_norm.weight"), c.rms_eps)
+        return (y @ w("output.weight").T).astype(F32)
+
+
+class ReferenceSession:
+    """One sequence on the reference backend (the Session contract in docs/ARCHITECTURE.md)."""
+
+    def __init__(self, model: ReferenceModel, ctx: int):
+        self.model = model
+        self.ctx = ctx
+        self.reset()
+
+    def reset(self) -> None:
+        self.states = [self.model.new_layer_state(il) for il in range(self.model.config.n_layer)]
+        self.tokens: list[int] = []
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def _check(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n_vocab = self.model.config.n_vocab
+        if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+            bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
+        if self.n_tokens + ids.size > self.ctx:
+            raise ValueError(f"{self.n_tokens} + {ids.size} tokens exceed the session context of {self.ctx}")
+        return ids
+
+    def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
+        ids = self._check(ids)
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        out = []
+        for s in range(0, ids.size, self.model.chunk):
+            chunk = ids[s: s + self.model.chunk]
+            last = s + chunk.size == ids.size
+            if all_logits or last:
+                out.append(self.model.forward_chunk(chunk, self.n_tokens, self.states, all_logits))
+            else:
+                self.model.forward_chunk(chunk, self.n_tokens, self.states, False)
+            self.tokens.extend(int(t) for t in chunk)
+        return np.concatenate(out) if all_logits else out[-1][-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.prefill([token_id])
+
+    def snapshot(self):
+        return copy.deepcopy((self.states, self.tokens))
+
+    def restore(self, snap) -> None:
+        self.states, self.tokens = copy.deepcopy(snap)
