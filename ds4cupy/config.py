@@ -7,10 +7,15 @@ model go through the same code. `ModelConfig.flash()` and `ModelConfig.tiny()` a
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 ARCH = "deepseek4"
+
+
+def _f32(v: float) -> float:
+    return float(struct.unpack("<f", struct.pack("<f", float(v)))[0])
 
 
 class ConfigError(ValueError):
@@ -104,7 +109,11 @@ class ModelConfig:
         if not self.value_dim:
             self.value_dim = self.head_dim
         self.compress_ratios = [int(r) for r in self.compress_ratios]
-        self.swiglu_clamp = [float(c) for c in self.swiglu_clamp]
+        # GGUF stores these as float32: keep exactly the float32 values so a config survives a write/read unchanged
+        for attr, _, kind, _ in _KEYS:
+            if kind == "float":
+                setattr(self, attr, _f32(getattr(self, attr)))
+        self.swiglu_clamp = [_f32(c) for c in self.swiglu_clamp]
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------------------------

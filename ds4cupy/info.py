@@ -48,12 +48,32 @@ def summarize(mf: ModelFile, ctx: int) -> dict:
         "decode_bytes_per_token": per_token, "decode_bytes_per_token_total": sum(per_token.values()),
         "ctx": ctx,
     }
-    try:
-        from .memory.budget import budget_for_file
-        summary["memory"] = budget_for_file(mf, ctx).as_dict()
-    except ImportError:
-        pass
     return summary
+
+
+def file_budget(mf: ModelFile, ctx: int):
+    """The memory budget (ds4cupy.memory.budget.Budget) of this file's tensors at context `ctx`."""
+    from .memory.budget import Budget
+    return Budget.build(mf.config, [(t.name, t.qtype, t.nbytes) for t in mf.tensors.values()], ctx)
+
+
+def memory_report(mf: ModelFile, ctx: int, machine: str | None = None) -> str:
+    """The budget table plus the placement `auto` would choose on this machine (or a described one)."""
+    from .memory.machine import DESCRIBED, detect
+    from .memory.plan import PlacementError, choose_placement, format_budget
+    budget = file_budget(mf, ctx)
+    if machine:
+        info = DESCRIBED[machine]
+    else:
+        try:
+            info = detect()
+        except Exception:          # no GPU / driver here: report the budget alone
+            return format_budget(budget) + "\nplacement: no CUDA device found (use --machine to plan for one)"
+    try:
+        placement = choose_placement(info, budget)
+    except PlacementError as e:
+        return format_budget(budget, None, info) + f"\nplacement: does not fit: {e}"
+    return format_budget(budget, placement, info)
 
 
 def _gib(n: float) -> str:
@@ -78,18 +98,14 @@ def format_summary(s: dict) -> str:
         f"decode     {_gib(s['decode_bytes_per_token_total'])} of weights read per token: "
         + ", ".join(f"{k} {_gib(v)}" for k, v in sorted(s["decode_bytes_per_token"].items())),
     ]
-    if "memory" in s:
-        try:
-            from .memory.budget import format_budget_dict
-            lines.append(format_budget_dict(s["memory"]))
-        except ImportError:
-            lines.append(f"memory at ctx {s['ctx']}: " + json.dumps(s["memory"]))
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="path to a ds4-layout GGUF file")
     p.add_argument("--ctx", type=int, default=32768, help="context length for the memory estimate (default 32768)")
+    p.add_argument("--machine", choices=["gb10", "h100", "h200", "rtx-pro-6000"], default=None,
+                   help="plan the memory placement for a described machine instead of the GPU found here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -100,6 +116,14 @@ def main(args: argparse.Namespace) -> int:
     except ModelFileError as e:
         print(f"error: {e}")
         return 1
+    if args.ctx <= 0:
+        print(f"error: --ctx must be positive, got {args.ctx}")
+        return 2
     s = summarize(mf, args.ctx)
-    print(json.dumps(s, indent=2, default=str) if args.json else format_summary(s))
+    if args.json:
+        s["memory"] = file_budget(mf, args.ctx).categories()
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        print(format_summary(s))
+        print(memory_report(mf, args.ctx, args.machine))
     return 0

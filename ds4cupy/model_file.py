@@ -157,8 +157,8 @@ class ModelFile:
         for il in range(cfg.n_layer):
             gate, up = self.tensors[f"blk.{il}.ffn_gate_exps.weight"], self.tensors[f"blk.{il}.ffn_up_exps.weight"]
             if gate.qtype != up.qtype:
-                raise ModelFileError(f"{self.path}: blk.{il}: routed gate and up experts must share one type, found "
-                                     f"{gate.qtype.name} and {up.qtype.name}")
+                raise ModelFileError(f"{self.path}: tensors {gate.name!r} and {up.name!r}: routed gate and up experts "
+                                     f"must share one type, found {gate.qtype.name} and {up.qtype.name}")
             if cfg.is_hash_layer(il):
                 name = f"blk.{il}.ffn_gate_tid2eid.weight"
                 ids = self.raw(name)

@@ -22,6 +22,19 @@ from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, 
                        sigmoid, silu, softplus)
 
 F32 = np.float32
+F64 = np.float64
+
+
+def lin(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T accumulated in float64 and rounded once to float32, so a row's result does not depend on how many rows
+    are multiplied together (BLAS blocking would otherwise make prefill and decode differ in the last bits, and the
+    FP8 / FP4 QAT rounding can amplify such bits)."""
+    return (np.asarray(x, F64) @ w.T).astype(F32)
+
+
+def esum(spec: str, *ops: np.ndarray) -> np.ndarray:
+    """einsum in float64, rounded once to float32."""
+    return np.einsum(spec, *ops, dtype=F64).astype(F32)
 
 
 class ReferenceWeights:
@@ -36,7 +49,7 @@ class ReferenceWeights:
         w = self._dense.get(name)
         if w is None:
             t = self.file.info(name)
-            w = np.asarray(self.file.raw(name)) if t.qtype.name == "I32" else self.file.dequantize(name)
+            w = np.asarray(self.file.raw(name)) if t.qtype.name == "I32" else self.file.dequantize(name).astype(F64)
             self._dense[name] = w
         return w
 
@@ -47,7 +60,7 @@ class ReferenceWeights:
         key = (name, e)
         w = self._experts.get(key)
         if w is None:
-            w = self._experts[key] = self.file.dequantize(name, index=e)
+            w = self._experts[key] = self.file.dequantize(name, index=e).astype(F64)
         return w
 
 
@@ -95,33 +108,34 @@ class ReferenceModel:
         """X [S, n, D] -> (u [S, D], post [S, n], comb [S, n, n])."""
         c, w, p = self.config, self.w, f"blk.{il}.hc_{site}_"
         flat = X.reshape(X.shape[0], -1)
-        mix = (flat @ w(p + "fn.weight").T) * (1.0 / np.sqrt(np.mean(np.square(flat, dtype=np.float64), axis=-1,
+        mix = (np.asarray(flat, F64) @ w(p + "fn.weight").T) * (1.0 / np.sqrt(np.mean(np.square(flat, dtype=np.float64), axis=-1,
                                                                          keepdims=True) + c.rms_eps))
         pre, post, comb = hc_split_sinkhorn(mix, w(p + "scale.weight"), w(p + "base.weight"), c.hc_mult,
                                             c.hc_sinkhorn_iters, c.hc_eps)
-        u = np.einsum("sn,snd->sd", pre, X).astype(F32)
+        u = esum("sn,snd->sd", pre, X)
         return u, post, comb
 
     @staticmethod
     def hc_post(y: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
         """X'[k] = post[k] * y + sum_j comb[j, k] X[j]."""
-        return (post[:, :, None] * y[:, None, :] + np.einsum("sjk,sjd->skd", comb, X)).astype(F32)
+        return (post[:, :, None].astype(F64) * y[:, None, :] + np.einsum("sjk,sjd->skd", comb, X, dtype=F64)
+                ).astype(F32)
 
     def hc_head(self, X: np.ndarray) -> np.ndarray:
         c, w = self.config, self.w
         flat = X.reshape(X.shape[0], -1)
-        m = (flat @ w("output_hc_fn.weight").T) / np.sqrt(
+        m = (np.asarray(flat, F64) @ w("output_hc_fn.weight").T) / np.sqrt(
             np.mean(np.square(flat, dtype=np.float64), axis=-1, keepdims=True) + c.rms_eps)
         pre = sigmoid(m * w("output_hc_scale.weight")[0] + w("output_hc_base.weight")) + c.hc_eps
-        return np.einsum("sn,snd->sd", pre, X).astype(F32)
+        return esum("sn,snd->sd", pre, X)
 
     # ---- §2.5 compressor -----------------------------------------------------------------------------------------
     def compress(self, x: np.ndarray, pos0: int, st: CompressorState, prefix: str, ratio: int, d: int, il: int,
                  indexer: bool) -> list[np.ndarray]:
         """Feed S tokens (x [S, D], positions pos0..) to a compressor; return the rows emitted, in order."""
         w = self.w
-        kv = x @ w(prefix + "kv.weight").T                       # [S, coff*d]
-        score = x @ w(prefix + "gate.weight").T
+        kv = lin(x, w(prefix + "kv.weight"))                     # [S, coff*d]
+        score = lin(x, w(prefix + "gate.weight"))
         ape = w(prefix + "ape.weight")                           # [ratio, coff*d]
         overlap = ratio == 4
         rows = []
@@ -174,10 +188,10 @@ class ReferenceModel:
         pos = np.arange(pos0, pos0 + S)
         cos, sin = rope_cos_sin(self.freqs[il], pos)
 
-        qr = rms_norm(x @ w(p + "attn_q_a.weight").T, w(p + "attn_q_a_norm.weight"), c.rms_eps)
-        q = rms_norm((qr @ w(p + "attn_q_b.weight").T).reshape(S, H, hd), None, c.rms_eps)
+        qr = rms_norm(lin(x, w(p + "attn_q_a.weight")), w(p + "attn_q_a_norm.weight"), c.rms_eps)
+        q = rms_norm(lin(qr, w(p + "attn_q_b.weight")).reshape(S, H, hd), None, c.rms_eps)
         q = rope_apply(q, cos, sin)
-        kv = rms_norm(x @ w(p + "attn_kv.weight").T, w(p + "attn_kv_a_norm.weight"), c.rms_eps)
+        kv = rms_norm(lin(x, w(p + "attn_kv.weight")), w(p + "attn_kv_a_norm.weight"), c.rms_eps)
         kv = self._qat_kv(rope_apply(kv, cos, sin))
 
         # Window: the previous rows and the new ones; query t sees positions t-window+1 .. t.
@@ -200,19 +214,19 @@ class ReferenceModel:
             keys = np.concatenate([win_kv, st.comp_kv])
             mask = np.concatenate([win_mask, visible], axis=1)
 
-        scores = np.einsum("shd,kd->shk", q, keys) * (hd ** -0.5)
+        scores = np.einsum("shd,kd->shk", q, keys, dtype=F64) * (hd ** -0.5)
         scores = np.where(mask[:, None, :], scores, -np.inf)
         sink = w(p + "attn_sinks.weight")                         # [H]
         m = np.maximum(scores.max(axis=-1), sink[None, :])        # [S, H]
         e = np.exp(scores - m[:, :, None])
         denom = e.sum(axis=-1) + np.exp(sink[None, :] - m)
-        o = (np.einsum("shk,kd->shd", e, keys) / denom[:, :, None]).astype(F32)
+        o = (np.einsum("shk,kd->shd", e, keys, dtype=F64) / denom[:, :, None]).astype(F32)
         o = rope_apply(o, cos, sin, inverse=True)
 
         G, R = c.o_groups, c.o_lora_rank
         wo_a = w(p + "attn_output_a.weight").reshape(G, R, c.o_group_in)
-        low = np.einsum("sgi,gri->sgr", o.reshape(S, G, c.o_group_in), wo_a).reshape(S, G * R)
-        return (low @ w(p + "attn_output_b.weight").T).astype(F32)
+        low = esum("sgi,gri->sgr", o.reshape(S, G, c.o_group_in), wo_a).reshape(S, G * R)
+        return lin(low, w(p + "attn_output_b.weight"))
 
     # ---- §2.6 lightning indexer ----------------------------------------------------------------------------------
     def indexer_select(self, x, qr, pos, st: LayerState, il: int, visible: np.ndarray) -> np.ndarray:
@@ -225,10 +239,11 @@ class ReferenceModel:
         n_comp = visible.shape[1]
         assert st.index_kv.shape[0] == n_comp
         cos, sin = rope_cos_sin(self.freqs[il], pos)
-        qi = rope_apply((qr @ w(p + "indexer.attn_q_b.weight").T).reshape(S, Hi, di), cos, sin)
+        qi = rope_apply(lin(qr, w(p + "indexer.attn_q_b.weight")).reshape(S, Hi, di), cos, sin)
         qi = self._qat_index(qi)
-        hw = (x @ w(p + "indexer.proj.weight").T) * (di ** -0.5) * (Hi ** -0.5)   # [S, Hi]
-        score = np.einsum("sh,shc->sc", hw, np.maximum(np.einsum("shd,cd->shc", qi, st.index_kv), 0.0))
+        hw = lin(x, w(p + "indexer.proj.weight")) * F32(di ** -0.5) * F32(Hi ** -0.5)   # [S, Hi]
+        score = np.einsum("sh,shc->sc", hw, np.maximum(np.einsum("shd,cd->shc", qi, st.index_kv, dtype=F64), 0.0),
+                          dtype=F64)
         score = np.where(visible, score, -np.inf)
         sel = np.zeros_like(visible)
         k = c.indexer_top_k
@@ -245,7 +260,7 @@ class ReferenceModel:
     def moe(self, x: np.ndarray, ids: np.ndarray, il: int) -> np.ndarray:
         c, w, p = self.config, self.w, f"blk.{il}."
         S = x.shape[0]
-        logits = (x.astype(np.float64) @ w(p + "ffn_gate_inp.weight").T.astype(np.float64))
+        logits = np.asarray(x, F64) @ w(p + "ffn_gate_inp.weight").T
         sc = np.sqrt(softplus(logits)).astype(np.float64)                     # [S, E]
         if c.is_hash_layer(il):
             sel = w(p + "ffn_gate_tid2eid.weight")[ids].astype(np.int64)     # [S, k]
@@ -262,12 +277,12 @@ class ReferenceModel:
         for e in np.unique(sel):
             rows, slot = np.nonzero(sel == e)
             xe = x[rows]
-            h = self._swiglu(xe @ w.expert(p + "ffn_gate_exps.weight", e).T,
-                             xe @ w.expert(p + "ffn_up_exps.weight", e).T, lim) * wsel[rows, slot][:, None]
-            np.add.at(y, rows, h @ w.expert(p + "ffn_down_exps.weight", e).T)
+            h = self._swiglu(lin(xe, w.expert(p + "ffn_gate_exps.weight", e)),
+                             lin(xe, w.expert(p + "ffn_up_exps.weight", e)), lim) * wsel[rows, slot][:, None]
+            np.add.at(y, rows, np.asarray(h, F64) @ w.expert(p + "ffn_down_exps.weight", e).T)
         if c.n_expert_shared:
-            h = self._swiglu(x @ w(p + "ffn_gate_shexp.weight").T, x @ w(p + "ffn_up_shexp.weight").T, lim)
-            y += h @ w(p + "ffn_down_shexp.weight").T
+            h = self._swiglu(lin(x, w(p + "ffn_gate_shexp.weight")), lin(x, w(p + "ffn_up_shexp.weight")), lim)
+            y += np.asarray(h, F64) @ w(p + "ffn_down_shexp.weight").T
         return y.astype(F32)
 
     @staticmethod
@@ -296,7 +311,7 @@ class ReferenceModel:
         if not all_logits:
             X = X[-1:]
         y = rms_norm(self.hc_head(X), w("output_norm.weight"), c.rms_eps)
-        return (y @ w("output.weight").T).astype(F32)
+        return lin(y, w("output.weight"))
 
 
 class ReferenceSession:
