@@ -1,0 +1,91 @@
+"""ds4cupy.numerics against independent oracles: torch's float8_e4m3fn cast (RNE), transformers' YaRN frequencies, an
+explicit Sylvester Hadamard matrix, and the FP4 e2m1 grid by brute force."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ds4cupy import numerics as nm
+
+torch = pytest.importorskip("torch")
+
+
+def test_e4m3_round_matches_torch_cast():
+    rng = np.random.default_rng()
+    x = np.concatenate([rng.standard_normal(20000) * 50, rng.uniform(-448, 448, 20000),
+                        rng.standard_normal(5000) * 2.0 ** -8])                # subnormal range too
+    ours = nm.e4m3_round(x)
+    ref = torch.tensor(x, dtype=torch.float32).to(torch.float8_e4m3fn).to(torch.float64).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_fp8_sim_blocks_use_power_of_two_scales_rounded_up():
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((7, 128)) * rng.uniform(0.01, 30, (7, 1))).astype(np.float32)
+    y = nm.fp8_sim(x, 64)
+    for r in range(7):
+        for b in range(2):
+            blk = x[r, 64 * b: 64 * (b + 1)].astype(np.float64)
+            s = 2.0 ** math.ceil(math.log2(max(np.abs(blk).max(), 1e-4) / 448))
+            expect = torch.tensor(blk / s, dtype=torch.float32).to(torch.float8_e4m3fn).double().numpy() * s
+            np.testing.assert_allclose(y[r, 64 * b: 64 * (b + 1)], expect, rtol=0, atol=0)
+
+
+def test_e2m1_round_is_nearest_grid_point_ties_to_even_code():
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    rng = np.random.default_rng()
+    x = np.concatenate([rng.uniform(-6, 6, 5000), (grid[:-1] + grid[1:]) / 2, -(grid[:-1] + grid[1:]) / 2])
+    y = nm.e2m1_round(x)
+    for v, r in zip(x, y):
+        d = np.abs(np.abs(v) - grid)
+        best = np.flatnonzero(d == d.min())
+        code = best[0] if len(best) == 1 else best[best % 2 == 0][0]
+        assert r == math.copysign(grid[code], v) or (grid[code] == 0 and r == 0), (v, r)
+
+
+def test_hadamard_is_the_orthonormal_sylvester_matrix():
+    n = 128
+    h = np.array([[1.0]])
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    x = np.random.default_rng().standard_normal((5, n)).astype(np.float32)
+    np.testing.assert_allclose(nm.hadamard(x), x @ h.T / math.sqrt(n), rtol=1e-5, atol=1e-5)
+
+
+def test_yarn_frequencies_match_transformers():
+    from transformers import DeepseekV4Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = DeepseekV4Config(head_dim=512, qk_rope_head_dim=64, compress_rope_theta=160000.0,
+                           rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                                         "beta_fast": 32, "beta_slow": 1},
+                           max_position_embeddings=1048576)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](cfg, None, layer_type="compress")
+    ours = nm.rope_freqs(64, 160000.0, (16.0, 65536, 32.0, 1.0))
+    np.testing.assert_allclose(ours, inv_freq.double().numpy(), rtol=1e-6)
+    assert scaling == 1.0          # no YaRN magnitude scaling (model.md §2.3)
+    plain = nm.rope_freqs(64, 10000.0)
+    np.testing.assert_allclose(plain, 1.0 / 10000.0 ** (np.arange(0, 64, 2) / 64), rtol=1e-12)
+
+
+def test_rope_is_interleaved_on_the_trailing_dims_and_inverts():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 2, 96)).astype(np.float32)
+    cos, sin = nm.rope_cos_sin(nm.rope_freqs(32, 10000.0), np.array([0, 5, 77]))
+    y = nm.rope_apply(x, cos, sin)
+    np.testing.assert_array_equal(y[..., :64], x[..., :64])                 # leading dims untouched
+    np.testing.assert_allclose(y[0], x[0], atol=1e-6)                        # position 0 is the identity
+    a, b = x[1, :, 64], x[1, :, 65]                                          # pair (64, 65) turns by 5 * f_0 = 5 rad
+    np.testing.assert_allclose(y[1, :, 64], a * math.cos(5) - b * math.sin(5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(nm.rope_apply(y, cos, sin, inverse=True), x, atol=1e-5)
+
+
+def test_hc_sinkhorn_is_nearly_doubly_stochastic():
+    rng = np.random.default_rng()
+    mix = rng.standard_normal((6, 24)).astype(np.float32)
+    pre, post, comb = nm.hc_split_sinkhorn(mix, np.array([0.7, 0.4, 0.9]), rng.standard_normal(24), 4, 20, 1e-6)
+    assert pre.shape == (6, 4) and post.shape == (6, 4) and comb.shape == (6, 4, 4)
+    assert (pre > 0).all() and (pre < 1 + 1e-5).all() and (post > 0).all() and (post < 2).all()
+    np.testing.assert_allclose(comb.sum(axis=-2), 1.0, atol=1e-4)          # columns normalised last
+    np.testing.assert_allclose(comb.sum(axis=-1), 1.0, atol=1e-2)
