@@ -1,0 +1,311 @@
+"""Quantized products on the GPU: thin wrappers over kernels/matvec.cu, matmul.cu and moe.cu.
+
+Weights are the raw GGUF bytes on the device, exactly as ds4cupy.quants lays them out: uint8 [rows, row_bytes]
+(or [experts, rows, row_bytes]) for block types, float32 / float16 / uint16 (bfloat16 bits) [rows, cols] for plain
+types. Activations are float32, C-contiguous. Every call:
+- checks shapes and dtypes from metadata only (never reads device memory, never synchronises with the host);
+- writes into `out=` when given (no allocation: the decode step is captured in a CUDA graph), else allocates;
+- launches on `stream` (a cupy.cuda.Stream) or on CuPy's current stream.
+Expert ids (int32) and routing weights (float32) are read from device memory by the kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from .. import quants
+from .compile import get_kernel
+
+_SUFFIX = {T.Q8_0: "q8_0", T.Q2_K: "q2_k", T.Q4_K: "q4_k", T.IQ2_XXS: "iq2_xxs", T.MXFP4: "mxfp4", T.NVFP4: "nvfp4",
+           T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
+# elements per kernel "block" for the plain types (16 bytes), else the GGUF block
+_KERNEL_QK = {T.F32: 4, T.F16: 8, T.BF16: 8}
+SUPPORTED_TYPES = frozenset(_SUFFIX)
+_THREADS = 256
+
+
+def _qtype(qtype) -> T:
+    t = quants.qtype_of(qtype)
+    if t not in SUPPORTED_TYPES:
+        raise ValueError(f"no GPU kernels for {t.name} (supported: {', '.join(x.name for x in _SUFFIX)})")
+    return t
+
+
+def _check_cols(t: T, cols: int) -> None:
+    qk = _KERNEL_QK.get(t, quants.BLOCK_SIZES[t][0])
+    if cols <= 0 or cols % qk:
+        raise ValueError(f"{t.name} GPU kernels need a row length that is a positive multiple of {qk}, got {cols}")
+
+
+def _weight_geometry(w, t: T, cols: int, ndim: int, what: str) -> int:
+    """Validate a raw weight array of `ndim` dims for rows of `cols` elements; returns its row stride in bytes."""
+    import cupy
+    if not isinstance(w, cupy.ndarray):
+        raise TypeError(f"{what} must be a cupy.ndarray, got {type(w).__name__}")
+    if w.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dims, got shape {w.shape}")
+    if not w.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous")
+    if w.data.ptr % 16:
+        raise ValueError(f"{what} must start on a 16-byte boundary (address {w.data.ptr:#x})")
+    rb = quants.row_bytes(t, cols)
+    row_nbytes = w.shape[-1] * w.itemsize
+    if t in quants.PLAIN_DTYPES:
+        if w.dtype != quants.PLAIN_DTYPES[t] and not (t == T.F16 and w.dtype == np.uint16):
+            raise ValueError(f"{what}: {t.name} weights must be {quants.PLAIN_DTYPES[t]}, got {w.dtype}")
+    elif w.dtype != np.uint8:
+        raise ValueError(f"{what}: {t.name} weights must be raw uint8 blocks, got dtype {w.dtype}")
+    if row_nbytes != rb:
+        raise ValueError(f"{what}: a {t.name} row of {cols} elements is {rb} bytes, but the array's rows are "
+                         f"{row_nbytes} bytes (shape {w.shape}, dtype {w.dtype})")
+    return rb
+
+
+def _f32(a, what: str, shape=None):
+    import cupy
+    if not isinstance(a, cupy.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        desc = f"{type(a).__name__} {getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}"
+        raise ValueError(f"{what} must be a C-contiguous cupy float32 array, got {desc}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)}, got {a.shape}")
+    return a
+
+
+def _aligned16(a, what: str):
+    """Vector loads need 16-byte aligned activations (fresh CuPy arrays are; an offset view may not be)."""
+    if a.data.ptr % 16:
+        raise ValueError(f"{what} must start on a 16-byte boundary (address {a.data.ptr:#x}); pass a copy")
+    return a
+
+
+def _out(out, shape, what="out"):
+    import cupy
+    if out is None:
+        return cupy.empty(shape, dtype=np.float32)
+    return _f32(out, what, shape)
+
+
+def _stream(stream):
+    return stream if stream is not None else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    import cupy
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def warps_per_row(rows: int) -> int:
+    """Warps that share one row (1, 2, 4 or 8): enough warps in flight to fill every SM even for short outputs."""
+    import cupy
+    target = _sm_count(cupy.cuda.Device().id) * 32  # ~32 resident warps per SM keeps loads in flight
+    wpr = 1
+    while wpr < 8 and rows * wpr < target:
+        wpr *= 2
+    return wpr
+
+
+def _ptr(a) -> np.uint64:
+    return np.uint64(a.data.ptr)
+
+
+# ---- matvec ----------------------------------------------------------------------------------------------------------
+def matvec(w, qtype, x, out=None, stream=None):
+    """y[rows] = dequant(w)[rows, cols] @ x[cols] (float32). w: raw rows [rows, row_bytes] (plain types: [rows, cols])."""
+    t = _qtype(qtype)
+    x = _aligned16(_f32(x, "x"), "x")
+    if x.ndim != 1:
+        raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
+    cols = x.shape[0]
+    _check_cols(t, cols)
+    rb = _weight_geometry(w, t, cols, 2, "w")
+    rows = w.shape[0]
+    y = _out(out, (rows,))
+    wpr = warps_per_row(rows)
+    k = get_kernel("matvec", f"matvec_{_SUFFIX[t]}")
+    with _stream(stream):
+        k(((rows + 8 // wpr - 1) // (8 // wpr),), (_THREADS,),
+          (w, np.int64(rb), x, y, np.int32(rows), np.int32(cols), np.int32(wpr)))
+    return y
+
+
+class MatvecGroup:
+    """Several matrices of one type and width that multiply the same vector, in one launch (fused projections).
+
+    Build once (it uploads a small pointer table), then call run(x) each step; the output is the concatenation of the
+    matrices' outputs, float32 [sum of rows]; `offsets[m]:offsets[m+1]` is matrix m's part.
+    """
+
+    def __init__(self, weights, qtype, cols: int):
+        import cupy
+        self.qtype = _qtype(qtype)
+        _check_cols(self.qtype, cols)
+        if not weights:
+            raise ValueError("MatvecGroup needs at least one weight matrix")
+        self.cols = cols
+        self.row_stride = 0
+        for i, w in enumerate(weights):
+            self.row_stride = _weight_geometry(w, self.qtype, cols, 2, f"weights[{i}]")
+        self.weights = list(weights)  # keep them alive: the table holds raw pointers
+        rows = [int(w.shape[0]) for w in weights]
+        self.offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(rows)]))
+        self.total_rows = self.offsets[-1]
+        self._ptrs = cupy.asarray(np.array([w.data.ptr for w in weights], dtype=np.uint64))
+        self._row_start = cupy.asarray(np.array(self.offsets, dtype=np.int32))
+        self._wpr = warps_per_row(self.total_rows)
+        self._kernel = get_kernel("matvec", f"matvec_group_{_SUFFIX[self.qtype]}")
+
+    def run(self, x, out=None, stream=None):
+        x = _aligned16(_f32(x, "x", (self.cols,)), "x")
+        y = _out(out, (self.total_rows,))
+        rpc = 8 // self._wpr
+        with _stream(stream):
+            self._kernel(((self.total_rows + rpc - 1) // rpc,), (_THREADS,),
+                         (self._ptrs, self._row_start, np.int32(len(self.weights)), np.int64(self.row_stride), x, y,
+                          np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
+        return y
+
+    def split(self, y):
+        """Views of y, one per matrix."""
+        return [y[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+
+# ---- matmul, dequantize --------------------------------------------------------------------------------------------
+def matmul(w, qtype, x, out=None, stream=None):
+    """Y[n, rows] = X[n, cols] @ dequant(w)^T (float32), any n >= 1."""
+    t = _qtype(qtype)
+    x = _f32(x, "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [n, cols], got shape {x.shape}")
+    n, cols = x.shape
+    _check_cols(t, cols)
+    rb = _weight_geometry(w, t, cols, 2, "w")
+    rows = w.shape[0]
+    y = _out(out, (n, rows))
+    if n == 0:
+        return y
+    k = get_kernel("matmul", f"matmul_{_SUFFIX[t]}")
+    with _stream(stream):
+        k(((rows + 63) // 64, (n + 63) // 64), (_THREADS,),
+          (w, np.int64(rb), x, y, np.int32(n), np.int32(rows), np.int32(cols)))
+    return y
+
+
+def dequantize(w, qtype, cols: int, out=None, stream=None):
+    """float32 [rows, cols] = the decoded rows of w (bit-exact with ds4cupy.quants.dequantize)."""
+    t = _qtype(qtype)
+    _check_cols(t, cols)
+    rb = _weight_geometry(w, t, cols, 2, "w")
+    rows = w.shape[0]
+    y = _out(out, (rows, cols))
+    k = get_kernel("matmul", f"dequantize_{_SUFFIX[t]}")
+    blocks = max(1, min((rows * cols + _THREADS - 1) // _THREADS, 65535))
+    with _stream(stream):
+        k((blocks,), (_THREADS,), (w, np.int64(rb), y, np.int32(rows), np.int32(cols)))
+    return y
+
+
+# ---- MoE -------------------------------------------------------------------------------------------------------------
+def _experts(w, t: T, cols: int, what: str):
+    """(array, n_expert, rows, row_stride) for an expert stack [E, rows, row_bytes] or a plain 2-D matrix (E = 1)."""
+    if getattr(w, "ndim", 0) == 2:
+        rb = _weight_geometry(w, t, cols, 2, what)
+        return w, 1, int(w.shape[0]), rb
+    rb = _weight_geometry(w, t, cols, 3, what)
+    return w, int(w.shape[0]), int(w.shape[1]), rb
+
+
+def _routing(ids, weights, n: int, what_k: int | None):
+    """Validate token-major ids [n, k] int32 and weights [n, k] float32; returns k."""
+    import cupy
+    if ids is None:
+        if weights is not None:
+            raise ValueError("weights without ids: pass both (routed experts) or neither (shared expert)")
+        return 1
+    if not isinstance(ids, cupy.ndarray) or ids.dtype != np.int32 or ids.ndim != 2 or ids.shape[0] != n \
+            or not ids.flags.c_contiguous:
+        raise ValueError(f"ids must be a C-contiguous cupy int32 array [n={n}, k], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
+    k = int(ids.shape[1])
+    if weights is not None:
+        _f32(weights, "weights", (n, k))
+    if what_k is not None and k != what_k:
+        raise ValueError(f"ids has k={k} experts per token, mid has {what_k}")
+    return k
+
+
+def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0, out=None, stream=None):
+    """mid[n, k, ff] = silu(min(gate_e . x, c)) * clamp(up_e . x, -c, c) * w for every (token, selected expert).
+
+    gate, up: [E, ff, row_bytes] expert stacks (or [ff, row_bytes] for the shared expert, with ids=weights=None:
+    expert 0, weight 1). x: float32 [n, D] (or [D]: n = 1). ids: int32 [n, k], weights: float32 [n, k] on the device.
+    clamp: the SwiGLU limit c (model.md §2.8; float('inf') for none).
+    """
+    t = _qtype(qtype)
+    x = _aligned16(_f32(x, "x"), "x")
+    x2 = x.reshape(1, -1) if x.ndim == 1 else x
+    if x2.ndim != 2:
+        raise ValueError(f"x must be [n, D] or [D], got shape {x.shape}")
+    n, cols = x2.shape
+    _check_cols(t, cols)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {gate.shape} and {up.shape}")
+    if ids is None and gate.ndim != 2:
+        raise ValueError("an expert stack [E, ff, row_bytes] needs ids and weights; pass a 2-D weight for the shared "
+                         "expert")
+    gate, n_expert, ff, rb = _experts(gate, t, cols, "gate")
+    _experts(up, t, cols, "up")
+    k = _routing(ids, weights, n, None)
+    if n * k > 65535:
+        raise ValueError(f"{n} tokens x {k} experts = {n * k} pairs exceeds one launch (65535); split the chunk")
+    mid = _out(out, (n, k, ff))
+    wpr = warps_per_row(ff * n * k)
+    kern = get_kernel("moe", f"moe_gate_up_{_SUFFIX[t]}")
+    null = np.uint64(0)
+    with _stream(stream):
+        kern(((ff + 8 // wpr - 1) // (8 // wpr), n * k), (_THREADS,),
+             (gate, up, np.int64(ff * rb), np.int64(rb), ids if ids is not None else null,
+              weights if weights is not None else null, np.int32(k), np.int32(n_expert), x2, np.int32(cols), mid,
+              np.int32(ff), np.float32(clamp), np.int32(wpr)))
+    return mid
+
+
+def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, stream=None):
+    """y[n, D] (+)= sum_j down[ids[t, j]] . mid[t, j] (routing weights are already in mid).
+
+    down: [E, D, row_bytes] (or [D, row_bytes] for the shared expert, ids=None). mid: float32 [n, k, ff] (or [k, ff]
+    / [ff] for one token). accumulate=True adds into `out` (which must then be given), e.g. shared onto routed.
+    """
+    t = _qtype(qtype)
+    mid = _aligned16(_f32(mid, "mid"), "mid")
+    mid3 = mid.reshape((1,) * (3 - mid.ndim) + mid.shape) if mid.ndim < 3 else mid
+    if mid3.ndim != 3:
+        raise ValueError(f"mid must be [n, k, ff], got shape {mid.shape}")
+    n, k_mid, ff = mid3.shape
+    _check_cols(t, ff)
+    if ids is None and down.ndim != 2:
+        raise ValueError("an expert stack [E, D, row_bytes] needs ids; pass a 2-D weight for the shared expert")
+    down, n_expert, D, rb = _experts(down, t, ff, "down")
+    k = _routing(ids, None, n, k_mid)
+    if ids is None and k_mid != 1:
+        raise ValueError(f"without ids, mid must hold one expert per token, got k={k_mid}")
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs out= (the array to add into)")
+    if n > 65535:
+        raise ValueError(f"{n} tokens exceed one launch (65535); split the chunk")
+    y = _out(out, (n, D))
+    wpr = warps_per_row(D * n)
+    kern = get_kernel("moe", f"moe_down_{_SUFFIX[t]}")
+    with _stream(stream):
+        kern(((D + 8 // wpr - 1) // (8 // wpr), n), (_THREADS,),
+             (down, np.int64(D * rb), np.int64(rb), ids if ids is not None else np.uint64(0), np.int32(k),
+              np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0),
+              np.int32(wpr)))
+    return y
+
+
+__all__ = ["SUPPORTED_TYPES", "matvec", "MatvecGroup", "matmul", "dequantize", "moe_gate_up", "moe_down",
+           "warps_per_row"]
