@@ -247,6 +247,8 @@ class ModelConfig:
         for attr, key, kind, _ in _KEYS:
             v = getattr(self, attr)
             gk = {"int": "u32", "float": "f32", "bool": "bool", "ints": "u32s", "floats": "f32s"}[kind]
+            if attr == "rope_orig_ctx":
+                gk = "u64"  # ds4 reads rope.scaling.original_context_length as a 64-bit integer
             out[f"{ARCH}.{key}"] = (gk, v)
         return out
 
