@@ -16,7 +16,7 @@ from ds4cupy.layout import ds4_type, model_specs
 from ds4cupy.make_model import random_model_tensors, tokenizer_fields, weight_std, write_random_model
 
 EXPERTS = ["q2", "q4", "q8_0", "f16"]
-_KIND_VTYPE = {"u32": V.UINT32, "f32": V.FLOAT32, "bool": V.BOOL, "u32s": V.UINT32, "f32s": V.FLOAT32}
+_KIND_VTYPE = {"u32": V.UINT32, "u64": V.UINT64, "f32": V.FLOAT32, "bool": V.BOOL, "u32s": V.UINT32, "f32s": V.FLOAT32}
 
 
 def tiny_cfg() -> ModelConfig:
