@@ -1,0 +1,586 @@
+"""The aiohttp application: routes, API key and body-size checks, SSE streaming.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (+ /v1/models/{name}), GET /health,
+GET /metrics. Handlers validate with `protocol`, render and tokenize the prompt on a one-thread "prep" executor (so
+arrival order is kept and the event loop never blocks on a long prompt), submit a `GenerationJob` to the
+`EngineWorker`, then turn its events into a JSON response or an SSE stream. While a job waits or prefills, the stream
+gets `: keepalive` comments; a client that goes away cancels its job.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+
+from . import protocol
+from .metrics import ServerMetrics
+from .protocol import ProtocolError
+from .worker import (EngineWorker, EventChannel, GenerationJob, JobCancelled, JobFailed, JobFinished, JobStarted,
+                     PrefillProgress, TokenDelta, real_generator_factory)
+
+log = logging.getLogger("ds4cupy.server")
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_KEEPALIVE_S = 5.0
+DISCONNECT_POLL_S = 0.25
+
+PromptRenderer = Callable[[list, list, protocol.ThinkingChoice], str]   # (messages, tools, thinking) -> prompt text
+
+
+def render_chat_prompt(messages: list[dict], tools: list[dict], thinking: protocol.ThinkingChoice) -> str:
+    """The DeepSeek-V4 prompt text for validated messages (ds4cupy.chat.encode_messages; BOS is in the text)."""
+    from ..chat import encode_messages
+    return encode_messages(messages, thinking_mode=thinking.thinking_mode, reasoning_effort=thinking.reasoning_effort,
+                           tools=tools or None)
+
+
+@dataclass
+class ServerSettings:
+    """What the app serves and how."""
+    model_name: str = protocol.DEFAULT_MODEL_NAME
+    ctx: int = 32768
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
+    demo: bool = False                   # the built-in random-weights model: said in /v1/models and /health
+    aliases: tuple[str, ...] = (protocol.NON_THINKING_ALIAS, protocol.THINKING_ALIAS)
+    created: int = field(default_factory=protocol.now)
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers share: settings, tokenizer, renderer, worker, metrics, the prep executor."""
+    settings: ServerSettings
+    tokenizer: Any
+    worker: EngineWorker
+    metrics: ServerMetrics
+    render: PromptRenderer
+    prep: concurrent.futures.ThreadPoolExecutor
+    turn_ids: frozenset[int] = frozenset()
+    request_counter: int = 0
+
+    def next_request_id(self, prefix: str) -> str:
+        self.request_counter += 1
+        return f"{prefix}-{self.request_counter:06d}{uuid.uuid4().hex[:12]}"
+
+
+STATE = web.AppKey("ds4cupy_state", ServerState)
+
+
+# ------------------------------------------------------------------------------------------------------- responses
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+
+
+def error_response(err: ProtocolError) -> web.Response:
+    return json_response(err.body(), status=err.status)
+
+
+_STATUS_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+                       413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+
+
+def http_error(status: int, message: str, code: str | None = None, param: str | None = None) -> ProtocolError:
+    return ProtocolError(status, message, type=_STATUS_ERROR_TYPES.get(status, "invalid_request_error"),
+                         param=param, code=code)
+
+
+# ------------------------------------------------------------------------------------------------------ middleware
+
+def _endpoint_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def openai_errors_middleware(request: web.Request, handler):
+    """Every failure leaves as an OpenAI error object; every request is counted by endpoint and status."""
+    state = request.app[STATE]
+    try:
+        response = await handler(request)
+    except ProtocolError as err:
+        response = error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        response = error_response(http_error(exc.status, exc.reason if exc.status != 404 else
+                                             f"no route for {request.method} {request.path}", code))
+    except ConnectionResetError:            # the client left before a non-streaming answer was ready
+        log.info("%s %s: client disconnected", request.method, request.path)
+        response = web.Response(status=499)  # nginx's "client closed request", for the metrics only
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.path)
+        response = error_response(http_error(500, "internal server error", "internal_error"))
+    state.metrics.record_request(_endpoint_label(request), response.status)
+    return response
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler):
+    """With --api-key, /v1/* needs `Authorization: Bearer <key>` (401 otherwise). /health and /metrics stay open."""
+    key = request.app[STATE].settings.api_key
+    if key and request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise http_error(401, "Incorrect API key provided." if header else
+                             "You didn't provide an API key (Authorization: Bearer <key>).", "invalid_api_key")
+    return await handler(request)
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+async def read_json_body(request: web.Request, limit: int) -> Any:
+    """The decoded body: 413 past `limit` bytes, 400 for malformed JSON."""
+    if request.content_length is not None and request.content_length > limit:
+        raise http_error(413, f"request body of {request.content_length} bytes exceeds the {limit}-byte limit",
+                         "request_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise http_error(413, f"request body exceeds the {limit}-byte limit", "request_too_large") from None
+    if len(raw) > limit:
+        raise http_error(413, f"request body of {len(raw)} bytes exceeds the {limit}-byte limit", "request_too_large")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise protocol.invalid(f"malformed JSON body: {exc}", None, "invalid_json") from None
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+@dataclass
+class PreparedPrompt:
+    ids: list[int]
+    max_tokens: int
+    checkpoints: list[int]        # where the worker should snapshot: right after the last turn-start token
+
+
+USER_TURN_TOKEN = "<｜User｜>"
+
+
+def turn_start_ids(tokenizer) -> frozenset[int]:
+    """Token ids that open a user turn (snapshot points for prefix reuse); empty when the tokenizer has none."""
+    try:
+        if getattr(tokenizer, "has_special", None) and tokenizer.has_special(USER_TURN_TOKEN):
+            return frozenset({int(tokenizer.special_id(USER_TURN_TOKEN))})
+    except (KeyError, ValueError):
+        pass
+    return frozenset()
+
+
+def last_turn_checkpoint(ids: list[int], turn_ids: frozenset[int]) -> list[int]:
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] in turn_ids:
+            return [i + 1]
+    return []
+
+
+async def prepare_prompt(state: ServerState, messages: list[dict], tools: list[dict],
+                         thinking: protocol.ThinkingChoice, max_tokens: int | None) -> PreparedPrompt:
+    """Render + tokenize on the prep thread; refuse prompts that leave no room in the context. The reply budget is
+    max_tokens clamped to the room left (generation ends with finish_reason "length" when the context is full)."""
+    def work() -> list[int]:
+        text = state.render(messages, tools, thinking)
+        return list(state.tokenizer.encode(text))
+
+    loop = asyncio.get_running_loop()
+    try:
+        ids = await loop.run_in_executor(state.prep, work)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:        # the chat encoder refused the conversation
+        raise protocol.invalid(f"cannot render the conversation: {exc}", "messages", "invalid_messages") from None
+    ctx = state.settings.ctx
+    if not ids:
+        raise protocol.invalid("the prompt rendered to no tokens", "messages", "invalid_messages")
+    if len(ids) >= ctx:
+        raise protocol.context_exceeded(len(ids), ctx)
+    room = ctx - len(ids)
+    return PreparedPrompt(ids, room if max_tokens is None else min(max_tokens, room),
+                          last_turn_checkpoint(ids, state.turn_ids))
+
+
+class JobRun:
+    """Submits one job and iterates its events, cancelling the job if the caller stops early (disconnect, error)."""
+
+    def __init__(self, state: ServerState, request: web.Request, job: GenerationJob, model: str):
+        self.state, self.request, self.job, self.model = state, request, job, model
+        self.queue_position = 0
+        self.last_write = time.monotonic()
+
+    @property
+    def headers(self) -> dict:
+        """Response headers: the queue position the request got on arrival (0: the engine was idle)."""
+        return {"X-Queue-Position": str(self.queue_position)}
+
+    async def events(self):
+        """Yields worker events; yields None when a keepalive is due (no event for keepalive_s seconds)."""
+        keepalive_s = self.state.settings.keepalive_s
+        poll = min(keepalive_s, DISCONNECT_POLL_S)
+        while True:
+            if client_gone(self.request):
+                raise ConnectionResetError("client disconnected")
+            event = await self.job.channel.get(timeout=poll)
+            if event is None or isinstance(event, (PrefillProgress, JobStarted)):
+                if time.monotonic() - self.last_write >= keepalive_s:
+                    yield None
+                if event is None:
+                    continue
+            yield event
+            if isinstance(event, (JobFinished, JobCancelled, JobFailed)):
+                return
+
+    def wrote(self) -> None:
+        self.last_write = time.monotonic()
+
+    def cancel(self) -> None:
+        if not self.job.cancel.is_set():
+            self.job.cancel.set()
+            self.state.metrics.record_cancel()
+
+
+def reported_model(state: ServerState, requested: str | None) -> str:
+    """The `model` field of responses: the requested name when it is ours (or an alias), else the served name."""
+    s = state.settings
+    return requested if requested in (s.model_name, *s.aliases) else s.model_name
+
+
+def usage_from(finished: JobFinished) -> dict:
+    return protocol.usage_object(finished.prompt_tokens, finished.completion_tokens, finished.cached_tokens)
+
+
+# -------------------------------------------------------------------------------------------------------- handlers
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json_body(request, state.settings.max_body_bytes)
+    chat = protocol.parse_chat_request(body, ctx=state.settings.ctx)
+    prompt = await prepare_prompt(state, chat.messages, chat.offered_tools, chat.thinking, chat.max_tokens)
+    job = GenerationJob(request_id=state.next_request_id("chatcmpl"), prompt_ids=prompt.ids,
+                        max_tokens=prompt.max_tokens, sampling=chat.sampling, stop=chat.stop,
+                        thinking=chat.thinking.enabled, parse_tools=bool(chat.offered_tools),
+                        checkpoints=prompt.checkpoints, channel=EventChannel())
+    run = JobRun(state, request, job, model=reported_model(state, chat.model))
+    run.queue_position = state.worker.submit(job)
+    if chat.stream:
+        return await stream_chat(run, chat)
+    return await collect_chat(run, chat)
+
+
+def _chat_delta_fields(delta: Any, with_reasoning: bool = True) -> dict:
+    out: dict[str, Any] = {}
+    if with_reasoning and getattr(delta, "reasoning", None):
+        out["reasoning_content"] = delta.reasoning
+    if getattr(delta, "content", None):
+        out["content"] = delta.content
+    tool_calls = getattr(delta, "tool_calls", None)
+    if tool_calls:
+        out["tool_calls"] = [protocol.tool_call_delta(t) for t in tool_calls]
+    return out
+
+
+async def stream_chat(run: JobRun, chat: protocol.ChatRequest) -> web.StreamResponse:
+    state, request, job = run.state, run.request, run.job
+    model, created = run.model, protocol.now()
+    response = sse_response(run.headers)
+    saw_tool_calls = False
+    done = False
+    try:
+        await response.prepare(request)
+        await response.write(protocol.sse_event(protocol.chat_chunk(
+            job.request_id, model, created, {"role": "assistant", "content": ""}, include_usage=chat.include_usage)))
+        run.wrote()
+        async for event in run.events():
+            if event is None:
+                await response.write(protocol.SSE_KEEPALIVE)
+                run.wrote()
+            elif isinstance(event, TokenDelta):
+                fields = _chat_delta_fields(event.delta)
+                saw_tool_calls = saw_tool_calls or "tool_calls" in fields
+                if fields:
+                    await response.write(protocol.sse_event(protocol.chat_chunk(
+                        job.request_id, model, created, fields, include_usage=chat.include_usage)))
+                    run.wrote()
+            elif isinstance(event, JobFinished):
+                done = True
+                finish = "tool_calls" if saw_tool_calls and event.finish_reason == "stop" else event.finish_reason
+                await response.write(protocol.sse_event(protocol.chat_chunk(
+                    job.request_id, model, created, {}, finish, include_usage=chat.include_usage)))
+                if chat.include_usage:
+                    await response.write(protocol.sse_event(protocol.chat_usage_chunk(
+                        job.request_id, model, created, usage_from(event))))
+                await response.write(protocol.SSE_DONE)
+            elif isinstance(event, JobFailed):
+                done = True
+                await response.write(protocol.sse_event(http_error(500, event.message, "engine_error").body()))
+                await response.write(protocol.SSE_DONE)
+            elif isinstance(event, JobCancelled):
+                done = True
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("request %s: client disconnected, generation cancelled", job.request_id)
+    finally:
+        if not done:
+            run.cancel()
+    return response
+
+
+async def collect_chat(run: JobRun, chat: protocol.ChatRequest) -> web.Response:
+    job = run.job
+    content, reasoning = [], []
+    tools = protocol.ToolCallAccumulator()
+    finished: JobFinished | None = None
+    try:
+        async for event in run.events():
+            if isinstance(event, TokenDelta):
+                d = event.delta
+                if getattr(d, "reasoning", None):
+                    reasoning.append(d.reasoning)
+                if getattr(d, "content", None):
+                    content.append(d.content)
+                for t in getattr(d, "tool_calls", None) or ():
+                    tools.add(t)
+            elif isinstance(event, JobFinished):
+                finished = event
+            elif isinstance(event, JobFailed):
+                raise http_error(500, event.message, "engine_error")
+            elif isinstance(event, JobCancelled):
+                raise ConnectionResetError("cancelled")
+    finally:
+        if finished is None:
+            run.cancel()
+    calls = tools.calls()
+    finish = "tool_calls" if calls and finished.finish_reason == "stop" else finished.finish_reason
+    response = json_response(protocol.chat_completion(
+        job.request_id, run.model, protocol.now(), content="".join(content),
+        reasoning="".join(reasoning), tool_calls=calls, finish_reason=finish, usage=usage_from(finished)))
+    response.headers.update(run.headers)
+    return response
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json_body(request, state.settings.max_body_bytes)
+    comp = protocol.parse_completion_request(body, ctx=state.settings.ctx)
+    prompt = await prepare_prompt(state, comp.messages(), [], comp.thinking, comp.max_tokens)
+    job = GenerationJob(request_id=state.next_request_id("cmpl"), prompt_ids=prompt.ids,
+                        max_tokens=prompt.max_tokens, sampling=comp.sampling, stop=comp.stop,
+                        thinking=comp.thinking.enabled, parse_tools=False, checkpoints=prompt.checkpoints,
+                        channel=EventChannel())
+    run = JobRun(state, request, job, model=reported_model(state, comp.model))
+    run.queue_position = state.worker.submit(job)
+    model, created = run.model, protocol.now()
+    if not comp.stream:
+        text: list[str] = []
+        finished = None
+        try:
+            async for event in run.events():
+                if isinstance(event, TokenDelta) and getattr(event.delta, "content", None):
+                    text.append(event.delta.content)
+                elif isinstance(event, JobFinished):
+                    finished = event
+                elif isinstance(event, JobFailed):
+                    raise http_error(500, event.message, "engine_error")
+                elif isinstance(event, JobCancelled):
+                    raise ConnectionResetError("cancelled")
+        finally:
+            if finished is None:
+                run.cancel()
+        response = json_response(protocol.text_completion(job.request_id, model, created, text="".join(text),
+                                                          finish_reason=finished.finish_reason,
+                                                          usage=usage_from(finished)))
+        response.headers.update(run.headers)
+        return response
+    response = sse_response(run.headers)
+    done = False
+    try:
+        await response.prepare(request)
+        run.wrote()
+        async for event in run.events():
+            if event is None:
+                await response.write(protocol.SSE_KEEPALIVE)
+                run.wrote()
+            elif isinstance(event, TokenDelta):
+                if getattr(event.delta, "content", None):
+                    await response.write(protocol.sse_event(protocol.text_chunk(
+                        job.request_id, model, created, event.delta.content, include_usage=comp.include_usage)))
+                    run.wrote()
+            elif isinstance(event, JobFinished):
+                done = True
+                await response.write(protocol.sse_event(protocol.text_chunk(
+                    job.request_id, model, created, "", event.finish_reason, include_usage=comp.include_usage)))
+                if comp.include_usage:
+                    await response.write(protocol.sse_event(protocol.text_usage_chunk(
+                        job.request_id, model, created, usage_from(event))))
+                await response.write(protocol.SSE_DONE)
+            elif isinstance(event, JobFailed):
+                done = True
+                await response.write(protocol.sse_event(http_error(500, event.message, "engine_error").body()))
+                await response.write(protocol.SSE_DONE)
+            elif isinstance(event, JobCancelled):
+                done = True
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("request %s: client disconnected, generation cancelled", job.request_id)
+    finally:
+        if not done:
+            run.cancel()
+    return response
+
+
+def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
+    return web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no", **(extra_headers or {})})
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    s = request.app[STATE].settings
+    return json_response(protocol.model_list([s.model_name, *s.aliases], s.created, s.ctx))
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    s = request.app[STATE].settings
+    name = request.match_info["name"]
+    if name not in (s.model_name, *s.aliases):
+        raise http_error(404, f"The model '{name}' does not exist", "model_not_found", "model")
+    return json_response(protocol.model_card(name, s.created, s.ctx))
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    s = state.settings
+    ok = state.worker.alive
+    return json_response({"status": "ok" if ok else "engine stopped", "model": s.model_name, "ctx": s.ctx,
+                          "demo_model_random_weights": s.demo, "queue_depth": state.worker.queue_depth,
+                          "engine_busy": state.worker.busy}, status=200 if ok else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STATE].metrics.render(), content_type="text/plain",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+# ------------------------------------------------------------------------------------------------------- app setup
+
+def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRenderer | None = None,
+               make_generator=None, prefill_chunk: int | None = None,
+               max_snapshots: int | None = None) -> web.Application:
+    """Build the application around one session. `render` (messages, tools, thinking) -> text and `make_generator`
+    (job -> Generator) default to ds4cupy.chat and ds4cupy.generate; tests pass fakes. `max_snapshots` session
+    copies are kept for prefix reuse (default 2; each holds the whole KV)."""
+    metrics = ServerMetrics()
+    worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+    if max_snapshots is not None:
+        worker_kwargs["max_snapshots"] = max_snapshots
+    worker = EngineWorker(session, make_generator or real_generator_factory(tokenizer), metrics=metrics,
+                          **worker_kwargs)
+    metrics.queue_depth = lambda: worker.queue_depth
+    metrics.engine_busy = lambda: worker.busy
+    state = ServerState(settings=settings, tokenizer=tokenizer, worker=worker, metrics=metrics,
+                        render=render or render_chat_prompt,
+                        prep=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds4cupy-prep"),
+                        turn_ids=turn_start_ids(tokenizer))
+    # aiohttp's own limit sits just above ours so that we answer 413 in OpenAI's schema ourselves
+    app = web.Application(middlewares=[openai_errors_middleware, api_key_middleware],
+                          client_max_size=settings.max_body_bytes + 1)
+    app[STATE] = state
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{name}", handle_model)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        worker.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        worker.stop()
+        state.prep.shutdown(wait=False, cancel_futures=True)
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+class BackgroundServer:
+    """Runs an app on its own event loop in a daemon thread (tests, notebooks). `port=0` picks a free port;
+    `url` is set once listening. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
+        self.app, self.host, self.port = app, host, port
+        self.url: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="ds4cupy-server", daemon=True)
+
+    def _main(self) -> None:
+        self._loop = new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:     # noqa: BLE001 - handed to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.port = port
+        self.url = f"http://{self.host}:{port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed, else asyncio's default."""
+    try:
+        import uvloop
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()

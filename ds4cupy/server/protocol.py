@@ -1,0 +1,647 @@
+"""The OpenAI wire protocol, kept apart from the engine.
+
+This module knows JSON bodies and nothing about sessions or threads:
+
+- request validation: `parse_chat_request` and `parse_completion_request` turn a decoded JSON body into a
+  `ChatRequest` / `CompletionRequest` or raise `ProtocolError` (an OpenAI error object plus its HTTP status);
+- thinking-mode selection as ds4 does it (`select_thinking`);
+- response and chunk builders for chat and text completions, `usage` objects, the model list;
+- SSE framing (`sse_event`, `SSE_DONE`, `SSE_KEEPALIVE`).
+
+Bad input stops here: nothing that fails validation ever reaches the worker.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import orjson
+
+DEFAULT_MODEL_NAME = "deepseek-v4-flash"
+# Model aliases understood as in ds4: "deepseek-chat" selects the non-thinking mode, "deepseek-reasoner" thinking.
+NON_THINKING_ALIAS = "deepseek-chat"
+THINKING_ALIAS = "deepseek-reasoner"
+# ds4 uses Think Max only when the context can hold its long reasoning (ds4-peer.md §5).
+THINK_MAX_MIN_CTX = 393216
+# /v1/completions wraps the prompt as one chat turn under this system prompt (ds4's behaviour).
+COMPLETIONS_SYSTEM_PROMPT = "You are a helpful assistant"
+# Sampling defaults (ds4 and the model card): temperature 1, top_p 1, min_p 0.05, no top_k.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0
+DEFAULT_MIN_P = 0.05
+MAX_STOP_STRINGS = 16
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+class ProtocolError(Exception):
+    """A request the server refuses, with the HTTP status and the fields of OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error schema: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ProtocolError:
+    """A 400 invalid_request_error naming the offending parameter."""
+    return ProtocolError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------- field validators
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional_number(body: Mapping, name: str, default: float, low: float, high: float,
+                     low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value):
+        raise invalid(f"'{name}' must be a number, got {type(value).__name__}", name, "invalid_type")
+    value = float(value)
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise invalid(f"'{name}' must be in {bracket}{low:g}, {high:g}], got {value:g}", name, "invalid_value")
+    return value
+
+
+def _optional_int(body: Mapping, name: str, low: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise invalid(f"'{name}' must be an integer, got {type(value).__name__}", name, "invalid_type")
+    if low is not None and value < low:
+        raise invalid(f"'{name}' must be >= {low}, got {value}", name, "invalid_value")
+    return value
+
+
+def _optional_bool(body: Mapping, name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be a boolean, got {type(value).__name__}", name, "invalid_type")
+    return value
+
+
+def _parse_stop(body: Mapping) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise invalid("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(value) > MAX_STOP_STRINGS:
+        raise invalid(f"'stop' holds at most {MAX_STOP_STRINGS} strings, got {len(value)}", "stop", "invalid_value")
+    if any(s == "" for s in value):
+        raise invalid("'stop' strings must not be empty", "stop", "invalid_value")
+    return list(value)
+
+
+def _parse_max_tokens(body: Mapping) -> int | None:
+    """max_completion_tokens (the newer name) wins over max_tokens; both must be >= 1 when given."""
+    chosen = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise invalid(f"'{name}' must be an integer, got {type(value).__name__}", name, "invalid_type")
+        if value <= 0:
+            raise invalid(f"'{name}' must be >= 1, got {value}", name, "invalid_value")
+        chosen = value
+    return chosen
+
+
+def _parse_model(body: Mapping) -> str | None:
+    value = body.get("model")
+    if value is not None and not isinstance(value, str):
+        raise invalid(f"'model' must be a string, got {type(value).__name__}", "model", "invalid_type")
+    return value
+
+
+def _parse_n(body: Mapping) -> None:
+    n = _optional_int(body, "n", low=1)
+    if n is not None and n != 1:
+        raise invalid("only n=1 is supported (one session, no batching)", "n", "unsupported_value")
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+@dataclass
+class SamplingFields:
+    """The sampling parameters of one request, already validated (mapped onto ds4cupy.sampling.SamplingParams)."""
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    seed: int | None = None
+
+
+def _parse_sampling(body: Mapping) -> SamplingFields:
+    top_k = _optional_int(body, "top_k", low=0)
+    seed = _optional_int(body, "seed")
+    return SamplingFields(
+        temperature=_optional_number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0),
+        top_p=_optional_number(body, "top_p", DEFAULT_TOP_P, 0.0, 1.0, low_open=True),
+        top_k=DEFAULT_TOP_K if top_k is None else top_k,
+        min_p=_optional_number(body, "min_p", DEFAULT_MIN_P, 0.0, 1.0),
+        seed=None if seed is None else seed % 2**64,     # OpenAI allows any integer; the sampler wants >= 0
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ thinking
+
+@dataclass
+class ThinkingChoice:
+    """Which chat encoding the request asks for: thinking on/off, and Think Max (a long-context mode)."""
+    enabled: bool
+    think_max: bool = False
+
+    @property
+    def thinking_mode(self) -> str:
+        return "thinking" if self.enabled else "chat"
+
+    @property
+    def reasoning_effort(self) -> str | None:
+        return "max" if (self.enabled and self.think_max) else None
+
+
+def select_thinking(body: Mapping, model_name: str | None, ctx: int, default: bool = True) -> ThinkingChoice:
+    """ds4's rules (ds4-peer.md §5): thinking defaults on; the model alias "deepseek-chat", `thinking: {type:
+    disabled}` (or `thinking: false`), `think: false` and `reasoning_effort: "none"` turn it off; explicit fields win
+    over the alias. `reasoning_effort: "max"` selects Think Max only when the server context is at least
+    THINK_MAX_MIN_CTX tokens, else plain thinking."""
+    enabled = default
+    if model_name == NON_THINKING_ALIAS:
+        enabled = False
+    elif model_name == THINKING_ALIAS:
+        enabled = True
+    think_max = False
+
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if not isinstance(effort, str):
+            raise invalid("'reasoning_effort' must be a string", "reasoning_effort", "invalid_type")
+        if effort not in REASONING_EFFORTS:
+            raise invalid(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}; got {effort!r}",
+                          "reasoning_effort", "invalid_value")
+        enabled = effort != "none"
+        think_max = effort == "max" and ctx >= THINK_MAX_MIN_CTX
+
+    think = _optional_bool(body, "think")
+    if think is not None:
+        enabled = think
+
+    thinking = body.get("thinking")
+    if thinking is not None:
+        if isinstance(thinking, bool):
+            enabled = thinking
+        elif isinstance(thinking, Mapping):
+            kind = thinking.get("type")
+            if kind not in ("enabled", "disabled"):
+                raise invalid("'thinking.type' must be \"enabled\" or \"disabled\"", "thinking.type", "invalid_value")
+            enabled = kind == "enabled"
+        else:
+            raise invalid("'thinking' must be an object {\"type\": \"enabled\"|\"disabled\"} or a boolean",
+                          "thinking", "invalid_type")
+    return ThinkingChoice(enabled=enabled, think_max=enabled and think_max)
+
+
+# ------------------------------------------------------------------------------------------------------ messages
+
+def _content_text(content: Any, param: str, allow_none: bool) -> str | None:
+    """OpenAI content: a string, null (assistant with tool calls) or a list of {"type": "text", "text"} parts."""
+    if content is None:
+        if allow_none:
+            return None
+        raise invalid(f"'{param}' must not be null", param, "invalid_value")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") not in ("text", "input_text", "output_text"):
+                raise invalid(f"'{param}[{j}]': only text content parts are supported", f"{param}[{j}]",
+                              "unsupported_content")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise invalid(f"'{param}[{j}].text' must be a string", f"{param}[{j}].text", "invalid_type")
+            texts.append(text)
+        return "".join(texts)
+    raise invalid(f"'{param}' must be a string or a list of text parts", param, "invalid_type")
+
+
+def _parse_tool_calls(value: Any, param: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise invalid(f"'{param}' must be a list", param, "invalid_type")
+    calls = []
+    for j, call in enumerate(value):
+        where = f"{param}[{j}]"
+        if not isinstance(call, Mapping):
+            raise invalid(f"'{where}' must be an object", where, "invalid_type")
+        function = call.get("function")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise invalid(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name",
+                          "invalid_value")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, Mapping):          # lenient: some clients send the object itself
+            arguments = orjson.dumps(arguments).decode()
+        if not isinstance(arguments, str):
+            raise invalid(f"'{where}.function.arguments' must be a JSON string", f"{where}.function.arguments",
+                          "invalid_type")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise invalid(f"'{where}.id' must be a string", f"{where}.id", "invalid_type")
+        calls.append({"id": call_id or f"call_{j}", "type": "function",
+                      "function": {"name": function["name"], "arguments": arguments}})
+    return calls
+
+
+def parse_messages(value: Any) -> list[dict]:
+    """Validate OpenAI chat messages and return plain dicts for ds4cupy.chat (content flattened to strings)."""
+    if value is None:
+        raise invalid("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(value, list):
+        raise invalid("'messages' must be a list", "messages", "invalid_type")
+    if not value:
+        raise invalid("'messages' must not be empty", "messages", "empty_array")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise invalid(f"'{where}' must be an object", where, "invalid_type")
+        role = message.get("role")
+        if role not in MESSAGE_ROLES:
+            raise invalid(f"'{where}.role' must be one of {', '.join(MESSAGE_ROLES)}; got {role!r}",
+                          f"{where}.role", "invalid_value")
+        out: dict[str, Any] = {"role": role}
+        has_tool_calls = role == "assistant" and message.get("tool_calls") not in (None, [])
+        content = _content_text(message.get("content"), f"{where}.content",
+                                allow_none=role == "assistant")
+        out["content"] = content if content is not None else ""
+        if role == "assistant":
+            if has_tool_calls:
+                out["tool_calls"] = _parse_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            reasoning = message.get("reasoning_content", message.get("reasoning"))
+            if reasoning is not None:
+                if not isinstance(reasoning, str):
+                    raise invalid(f"'{where}.reasoning_content' must be a string", f"{where}.reasoning_content",
+                                  "invalid_type")
+                out["reasoning_content"] = reasoning
+        if role == "tool":
+            tool_call_id = message.get("tool_call_id")
+            if tool_call_id is not None and not isinstance(tool_call_id, str):
+                raise invalid(f"'{where}.tool_call_id' must be a string", f"{where}.tool_call_id", "invalid_type")
+            if tool_call_id is not None:
+                out["tool_call_id"] = tool_call_id
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid(f"'{where}.name' must be a string", f"{where}.name", "invalid_type")
+            out["name"] = name
+        messages.append(out)
+    return messages
+
+
+def parse_tools(value: Any) -> list[dict]:
+    """Validate `tools`: a list of {"type": "function", "function": {"name", "description"?, "parameters"?}}."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid("'tools' must be a list", "tools", "invalid_type")
+    tools = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
+            raise invalid(f"'{where}' must be an object of type \"function\"", where, "invalid_value")
+        function = tool.get("function")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise invalid(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name",
+                          "invalid_value")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise invalid(f"'{where}.function.description' must be a string", f"{where}.function.description",
+                          "invalid_type")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise invalid(f"'{where}.function.parameters' must be a JSON schema object",
+                          f"{where}.function.parameters", "invalid_type")
+        tools.append({"type": "function", "function": dict(function)})
+    return tools
+
+
+def parse_tool_choice(value: Any, tools: list[dict]) -> str | dict:
+    """"auto" (default with tools), "none", "required", or {"type": "function", "function": {"name"}} naming one of
+    the tools. Only "none" changes what the server does (no tools offered); the others are accepted and the model
+    decides, as in ds4."""
+    if value is None:
+        return "auto" if tools else "none"
+    if isinstance(value, str):
+        if value not in ("auto", "none", "required"):
+            raise invalid("'tool_choice' must be \"auto\", \"none\", \"required\" or a function object",
+                          "tool_choice", "invalid_value")
+        if value == "required" and not tools:
+            raise invalid("'tool_choice' is \"required\" but no 'tools' were given", "tool_choice", "invalid_value")
+        return value
+    if isinstance(value, Mapping):
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
+            raise invalid("'tool_choice.function.name' must name one of the given tools", "tool_choice",
+                          "invalid_value")
+        return {"type": "function", "function": {"name": name}}
+    raise invalid("'tool_choice' must be a string or an object", "tool_choice", "invalid_type")
+
+
+# ------------------------------------------------------------------------------------------------------ requests
+
+@dataclass
+class ChatRequest:
+    """A validated POST /v1/chat/completions body."""
+    messages: list[dict]
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    sampling: SamplingFields = field(default_factory=SamplingFields)
+    stop: list[str] = field(default_factory=list)
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: str | dict = "none"
+    thinking: ThinkingChoice = field(default_factory=lambda: ThinkingChoice(True))
+
+    @property
+    def offered_tools(self) -> list[dict]:
+        """The tools rendered into the prompt: none when tool_choice is "none"."""
+        return [] if self.tool_choice == "none" else self.tools
+
+
+@dataclass
+class CompletionRequest:
+    """A validated POST /v1/completions body. The prompt is wrapped as one chat turn (see COMPLETIONS_SYSTEM_PROMPT)."""
+    prompt: str
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    sampling: SamplingFields = field(default_factory=SamplingFields)
+    stop: list[str] = field(default_factory=list)
+    thinking: ThinkingChoice = field(default_factory=lambda: ThinkingChoice(False))
+
+    def messages(self) -> list[dict]:
+        return [{"role": "system", "content": COMPLETIONS_SYSTEM_PROMPT}, {"role": "user", "content": self.prompt}]
+
+
+def _require_object(body: Any) -> Mapping:
+    if not isinstance(body, Mapping):
+        raise invalid("the request body must be a JSON object", None, "invalid_type")
+    return body
+
+
+def _parse_stream(body: Mapping) -> tuple[bool, bool]:
+    stream = bool(_optional_bool(body, "stream"))
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, Mapping):
+            raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+        value = options.get("include_usage")
+        if value is not None and not isinstance(value, bool):
+            raise invalid("'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
+                          "invalid_type")
+        include_usage = bool(value)
+    return stream, include_usage
+
+
+def _refuse_unsupported(body: Mapping) -> None:
+    """Fields whose meaning the server cannot honour are refused rather than silently ignored."""
+    _parse_n(body)
+    if body.get("logprobs") not in (None, False, 0):
+        raise invalid("'logprobs' is not supported", "logprobs", "unsupported_parameter")
+    if body.get("echo") not in (None, False):
+        raise invalid("'echo' is not supported", "echo", "unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise invalid("'best_of' is not supported", "best_of", "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, Mapping):
+            raise invalid("'response_format' must be an object", "response_format", "invalid_type")
+        if response_format.get("type", "text") != "text":
+            raise invalid("only response_format {\"type\": \"text\"} is supported", "response_format",
+                          "unsupported_value")
+
+
+def parse_chat_request(body: Any, *, ctx: int) -> ChatRequest:
+    """Validate a chat completions body; `ctx` is the server's context length (it gates Think Max)."""
+    body = _require_object(body)
+    model = _parse_model(body)
+    messages = parse_messages(body.get("messages"))
+    stream, include_usage = _parse_stream(body)
+    _refuse_unsupported(body)
+    tools = parse_tools(body.get("tools"))
+    return ChatRequest(
+        messages=messages, model=model, stream=stream, include_usage=include_usage,
+        max_tokens=_parse_max_tokens(body), sampling=_parse_sampling(body), stop=_parse_stop(body),
+        tools=tools, tool_choice=parse_tool_choice(body.get("tool_choice"), tools),
+        thinking=select_thinking(body, model, ctx),
+    )
+
+
+def parse_completion_request(body: Any, *, ctx: int) -> CompletionRequest:
+    """Validate a text completions body. `prompt` is a string (or a list holding one string). Thinking is off unless
+    the request turns it on (the reasoning text is then not returned: completions have only `text`)."""
+    body = _require_object(body)
+    model = _parse_model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise invalid("'prompt' is required", "prompt", "missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise invalid("'prompt' must be a string (one prompt per request)", "prompt", "invalid_type")
+    if prompt == "":
+        raise invalid("'prompt' must not be empty", "prompt", "invalid_value")
+    stream, include_usage = _parse_stream(body)
+    _refuse_unsupported(body)
+    if body.get("suffix") is not None:
+        raise invalid("'suffix' is not supported", "suffix", "unsupported_parameter")
+    return CompletionRequest(
+        prompt=prompt, model=model, stream=stream, include_usage=include_usage,
+        max_tokens=_parse_max_tokens(body), sampling=_parse_sampling(body), stop=_parse_stop(body),
+        thinking=select_thinking(body, model, ctx, default=model == THINKING_ALIAS),
+    )
+
+
+def context_exceeded(prompt_tokens: int, ctx: int) -> ProtocolError:
+    """The prompt leaves no room for a single generated token."""
+    return ProtocolError(
+        400, f"This model's maximum context length is {ctx} tokens. However, your prompt has {prompt_tokens} tokens "
+             f"(at least one more is needed for the reply).", param="messages", code="context_length_exceeded")
+
+
+# ----------------------------------------------------------------------------------------------------- responses
+
+def usage_object(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI usage with prompt_tokens_details.cached_tokens: the prompt tokens served from the live session's KV."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def tool_call_delta(delta: Mapping) -> dict:
+    """One streamed OpenAI tool-call delta from the Generator's {index, id, name, arguments} delta (keys that are None
+    are left out, so the first delta carries id/type/name and later ones only argument text)."""
+    out: dict[str, Any] = {"index": int(delta.get("index", 0))}
+    if delta.get("id"):
+        out["id"] = delta["id"]
+        out["type"] = "function"
+    function: dict[str, Any] = {}
+    if delta.get("name"):
+        function["name"] = delta["name"]
+    if delta.get("arguments") is not None:
+        function["arguments"] = delta["arguments"]
+    if function:
+        out["function"] = function
+    return out
+
+
+class ToolCallAccumulator:
+    """Joins streamed tool-call deltas into complete OpenAI tool calls (for non-streaming responses)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict] = {}
+
+    def add(self, delta: Mapping) -> None:
+        index = int(delta.get("index", 0))
+        call = self._calls.setdefault(index, {"id": None, "type": "function",
+                                              "function": {"name": "", "arguments": ""}})
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        if delta.get("name"):
+            call["function"]["name"] += delta["name"]
+        if delta.get("arguments"):
+            call["function"]["arguments"] += delta["arguments"]
+
+    def calls(self) -> list[dict]:
+        out = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            out.append({**call, "id": call["id"] or f"call_{index}"})
+        return out
+
+
+def chat_completion(response_id: str, model: str, created: int, *, content: str, reasoning: str,
+                    tool_calls: list[dict], finish_reason: str, usage: dict) -> dict:
+    """A non-streaming chat.completion object."""
+    message: dict[str, Any] = {"role": "assistant", "content": content if (content or not tool_calls) else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": response_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def chat_chunk(response_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+               include_usage: bool = False) -> dict:
+    """One chat.completion.chunk carrying `delta` (role / content / reasoning_content / tool_calls)."""
+    chunk = {
+        "id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_usage_chunk(response_id: str, model: str, created: int, usage: dict) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage object."""
+    return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage}
+
+
+def text_completion(response_id: str, model: str, created: int, *, text: str, finish_reason: str,
+                    usage: dict) -> dict:
+    """A non-streaming text_completion object."""
+    return {
+        "id": response_id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def text_chunk(response_id: str, model: str, created: int, text: str, finish_reason: str | None = None,
+               include_usage: bool = False) -> dict:
+    """One streamed text_completion chunk."""
+    chunk = {
+        "id": response_id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def text_usage_chunk(response_id: str, model: str, created: int, usage: dict) -> dict:
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [], "usage": usage}
+
+
+def model_card(name: str, created: int, ctx: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "ds4cupy", "context_length": ctx}
+
+
+def model_list(names: list[str], created: int, ctx: int) -> dict:
+    """GET /v1/models: the served model and its aliases."""
+    return {"object": "list", "data": [model_card(n, created, ctx) for n in names]}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ----------------------------------------------------------------------------------------------------------- SSE
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keepalive\n\n"
+
+
+def sse_event(payload: Mapping) -> bytes:
+    """One SSE event: `data: <json>` and a blank line (orjson never emits raw newlines, so one data line suffices)."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def json_bytes(payload: Any) -> bytes:
+    return orjson.dumps(payload)

@@ -1,0 +1,414 @@
+"""The engine worker: one thread owns the one session; requests wait in a FIFO queue.
+
+The event loop never touches the session. A request handler builds a `GenerationJob` (prompt token ids, sampling,
+limits) and `EngineWorker.submit`s it; the worker thread takes jobs strictly in arrival order and, per job:
+
+1. reuses the live session's KV when possible (`plan_prefix_reuse`): the longest of the session's own token list
+   and the stored snapshots (taken at earlier prompts' checkpoints: where their last user turn starts, and all of
+   the prompt but its last token) that is a prefix of the new prompt; otherwise the session is reset. The session
+   cannot be rewound to an arbitrary position, so these snapshots are the reusable points;
+2. prefills the rest of the prompt in chunks, checking the job's cancel flag and reporting progress between chunks
+   (the handler turns progress and silence into SSE keepalive comments), snapshotting at the checkpoints;
+3. streams the Generator's deltas, checking the cancel flag after every token.
+
+Events go back to the request's asyncio loop through `EventChannel` (loop.call_soon_threadsafe into an asyncio.Queue).
+A client that goes away sets `job.cancel`; a job cancelled while still queued is skipped without touching the session.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+log = logging.getLogger("ds4cupy.server")
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------------------------------------- events
+
+@dataclass
+class JobStarted:
+    """The worker took the job: how many prompt tokens came from the live KV, and how long the job waited."""
+    prompt_tokens: int
+    cached_tokens: int
+    queue_wait_s: float
+
+
+@dataclass
+class PrefillProgress:
+    """`done` of `total` new prompt tokens prefilled (sent after every chunk)."""
+    done: int
+    total: int
+
+
+@dataclass
+class TokenDelta:
+    """One Generator delta: token_id, reasoning, content, tool_calls, finish_reason."""
+    delta: Any
+
+
+@dataclass
+class JobFinished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    prefill_s: float
+    decode_s: float
+    ttft_s: float | None
+
+
+@dataclass
+class JobCancelled:
+    """The client went away; the worker stopped within one token (or before starting)."""
+    completion_tokens: int
+
+
+@dataclass
+class JobFailed:
+    """The engine raised; the session was reset and the server keeps serving."""
+    message: str
+
+
+class EventChannel:
+    """Carries events from the worker thread to one request's event loop, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event: Any) -> None:
+        """Called from the worker thread; a closed loop (server shutting down) drops the event."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next event, or None after `timeout` seconds of silence."""
+        if timeout is None:
+            return await self.queue.get()
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+# -------------------------------------------------------------------------------------------------------------- job
+
+@dataclass
+class GenerationJob:
+    """One request's work for the engine: already validated and tokenized (bad input never gets here)."""
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Any                       # protocol.SamplingFields (temperature, top_p, top_k, min_p, seed)
+    stop: list[str] = field(default_factory=list)
+    thinking: bool = False              # the prompt ends with <think>: text up to </think> is reasoning
+    parse_tools: bool = False
+    # prompt positions worth a snapshot besides the last one (e.g. where the last user turn starts: a retried or
+    # edited last turn then reuses everything before it)
+    checkpoints: list[int] = field(default_factory=list)
+    channel: EventChannel | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+    def emit(self, event: Any) -> None:
+        if self.channel is not None:
+            self.channel.put(event)
+
+
+class SessionLike(Protocol):
+    """The slice of the engine Session contract the worker uses (docs/ARCHITECTURE.md)."""
+    tokens: list[int]
+    n_tokens: int
+
+    def prefill(self, ids: list[int]) -> Any: ...
+    def snapshot(self) -> Any: ...
+    def restore(self, snap: Any) -> None: ...
+    def reset(self) -> None: ...
+
+
+# job -> object with .stream(session, logits) yielding deltas and .completion_tokens (the generated ids)
+GeneratorFactory = Callable[[GenerationJob], Any]
+
+
+def real_generator_factory(tokenizer) -> GeneratorFactory:
+    """Build ds4cupy.generate.Generator objects for jobs (imported lazily so the protocol tests need no engine)."""
+    from ..generate import Generator
+    from ..sampling import SamplingParams
+
+    def make(job: GenerationJob):
+        s = job.sampling
+        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=s.seed)
+        return Generator(tokenizer, params, max_tokens=job.max_tokens, stop=list(job.stop), thinking=job.thinking,
+                         parse_tools=job.parse_tools)
+    return make
+
+
+# ------------------------------------------------------------------------------------------------------ prefix reuse
+
+def common_prefix_is(prefix: Iterable[int], ids: list[int]) -> bool:
+    """True when `prefix` (a token list) is a prefix of `ids`."""
+    prefix = list(prefix)
+    return len(prefix) <= len(ids) and ids[:len(prefix)] == prefix
+
+
+@dataclass
+class ReusePlan:
+    """How to bring the session to a prefix of the new prompt: 'live' (continue as is), 'snapshot' (restore
+    `snapshot_index` of the stored snapshots) or 'reset'; `cached` prompt tokens are then already in the KV."""
+    action: str
+    cached: int
+    snapshot_index: int | None = None
+
+
+def plan_prefix_reuse(live_tokens: list[int], snapshot_ids: list[list[int]], prompt_ids: list[int]) -> ReusePlan:
+    """Pick the longest reusable state: the live session or one of the stored snapshots (token lists). At least one
+    prompt token is always left to prefill so the prefill returns the logits of the last prompt position."""
+    best = ReusePlan("reset", 0)
+    if live_tokens and len(live_tokens) < len(prompt_ids) and common_prefix_is(live_tokens, prompt_ids):
+        best = ReusePlan("live", len(live_tokens))
+    for index, ids in enumerate(snapshot_ids):
+        if ids and best.cached < len(ids) < len(prompt_ids) and common_prefix_is(ids, prompt_ids):
+            best = ReusePlan("snapshot", len(ids), index)
+    return best
+
+
+class SnapshotStore:
+    """A few session snapshots keyed by the token ids they hold, least recently used evicted first. Each snapshot is
+    a full copy of the session state (KV included), so only `capacity` of them are kept."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = max(0, int(capacity))
+        self._entries: list[tuple[list[int], Any]] = []
+
+    def ids(self) -> list[list[int]]:
+        return [ids for ids, _ in self._entries]
+
+    def take(self, index: int) -> Any:
+        """The snapshot at `index`, marked as most recently used."""
+        entry = self._entries.pop(index)
+        self._entries.append(entry)
+        return entry[1]
+
+    def has(self, ids: list[int]) -> bool:
+        return any(stored == ids for stored, _ in self._entries)
+
+    def add(self, ids: list[int], snap: Any) -> None:
+        if self.capacity == 0 or self.has(ids):
+            return
+        self._entries.append((list(ids), snap))
+        while len(self._entries) > self.capacity:
+            self._entries.pop(0)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------- worker
+
+class EngineWorker:
+    """The single engine session thread and its FIFO queue."""
+
+    def __init__(self, session: SessionLike, make_generator: GeneratorFactory, *, metrics=None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_snapshots: int = 2, name: str = "ds4cupy-engine"):
+        self.session = session
+        self.make_generator = make_generator
+        self.metrics = metrics
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        self._pending: collections.deque[GenerationJob] = collections.deque()
+        self._cond = threading.Condition()
+        self._running_job: GenerationJob | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # session states right after earlier prompts' checkpoints (their last user turn start, all but their last
+        # token), for requests that share those prefixes but not the live session's tokens
+        self.snapshots = SnapshotStore(max_snapshots)
+        self.jobs_served = 0
+
+    # --------------------------------------------------------------------------------------------- event-loop side
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel everything queued and running, and join the thread."""
+        with self._cond:
+            self._stopping = True
+            for job in self._pending:          # never started: tell their handlers now
+                job.cancel.set()
+                job.emit(JobCancelled(completion_tokens=0))
+            self._pending.clear()
+            if self._running_job is not None:
+                self._running_job.cancel.set()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, job: GenerationJob) -> int:
+        """Queue a job; returns its queue position (0 = runs next when the engine is idle, else the number of jobs
+        ahead of it, the running one included)."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine worker is stopping")
+            position = len(self._pending) + (1 if self._running_job is not None else 0)
+            self._pending.append(job)
+            self._cond.notify()
+        log.info("request %s queued at position %d (%d prompt tokens)", job.request_id, position,
+                 len(job.prompt_ids))
+        return position
+
+    def position(self, job: GenerationJob) -> int | None:
+        """Jobs ahead of `job` (the running one included); None once it runs or is gone."""
+        with self._cond:
+            try:
+                index = self._pending.index(job)
+            except ValueError:
+                return None
+            return index + (1 if self._running_job is not None else 0)
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting (not counting the running one)."""
+        with self._cond:
+            return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._running_job is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ----------------------------------------------------------------------------------------------- worker side
+
+    def _next_job(self) -> GenerationJob | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            job = self._pending.popleft()
+            self._running_job = job
+            return job
+
+    def _run(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            try:
+                if job.cancel.is_set():
+                    log.info("request %s cancelled while queued", job.request_id)
+                    job.emit(JobCancelled(completion_tokens=0))
+                else:
+                    self._serve(job)
+            except Exception as exc:     # the engine failed: report it, start from a clean session, keep serving
+                log.exception("request %s failed in the engine", job.request_id)
+                self._forget_session_state()
+                job.emit(JobFailed(f"{type(exc).__name__}: {exc}"))
+            finally:
+                with self._cond:
+                    self._running_job = None
+                    self.jobs_served += 1
+
+    def _forget_session_state(self) -> None:
+        self.snapshots.clear()
+        try:
+            self.session.reset()
+        except Exception:
+            log.exception("session reset failed")
+
+    def _prefill_chunked(self, job: GenerationJob, ids: list[int], done_before: int, total: int):
+        """Prefill `ids` in chunks; returns (last logits, cancelled)."""
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            if job.cancel.is_set():
+                return logits, True
+            logits = self.session.prefill(ids[start:start + self.prefill_chunk])
+            job.emit(PrefillProgress(done_before + min(start + self.prefill_chunk, len(ids)), total))
+        return logits, False
+
+    def _serve(self, job: GenerationJob) -> None:
+        started = time.perf_counter()
+        prompt = list(job.prompt_ids)
+        plan = plan_prefix_reuse(list(self.session.tokens), self.snapshots.ids(), prompt)
+        if plan.action == "snapshot":
+            self.session.restore(self.snapshots.take(plan.snapshot_index))
+        elif plan.action == "reset":
+            self.session.reset()
+        cached = plan.cached
+        job.emit(JobStarted(prompt_tokens=len(prompt), cached_tokens=cached, queue_wait_s=started - job.enqueued_at))
+        log.info("request %s started after %.3f s in queue: %d prompt tokens, %d reused (%s)", job.request_id,
+                 started - job.enqueued_at, len(prompt), cached, plan.action)
+
+        # prefill from checkpoint to checkpoint, snapshotting at each (the last one: all but the last prompt token),
+        # then the rest, which gives the logits for the first generated token
+        stable = len(prompt) - 1
+        points = sorted({p for p in job.checkpoints if cached <= p < stable} | ({stable} if stable > 0 else set()))
+        to_prefill = len(prompt) - cached
+        position, logits, cancelled = cached, None, False
+        for point in points:
+            if point > position:
+                logits, cancelled = self._prefill_chunked(job, prompt[position:point], position - cached, to_prefill)
+                if cancelled:
+                    break
+                position = point
+            if point > 0 and not self.snapshots.has(prompt[:point]):
+                self.snapshots.add(prompt[:point], self.session.snapshot())
+        if not cancelled:
+            logits, cancelled = self._prefill_chunked(job, prompt[position:], position - cached, to_prefill)
+        prefill_s = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.record_prefill(to_prefill, prefill_s, cached)
+        if cancelled:
+            log.info("request %s cancelled during prefill", job.request_id)
+            job.emit(JobCancelled(completion_tokens=0))
+            return
+
+        generator = self.make_generator(job)
+        decode_started = time.perf_counter()
+        ttft = None
+        finish_reason = None
+        n_deltas = 0
+        stream = generator.stream(self.session, logits)
+        try:
+            for delta in stream:
+                n_deltas += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - job.enqueued_at
+                job.emit(TokenDelta(delta))
+                if getattr(delta, "finish_reason", None):
+                    finish_reason = delta.finish_reason
+                    break
+                if job.cancel.is_set():
+                    break
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        decode_s = time.perf_counter() - decode_started
+        produced = getattr(generator, "completion_tokens", n_deltas)     # the Generator keeps a list of ids
+        completion_tokens = len(produced) if isinstance(produced, (list, tuple)) else int(produced)
+        if self.metrics is not None:
+            self.metrics.record_decode(completion_tokens, decode_s, ttft)
+        if finish_reason is None:
+            if job.cancel.is_set():
+                log.info("request %s cancelled after %d tokens", job.request_id, completion_tokens)
+                job.emit(JobCancelled(completion_tokens=completion_tokens))
+                return
+            finish_reason = "stop"          # a generator that ended without saying why
+        log.info("request %s finished (%s): %d tokens in %.3f s", job.request_id, finish_reason, completion_tokens,
+                 decode_s)
+        job.emit(JobFinished(finish_reason=finish_reason, prompt_tokens=len(prompt),
+                             completion_tokens=completion_tokens, cached_tokens=cached, prefill_s=prefill_s,
+                             decode_s=decode_s, ttft_s=ttft))
