@@ -1,0 +1,225 @@
+"""Python launchers for the non-quantized kernel families (norm_rope, hc, attention, compressor, indexer, router,
+embed). Each function takes CuPy arrays that already live on the device (float32 activations, int32 ids), writes into
+the output arrays it is given (nothing is allocated here unless the docstring says so) and launches on the current
+CuPy stream. No function synchronises with the host, so a decode step built from them can be captured as a CUDA
+graph. Per-token values (position, token ids, expert ids) are device arrays: `d_pos` is an int32 device array whose
+element 0 is the position of the first row of the call.
+
+Kernel semantics, shapes and the reference function each matches are in the header comments of
+ds4cupy/kernels/<family>.cu. CuPy is imported lazily (this module imports on CPU-only machines).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .compile import get_kernel
+
+# dtype codes shared with the kernels (common.cuh load_w, embed.cu)
+DT_F32, DT_F16, DT_BF16, DT_Q8_0 = 0, 1, 2, 8
+_DT_BY_NAME = {"F32": DT_F32, "F16": DT_F16, "BF16": DT_BF16, "Q8_0": DT_Q8_0}
+
+# qat modes of row_finish (common.cuh)
+QAT_NONE, QAT_FP8, QAT_HADAMARD_FP4 = 0, 1, 2
+
+NULL = np.uint64(0)
+
+
+def dtype_code(qtype) -> int:
+    """Kernel dtype code for a GGUF type (GGMLQuantizationType or its name)."""
+    name = getattr(qtype, "name", str(qtype))
+    if name not in _DT_BY_NAME:
+        raise ValueError(f"no plain kernel path for tensor type {name} (F32, F16, BF16, Q8_0 only)")
+    return _DT_BY_NAME[name]
+
+
+def _p(a):
+    return NULL if a is None else a
+
+
+def _i32(v):
+    return np.int32(v)
+
+
+def _i64(v):
+    return np.int64(v)
+
+
+def _f32(v):
+    return np.float32(v)
+
+
+def _check(a, dtype, name):
+    import cupy
+    if not isinstance(a, cupy.ndarray):
+        raise TypeError(f"{name} must be a cupy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+# ---- norm_rope.cu ----------------------------------------------------------------------------------------------------
+def rms_norm_rows(x, w, out, eps: float = 1e-6) -> None:
+    """out[r] = rms_norm(x[r], w) over the last axis (w None: no weight). x, out: [rows, n] (out may be x)."""
+    n = x.shape[-1]
+    rows = x.size // n
+    get_kernel("norm_rope", "rms_norm_rows")((rows,), (256,), (x, _i64(n), _p(w), out, _i64(n), _i32(n), _f32(eps)))
+
+
+def rms_norm_qkv(xq, wq, qr, xkv, wkv, kv, freqs, d_pos, n_rot: int, qat: bool, eps: float = 1e-6) -> None:
+    """qr = rms_norm(xq, wq); kv = fp8_nope(rope(rms_norm(xkv, wkv), pos)) (fp8 only when qat). Rows [S, .]; xq / xkv
+    may be strided row views of one buffer (row stride taken from the arrays)."""
+    S, nq = qr.shape
+    nkv = kv.shape[1]
+    xqs = xq.strides[0] // 4
+    xkvs = xkv.strides[0] // 4
+    get_kernel("norm_rope", "rms_norm_qkv")(
+        (S, 2), (256,),
+        (xq, _i64(xqs), wq, qr, _i32(nq), xkv, _i64(xkvs), wkv, kv, _i32(nkv), _i32(n_rot), freqs, d_pos,
+         _i32(1 if qat else 0), _f32(eps)), shared_mem=4 * max(nq, nkv))
+
+
+def heads_prep(x, norm: bool, n_rot: int, freqs, d_pos, qat: int, eps: float = 1e-6) -> None:
+    """In place on x [S, H, d]: optional weightless per-head RMS, rope (freqs None: none) at d_pos[0] + t, qat mode."""
+    S, H, d = x.shape
+    get_kernel("norm_rope", "heads_prep")(
+        (S * H,), (128,), (x, _i32(H), _i32(d), _i32(1 if norm else 0), _i32(n_rot), _p(freqs), d_pos, _i32(qat),
+                           _f32(eps)), shared_mem=12 * d)
+
+
+def rope_rows(x, n_rot: int, freqs, d_pos, inverse: bool = False) -> None:
+    """numerics.rope_apply in place on x [S, per_tok, d] (or [S, d]) at positions d_pos[0] + s."""
+    if x.ndim == 2:
+        S, per, d = x.shape[0], 1, x.shape[1]
+    else:
+        S, per, d = x.shape
+    get_kernel("norm_rope", "rope_rows")((S * per,), (64,), (x, _i32(per), _i32(d), _i32(n_rot), freqs, d_pos,
+                                                             _i32(1 if inverse else 0)))
+
+
+def qat_rows(x, mode: int, nq: int = 0) -> None:
+    """In place on x [rows, d]: mode 1 fp8_sim(x[:, :nq], 64); 2 fp4_sim(hadamard(x), 32); 3 fp4_sim(x, 32)."""
+    d = x.shape[-1]
+    rows = x.size // d
+    get_kernel("norm_rope", "qat_rows")((rows,), (128,), (x, _i32(d), _i32(nq), _i32(mode)), shared_mem=12 * d)
+
+
+# ---- hc.cu -----------------------------------------------------------------------------------------------------------
+def hc_nsplit(K: int, T: int) -> int:
+    """Split-K factor for hc_mix: enough blocks to fill a GPU for decode, one split per 1024 inputs at most."""
+    return max(1, min(32, K // 1024)) if T < 64 else max(1, min(4, K // 1024))
+
+
+def hc_mix(X, fn, fn_dtype: int, rows: int, part, nsplit: int) -> None:
+    """part[t, s, :rows] = split-K partial fn @ X[t]; part[t, s, rows] = partial sum of squares.
+    X: [T, n, D] float32, fn: raw [rows, n*D] F32/F16/BF16, part: [T, nsplit, rows+1] float32."""
+    T = X.shape[0]
+    K = X.size // T
+    if rows > 32:
+        raise ValueError("hc_mix supports at most 32 mix rows")
+    get_kernel("hc", "hc_mix")((nsplit, T), (256,), (X, _i64(K), fn, _i32(fn_dtype), _i32(rows), _i32(nsplit), part))
+
+
+def hc_split_collapse(X, part, nsplit: int, rows: int, scale, base, iters: int, eps_hc: float, eps_rms: float,
+                      head: bool, u, coef) -> None:
+    """hc_pre (head=False: Sinkhorn split, coef [T, n + n*n] = post, comb) or hc_head (head=True) collapse into
+    u [T, D]."""
+    T, n, D = X.shape
+    get_kernel("hc", "hc_split_collapse")(
+        (T,), (256,), (X, part, _i32(n), _i32(D), _i32(rows), _i32(nsplit), scale, base, _i32(iters), _f32(eps_hc),
+                       _f32(eps_rms), _i32(1 if head else 0), u, _p(coef)))
+
+
+def hc_post(X, y, coef) -> None:
+    """In place: X[t, k] = post[k] * y[t] + sum_j comb[j, k] X[t, j]. X [T, n, D], y [T, D], coef [T, n + n*n]."""
+    T, n, D = X.shape
+    get_kernel("hc", "hc_post")(((D + 255) // 256, T), (256,), (X, y, coef, _i32(n), _i32(D)))
+
+
+# ---- embed.cu --------------------------------------------------------------------------------------------------------
+def embed_hc(ids, table, dtype: int, X) -> None:
+    """X[t, :, :] = token_embd[ids[t]] for every stream. ids int32 [T] (device), table: raw rows [V, row_bytes]
+    (uint8) or an F32/F16/BF16 element array [V, D]; X [T, n, D]."""
+    T, n, D = X.shape
+    row_bytes = table.nbytes // table.shape[0]
+    get_kernel("embed", "embed_hc")(((D + 255) // 256, T), (256,), (ids, table, _i32(dtype), _i64(row_bytes), _i32(D),
+                                                                    _i32(n), X))
+
+
+# ---- router.cu -------------------------------------------------------------------------------------------------------
+def router_select(logits, bias, tid2eid, ids, k: int, norm: bool, scale: float, out_ids, out_w) -> None:
+    """Expert ids / weights per token into device arrays out_ids int32 [T, k], out_w float32 [T, k]."""
+    T, E = logits.shape
+    if E > 2048 or k > 64:
+        raise ValueError("router_select supports at most 2048 experts and 64 picks")
+    get_kernel("router", "router_select")((T,), (256,), (logits, _p(bias), _p(tid2eid), ids, _i32(E), _i32(k),
+                                                         _i32(1 if norm else 0), _f32(scale), out_ids, out_w))
+
+
+# ---- attention.cu ----------------------------------------------------------------------------------------------------
+def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int, sinks, n_rot: int, freqs,
+              part_ml, part_o, out, nsplit: int = 1) -> None:
+    """Sparse attention with sinks + inverse rope (attention.cu). q [S, H, d]; ring [W, d]; cur [S, d]; comp [N, d]
+    or None; idx int32 [S, K] or None; mode 0 window only, 1 dense compressed, 2 indexed. part_ml [S, H, nsplit, 2],
+    part_o [S, H, nsplit, d] scratch; out [S, H, d]."""
+    S, H, d = q.shape
+    if d % 32 or d > 512:
+        raise ValueError(f"head_dim {d} must be a multiple of 32 and <= 512")
+    hpb = 8 if H % 8 == 0 else (4 if H % 4 == 0 else 1)
+    K = idx.shape[1] if idx is not None else 0
+    get_kernel("attention", "attn_partial")(
+        ((H + hpb - 1) // hpb, nsplit, S), (hpb * 32,),
+        (q, ring, cur, _p(comp), _p(idx), _i32(K), d_pos, _i32(H), _i32(d), _i32(window), _i32(ratio), _i32(mode),
+         _f32(d ** -0.5), part_ml, part_o))
+    get_kernel("attention", "attn_combine")(
+        (H, S), (128,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos, out),
+        shared_mem=4 * d)
+
+
+def kv_ring_store(cur, ring, d_pos) -> None:
+    """ring[p % W] = cur[t] for the last min(S, W) rows (p = d_pos[0] + t)."""
+    S, d = cur.shape
+    W = ring.shape[0]
+    get_kernel("attention", "kv_ring_store")((min(S, W),), (128,), (cur, ring, d_pos, _i32(S), _i32(W), _i32(d)))
+
+
+# ---- compressor.cu ---------------------------------------------------------------------------------------------------
+def compressor_step(C, Z, ape, st_kv, st_sc, d_pos, ratio: int, norm_w, n_rot: int, freqs, qat: int, out,
+                    eps: float = 1e-6) -> None:
+    """Feed S tokens to a compressor: emit every row whose window closes in this call into out[w] (then rms_norm,
+    rope at w*ratio, qat), then store the tokens' rows in the state ring. C, Z [S, cw]; ape [ratio, cw]; st_kv, st_sc
+    [lanes*ratio, cw]; out [Ncap, hd]."""
+    S, cw = C.shape
+    overlap = ratio == 4
+    lanes = 2 if overlap else 1
+    hd = cw // lanes
+    get_kernel("compressor", "compressor_emit")(
+        (S // ratio + 2,), (256,),
+        (C, Z, ape, st_kv, st_sc, d_pos, _i32(S), _i32(ratio), _i32(hd), _i32(1 if overlap else 0), norm_w,
+         _f32(eps), _i32(n_rot), freqs, _i32(qat), out), shared_mem=12 * hd)
+    get_kernel("compressor", "compressor_store")(
+        (min(S, lanes * ratio),), (256,), (C, Z, ape, st_kv, st_sc, d_pos, _i32(S), _i32(ratio), _i32(cw),
+                                           _i32(lanes)))
+
+
+# ---- indexer.cu ------------------------------------------------------------------------------------------------------
+def indexer_scores(q, wts, k, d_pos, ratio: int, scores, nblk: int) -> None:
+    """scores[t, s] = sum_h wts[t,h] c^-1/2 HI^-1/2 relu(q[t,h] . k[s]) for s < (P+1)//ratio. q [S, HI, c],
+    wts [S, HI], k [N, c], scores [S, stride]."""
+    S, HI, c = q.shape
+    smem = 4 * (HI * (c + 1) + HI + 8 * c)
+    get_kernel("indexer", "indexer_scores")(
+        (nblk, S), (256,), (q, wts, k, d_pos, _i32(HI), _i32(c), _i32(ratio), _f32(c ** -0.5 * HI ** -0.5), scores,
+                            _i64(scores.shape[1])), shared_mem=smem)
+
+
+def indexer_topk(scores, d_pos, ratio: int, out) -> None:
+    """out[t] = the top-K rows of scores[t, :(P+1)//ratio] (ascending row order, -1 padding). out int32 [S, K]."""
+    S, K = out.shape
+    get_kernel("indexer", "indexer_topk")((S,), (256,), (scores, _i64(scores.shape[1]), d_pos, _i32(ratio), _i32(K),
+                                                         out))
+
+
+def pos_advance(d_pos, n: int) -> None:
+    """d_pos[0] += n on the device."""
+    get_kernel("embed", "pos_advance")((1,), (1,), (d_pos, _i32(n)))

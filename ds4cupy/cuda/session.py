@@ -1,0 +1,391 @@
+"""The GPU backend's model and session: the forward pass of ds4cupy.reference (docs/model.md §2) on CuPy arrays with
+the kernels of ds4cupy/kernels. Same contract as ReferenceSession (docs/ARCHITECTURE.md, Engine).
+
+Read top to bottom `_forward` is reference.forward_chunk: embedding -> per block (mHC pre, attention with window ring
++ compressed rows + indexer, mHC post, mHC pre, MoE, mHC post) -> hc_head -> norm -> head.
+
+State per layer (device buffers from memory.alloc_kv, the single source of truth for their shapes):
+- raw: the window ring; its first `sliding_window` rows hold position p at row p % sliding_window.
+- comp / comp_kv_state / comp_score_state: compressed rows (row w at index w) and the compressor's ring of the last
+  lanes*ratio tokens' (kv, gate score + ape) rows (slot p % (lanes*ratio)); the partial window of the reference's
+  CompressorState and the previous full window of the overlapping ratio-4 compressor both live in that ring.
+- index / index_kv_state / index_score_state: the same for the indexer's compressor (ratio-4 layers).
+Nothing else is state: the number of compressed rows is (pos + 1) // ratio, computed by the kernels from the device
+position counter.
+
+Decode-step rules (design.md "Decode speed"): every buffer is allocated when the session is made; a step reads the
+position from device memory (`d_pos`, advanced by a kernel at the end of each call) and the token id from `d_ids`;
+expert ids and weights go from the router kernel to the MoE kernels through device memory. The only host transfers
+of a decode step are the token id upload and the logits download at the end.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..model_file import ModelFile
+from ..numerics import rope_freqs
+from . import ops
+from . import quant_ops as qo
+
+DEFAULT_CHUNK = 2048
+DECODE_SPLITS = 16        # attention key-list splits for one query (fills the GPU with H/8 * 16 blocks)
+
+
+def _vector_name(name: str) -> bool:
+    return name.endswith(("_norm.weight", "_scale.weight", "_base.weight", "attn_sinks.weight", "exp_probs_b.bias",
+                          "attn_norm.weight", "ffn_norm.weight", "output_norm.weight", "compressor_ape.weight"))
+
+
+class CudaModel:
+    """Weights on the GPU (placed by ds4cupy.memory) + per-layer RoPE frequencies. `new_session(ctx)` gives a
+    CudaSession. engine.load constructs it as CudaModel(model_file, qat=qat, memory=memory, progress=progress)."""
+
+    backend = "cuda"
+
+    def __init__(self, mf: ModelFile, qat: bool = True, memory: str = "auto", progress: bool = False,
+                 chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True):
+        import cupy as cp
+
+        from ..memory import Budget, DeviceMemory, choose_placement, detect, place_weights
+
+        self.file = mf
+        self.config: ModelConfig = mf.config
+        self.qat = bool(qat)
+        self.chunk = int(chunk)
+        self.device = device
+        self.decode_graph = bool(decode_graph)
+        c = self.config
+        self.mem = DeviceMemory(device)
+        table = [(n, t.qtype, t.nbytes) for n, t in mf.tensors.items()]
+        budget = Budget.build(c, table, min(c.n_ctx_train, 65536), self.chunk)
+        if memory in ("device", "managed"):
+            self.weights_mode, self.kv_mode = memory, memory
+        else:
+            placement = choose_placement(detect(device), budget, memory)
+            self.weights_mode, self.kv_mode = placement.weights_mode, placement.kv_mode
+        tensors = [(n, t.offset, t.nbytes, t.raw_dtype, t.raw_shape) for n, t in mf.tensors.items()]
+        with cp.cuda.Device(device):
+            self.w = place_weights(str(mf.path), tensors, self.weights_mode, self.mem, progress=progress)
+            # small vectors as float32 (they may be F16 / BF16 on disk)
+            self.v = {n: cp.asarray(mf.dequantize(n).astype(np.float32)) for n in mf.tensors if _vector_name(n)}
+            yarn = (c.rope_scaling_factor, c.rope_orig_ctx, c.yarn_beta_fast, c.yarn_beta_slow)
+            tables: dict[tuple, object] = {}
+            self.freqs = []
+            for il in range(c.n_layer):
+                key = (c.rope_base(il), c.uses_yarn(il))
+                if key not in tables:
+                    tables[key] = cp.asarray(rope_freqs(c.n_rot, key[0], yarn if key[1] else None))
+                self.freqs.append(tables[key])
+        self.qtype = {n: t.qtype for n, t in mf.tensors.items()}
+        for n in ("output_hc_fn.weight",) + tuple(f"blk.{il}.hc_{s}_fn.weight" for il in range(c.n_layer)
+                                                  for s in ("attn", "ffn")):
+            if self.qtype[n].name not in ("F32", "F16", "BF16"):
+                raise NotImplementedError(f"{n}: hyper-connection projections in {self.qtype[n].name} are not "
+                                          "supported by the GPU backend yet (F32 / F16 / BF16)")
+
+    def new_session(self, ctx: int | None = None) -> "CudaSession":
+        return CudaSession(self, int(ctx or min(self.config.n_ctx_train, 65536)))
+
+    def close(self) -> None:
+        self.w = None
+        self.v = None
+
+
+class CudaSession:
+    """One sequence on the GPU. prefill(ids) runs in chunks of model.chunk tokens; decode(id) is a chunk of one.
+
+    With model.decode_graph the second decode step captures the step (every launch of `_forward(1)`) into a CUDA graph
+    on a private stream, and every later decode only uploads the token id, replays the graph and downloads the logits.
+    The graph stays valid across prefill, snapshot/restore and reset: buffers never move, and the position lives in
+    device memory.
+    """
+
+    def __init__(self, model: CudaModel, ctx: int):
+        import cupy as cp
+
+        from ..memory import alloc_kv
+
+        self.model = model
+        self.ctx = ctx
+        c = model.config
+        self.S_max = min(model.chunk, ctx)
+        with cp.cuda.Device(model.device):
+            self.kv = alloc_kv(model.mem, c, ctx, model.kv_mode, model.chunk)
+            self.d_pos = cp.zeros(1, cp.int32)
+            self.d_ids = cp.zeros(self.S_max, cp.int32)
+            self._alloc_scratch()
+        self.tokens: list[int] = []
+        self._graph = None
+        self._graph_stream = None
+        self._eager_decodes = 0
+
+    # ---- buffers -----------------------------------------------------------------------------------------------------
+    def _alloc_scratch(self) -> None:
+        c, m = self.model.config, self.model
+        S = self.S_max
+        n, D, H, hd = c.hc_mult, c.n_embd, c.n_head, c.head_dim
+        E, k, ff = c.n_expert, c.n_expert_used, c.n_ff_exp
+        cw = max([c.compressor_width(il) for il in range(c.n_layer)] + [0])
+        HI, ci = c.indexer_n_head, c.indexer_head_dim
+        has_csa = any(c.ratio(il) == 4 for il in range(c.n_layer))
+        self.hc_split = max(ops.hc_nsplit(n * D, 1), ops.hc_nsplit(n * D, S))
+        ns = max(DECODE_SPLITS, 1)
+        sizes = {
+            "X": S * n * D, "u": S * D, "xn": S * D, "coef": S * (n + n * n), "hcpart": S * self.hc_split * 32,
+            "qa": S * c.q_lora_rank, "qr": S * c.q_lora_rank, "kvp": S * hd, "kvcur": S * hd,
+            "q": S * H * hd, "att": S * H * hd, "part_ml": max(S, ns) * H * 2, "part_o": max(S, ns) * H * hd,
+            "og": S * c.q_dim, "low_g": S * c.o_groups * c.o_lora_rank, "low": S * c.o_groups * c.o_lora_rank,
+            "y": S * D, "C": S * cw, "Z": S * cw, "rlog": S * E, "ew": S * k,
+            "mid": S * k * ff, "mids": S * ff, "logits": c.n_vocab,
+        }
+        if has_csa:
+            sizes.update({"Ci": S * 2 * ci, "Zi": S * 2 * ci, "qi": S * HI * ci, "wts": S * HI,
+                          "scores": S * (self.ctx // 4 + 2)})
+        self._flat = {name: m.mem.alloc("scratch", (max(v, 1),), np.float32) for name, v in sizes.items()}
+        self._eids = m.mem.alloc("scratch", (S * k,), np.int32)
+        self._topk = m.mem.alloc("scratch", (S * max(c.indexer_top_k, 1),), np.int32) if has_csa else None
+        self._ring = {il: self.kv[(il, "raw")][: c.sliding_window] for il in range(c.n_layer)}
+
+    def _b(self, name: str, *shape):
+        """A C-contiguous view of scratch buffer `name` with `shape` (no allocation)."""
+        return self._flat[name][: math.prod(shape)].reshape(shape)
+
+    # ---- contract ----------------------------------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        for a in self.kv.values():
+            a.fill(0)
+        self.d_pos.fill(0)
+        self.tokens = []
+
+    def snapshot(self):
+        return ({key: a.copy() for key, a in self.kv.items()}, list(self.tokens))
+
+    def restore(self, snap) -> None:
+        import cupy as cp
+        kv, tokens = snap
+        for key, a in kv.items():
+            cp.copyto(self.kv[key], a)
+        self.tokens = list(tokens)
+        self.d_pos[...] = len(self.tokens)
+
+    def _check(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n_vocab = self.model.config.n_vocab
+        if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+            bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
+        if self.n_tokens + ids.size > self.ctx:
+            raise ValueError(f"{self.n_tokens} + {ids.size} tokens exceed the session context of {self.ctx}")
+        return ids
+
+    def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
+        import cupy as cp
+        ids = self._check(ids)
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        out = []
+        with cp.cuda.Device(self.model.device):
+            for s in range(0, ids.size, self.S_max):
+                chunk = ids[s: s + self.S_max]
+                last = s + chunk.size == ids.size
+                self.d_ids[: chunk.size].set(chunk.astype(np.int32))
+                logits = self._forward(chunk.size, all_logits or last, all_logits)
+                if logits is not None:
+                    out.append(cp.asnumpy(logits))
+                self.tokens.extend(int(t) for t in chunk)
+        return np.concatenate(out) if all_logits else out[-1][-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        import cupy as cp
+        if not self.model.decode_graph or self._eager_decodes < 1:
+            self._eager_decodes += 1          # the first step runs eagerly: kernels get compiled and loaded
+            return self.prefill([token_id])
+        ids = self._check([token_id])
+        with cp.cuda.Device(self.model.device):
+            if self._graph is None:
+                self._graph_stream = cp.cuda.Stream(non_blocking=True)
+                with self._graph_stream:
+                    self._graph_stream.begin_capture()
+                    try:
+                        self._forward(1, True, False)
+                    finally:
+                        self._graph = self._graph_stream.end_capture()
+            stream = self._graph_stream
+            stream.wait_event(cp.cuda.get_current_stream().record())   # after prefill / restore / reset work
+            self.d_ids[:1].set(ids.astype(np.int32), stream=stream)
+            self._graph.launch(stream)
+            logits = cp.asnumpy(self._b("logits", 1, self.model.config.n_vocab), stream=stream)
+            stream.synchronize()
+        self.tokens.append(int(ids[0]))
+        return logits[0]
+
+    # ---- the forward pass ----------------------------------------------------------------------------------------------
+    def _proj(self, name: str, x, out):
+        """out[S, rows] = x[S, cols] @ W^T for a weight in its GGUF block format (matvec for one row)."""
+        m = self.model
+        if x.shape[0] == 1:
+            qo.matvec(m.w[name], m.qtype[name], x[0], out=out[0])
+        else:
+            qo.matmul(m.w[name], m.qtype[name], x, out=out)
+        return out
+
+    def _hc_pre(self, X, name: str, S: int):
+        c, m = self.model.config, self.model
+        n, D = c.hc_mult, c.n_embd
+        rows = c.hc_mix
+        ns = ops.hc_nsplit(n * D, S)
+        part = self._b("hcpart", S, ns, rows + 1)
+        fn = f"{name}fn.weight"
+        ops.hc_mix(X, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, part, ns)
+        u, coef = self._b("u", S, D), self._b("coef", S, n + n * n)
+        ops.hc_split_collapse(X, part, ns, rows, m.v[f"{name}scale.weight"], m.v[f"{name}base.weight"],
+                              c.hc_sinkhorn_iters, c.hc_eps, c.rms_eps, False, u, coef)
+        return u, coef
+
+    def _attention(self, xn, S: int, il: int):
+        c, m = self.model.config, self.model
+        p = f"blk.{il}."
+        H, hd, r, fr = c.n_head, c.head_dim, c.n_rot, m.freqs[il]
+        qa = self._proj(p + "attn_q_a.weight", xn, self._b("qa", S, c.q_lora_rank))
+        kvp = self._proj(p + "attn_kv.weight", xn, self._b("kvp", S, hd))
+        qr, kvcur = self._b("qr", S, c.q_lora_rank), self._b("kvcur", S, hd)
+        ops.rms_norm_qkv(qa, m.v[p + "attn_q_a_norm.weight"], qr, kvp, m.v[p + "attn_kv_a_norm.weight"], kvcur, fr,
+                         self.d_pos, r, m.qat, c.rms_eps)
+        q = self._proj(p + "attn_q_b.weight", qr, self._b("q", S, c.q_dim)).reshape(S, H, hd)
+        ops.heads_prep(q, True, r, fr, self.d_pos, ops.QAT_NONE, c.rms_eps)
+
+        ratio = c.ratio(il)
+        comp, idx, mode = None, None, 0
+        if ratio:
+            cw = c.compressor_width(il)
+            C = self._proj(p + "attn_compressor_kv.weight", xn, self._b("C", S, cw))
+            Z = self._proj(p + "attn_compressor_gate.weight", xn, self._b("Z", S, cw))
+            comp = self.kv[(il, "comp")]
+            ops.compressor_step(C, Z, m.v[p + "attn_compressor_ape.weight"], self.kv[(il, "comp_kv_state")],
+                                self.kv[(il, "comp_score_state")], self.d_pos, ratio,
+                                m.v[p + "attn_compressor_norm.weight"], r, fr,
+                                ops.QAT_FP8 if m.qat else ops.QAT_NONE, comp, c.rms_eps)
+            mode = 1
+            if ratio == 4:
+                idx = self._indexer(xn, qr, S, il)
+                mode = 2
+        att = self._b("att", S, H, hd)
+        ns = DECODE_SPLITS if S == 1 else 1
+        ops.attention(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio, mode,
+                      m.v[p + "attn_sinks.weight"], r, fr, self._b("part_ml", S, H, ns, 2),
+                      self._b("part_o", S, H, ns, hd), att, ns)
+        ops.kv_ring_store(kvcur, self._ring[il], self.d_pos)
+
+        # grouped output projection: group g = heads [g*H/G, (g+1)*H/G) through rows [g*R, (g+1)*R) of wo_a
+        G, R, gin = c.o_groups, c.o_lora_rank, c.o_group_in
+        wa = m.w[p + "attn_output_a.weight"]
+        qt = m.qtype[p + "attn_output_a.weight"]
+        rows_per = wa.shape[0] // G
+        low = self._b("low", S, G * R)
+        if S == 1:
+            a = att.reshape(G, gin)
+            lo = low.reshape(G, R)
+            for g in range(G):
+                qo.matvec(wa[g * rows_per:(g + 1) * rows_per], qt, a[g], out=lo[g])
+        else:
+            import cupy as cp
+            og = self._b("og", G, S, gin)
+            cp.copyto(og, att.reshape(S, G, gin).transpose(1, 0, 2))
+            lg = self._b("low_g", G, S, R)
+            for g in range(G):
+                qo.matmul(wa[g * rows_per:(g + 1) * rows_per], qt, og[g], out=lg[g])
+            cp.copyto(low.reshape(S, G, R), lg.transpose(1, 0, 2))
+        return self._proj(p + "attn_output_b.weight", low, self._b("y", S, c.n_embd))
+
+    def _indexer(self, xn, qr, S: int, il: int):
+        c, m = self.model.config, self.model
+        p = f"blk.{il}."
+        HI, ci, r, fr = c.indexer_n_head, c.indexer_head_dim, c.n_rot, m.freqs[il]
+        Ci = self._proj(p + "indexer_compressor_kv.weight", xn, self._b("Ci", S, 2 * ci))
+        Zi = self._proj(p + "indexer_compressor_gate.weight", xn, self._b("Zi", S, 2 * ci))
+        index = self.kv[(il, "index")]
+        qat = ops.QAT_HADAMARD_FP4 if m.qat else ops.QAT_NONE
+        ops.compressor_step(Ci, Zi, m.v[p + "indexer_compressor_ape.weight"], self.kv[(il, "index_kv_state")],
+                            self.kv[(il, "index_score_state")], self.d_pos, 4,
+                            m.v[p + "indexer_compressor_norm.weight"], r, fr, qat, index, c.rms_eps)
+        qi = self._proj(p + "indexer.attn_q_b.weight", qr, self._b("qi", S, HI * ci)).reshape(S, HI, ci)
+        ops.heads_prep(qi, False, r, fr, self.d_pos, qat, c.rms_eps)
+        wts = self._proj(p + "indexer.proj.weight", xn, self._b("wts", S, HI))
+        stride = self.ctx // 4 + 2
+        scores = self._b("scores", S, stride)
+        nblk = max(1, min(256, (self.n_tokens + S) // 4 // 8 + 1))
+        ops.indexer_scores(qi, wts, index, self.d_pos, 4, scores, nblk)
+        K = c.indexer_top_k
+        topk = self._topk[: S * K].reshape(S, K)
+        ops.indexer_topk(scores, self.d_pos, 4, topk)
+        return topk
+
+    def _moe(self, xn, S: int, il: int):
+        c, m = self.model.config, self.model
+        p = f"blk.{il}."
+        E, k, ff = c.n_expert, c.n_expert_used, c.n_ff_exp
+        rlog = self._proj(p + "ffn_gate_inp.weight", xn, self._b("rlog", S, E))
+        eids = self._eids[: S * k].reshape(S, k)
+        ew = self._b("ew", S, k)
+        tid = m.w.get(p + "ffn_gate_tid2eid.weight") if c.is_hash_layer(il) else None
+        ops.router_select(rlog, None if tid is not None else m.v.get(p + "exp_probs_b.bias"), tid, self.d_ids, k,
+                          c.expert_weights_norm, c.expert_weights_scale, eids, ew)
+        lim = c.swiglu_clamp[il]
+        gq = m.qtype[p + "ffn_gate_exps.weight"]
+        mid = qo.moe_gate_up(m.w[p + "ffn_gate_exps.weight"], m.w[p + "ffn_up_exps.weight"], gq, xn, eids, ew,
+                             clamp=lim, out=self._b("mid", S, k, ff))
+        y = qo.moe_down(m.w[p + "ffn_down_exps.weight"], m.qtype[p + "ffn_down_exps.weight"], mid, eids,
+                        out=self._b("y", S, c.n_embd))
+        if c.n_expert_shared:
+            sq = m.qtype[p + "ffn_gate_shexp.weight"]
+            mids = qo.moe_gate_up(m.w[p + "ffn_gate_shexp.weight"], m.w[p + "ffn_up_shexp.weight"], sq, xn,
+                                  clamp=lim, out=self._b("mids", S, 1, ff))
+            qo.moe_down(m.w[p + "ffn_down_shexp.weight"], m.qtype[p + "ffn_down_shexp.weight"], mids, out=y,
+                        accumulate=True)
+        return y
+
+    def _forward(self, S: int, want_logits: bool, all_logits: bool):
+        """One chunk of S tokens (ids in d_ids[:S], positions d_pos[0] ..). Returns device logits [rows, V] or None."""
+        c, m = self.model.config, self.model
+        n, D = c.hc_mult, c.n_embd
+        X = self._b("X", S, n, D)
+        emb = "token_embd.weight"
+        ops.embed_hc(self.d_ids[:S], m.w[emb], ops.dtype_code(m.qtype[emb]), X)
+        xn = self._b("xn", S, D)
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            u, coef = self._hc_pre(X, p + "hc_attn_", S)
+            ops.rms_norm_rows(u, m.v[p + "attn_norm.weight"], xn, c.rms_eps)
+            y = self._attention(xn, S, il)
+            ops.hc_post(X, y, coef)
+            u, coef = self._hc_pre(X, p + "hc_ffn_", S)
+            ops.rms_norm_rows(u, m.v[p + "ffn_norm.weight"], xn, c.rms_eps)
+            y = self._moe(xn, S, il)
+            ops.hc_post(X, y, coef)
+        logits = None
+        if want_logits:
+            rows = S if all_logits else 1
+            Xh = X if all_logits else X[S - 1:S]
+            ns = ops.hc_nsplit(n * D, rows)
+            part = self._b("hcpart", rows, ns, n + 1)
+            fn = "output_hc_fn.weight"
+            ops.hc_mix(Xh, m.w[fn], ops.dtype_code(m.qtype[fn]), n, part, ns)
+            yh = self._b("u", rows, D)
+            ops.hc_split_collapse(Xh, part, ns, n, m.v["output_hc_scale.weight"], m.v["output_hc_base.weight"], 0,
+                                  c.hc_eps, c.rms_eps, True, yh, None)
+            ops.rms_norm_rows(yh, m.v["output_norm.weight"], yh, c.rms_eps)
+            if rows == 1:
+                logits = self._b("logits", 1, c.n_vocab)
+            else:
+                import cupy as cp
+                logits = cp.empty((rows, c.n_vocab), cp.float32)     # all_logits only (never in decode)
+            self._proj("output.weight", yh, logits)
+        ops.pos_advance(self.d_pos, S)
+        return logits

