@@ -84,5 +84,5 @@ def load(path: str | os.PathLike, backend: str = "auto", qat: bool = True, memor
         if not gpu_available():
             raise RuntimeError("backend 'cuda' needs an NVIDIA GPU that CuPy can see; use --backend reference")
         from .cuda.session import CudaModel
-        impl = CudaModel(mf, qat=qat, memory=memory, progress=progress)
+        impl = CudaModel.from_file(mf, qat=qat, memory=memory, progress=progress)
     return Model(mf, impl, backend)

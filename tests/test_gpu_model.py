@@ -69,7 +69,7 @@ def test_tiny_model_matches_reference(tiny_file, qat):
     if qat:
         mf.config.indexer_top_k = (PROMPT + STEPS) // 4 + 1      # see the module docstring
     ref = ReferenceModel(mf, qat=qat).new_session(4096)
-    gpu = CudaModel(mf, qat=qat, memory="device", chunk=256).new_session(4096)
+    gpu = CudaModel.from_file(mf, qat=qat, memory="device", chunk=256).new_session(4096)
     rng = np.random.default_rng()
     ids = rng.integers(0, mf.config.n_vocab, PROMPT)
     rels = []
@@ -102,8 +102,8 @@ def test_session_contract(tiny_file):
     rng = np.random.default_rng()
     ids = rng.integers(0, mf.config.n_vocab, 300)
     # QAT off: chunk boundaries change float32 summation order, which QAT rounding could amplify (module docstring)
-    whole = CudaModel(mf, qat=False, memory="device").new_session(1024)
-    chunked = CudaModel(mf, qat=False, memory="device", chunk=64).new_session(1024)
+    whole = CudaModel.from_file(mf, qat=False, memory="device").new_session(1024)
+    chunked = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(1024)
     a = whole.prefill(ids)
     b = chunked.prefill(ids)
     # same math, different chunk boundaries: only summation-order and kernel-choice (matvec vs matmul) differences
@@ -138,8 +138,8 @@ def test_decode_graph_replay_equals_eager(tiny_file):
     rng = np.random.default_rng()
     ids = rng.integers(0, mf.config.n_vocab, 70)
     steps = rng.integers(0, mf.config.n_vocab, 40)
-    eager = CudaModel(mf, memory="device", decode_graph=False).new_session(512)
-    graph = CudaModel(mf, memory="device", decode_graph=True).new_session(512)
+    eager = CudaModel.from_file(mf, memory="device", decode_graph=False).new_session(512)
+    graph = CudaModel.from_file(mf, memory="device", decode_graph=True).new_session(512)
     for s in (eager, graph):
         s.prefill(ids)
     snap = graph.snapshot()

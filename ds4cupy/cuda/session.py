@@ -40,37 +40,31 @@ def _vector_name(name: str) -> bool:
 
 
 class CudaModel:
-    """Weights on the GPU (placed by ds4cupy.memory) + per-layer RoPE frequencies. `new_session(ctx)` gives a
-    CudaSession. engine.load constructs it as CudaModel(model_file, qat=qat, memory=memory, progress=progress)."""
+    """Weights on the GPU + per-layer RoPE frequencies. `new_session(ctx)` gives a CudaSession.
+
+    Built from a file with `CudaModel.from_file(model_file, ...)` (engine.load does this; ds4cupy.memory places the
+    weights) or from weights already on the GPU with `CudaModel.from_tensors(config, tensors, ...)` (synthetic
+    benchmark models). Either way the model holds every tensor's raw GGUF bytes (`w`), its block type (`qtype`) and the
+    small vectors as float32 (`v`).
+    """
 
     backend = "cuda"
 
-    def __init__(self, mf: ModelFile, qat: bool = True, memory: str = "auto", progress: bool = False,
-                 chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True):
+    def __init__(self, config: ModelConfig, weights: dict, qtypes: dict, vectors: dict, mem, kv_mode: str,
+                 qat: bool = True, chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True,
+                 weights_mode: str = "device", file: ModelFile | None = None):
         import cupy as cp
 
-        from ..memory import Budget, DeviceMemory, choose_placement, detect, place_weights
-
-        self.file = mf
-        self.config: ModelConfig = mf.config
+        self.file = file
+        self.config = config
+        self.w, self.qtype, self.v = weights, qtypes, vectors
+        self.mem, self.kv_mode, self.weights_mode = mem, kv_mode, weights_mode
         self.qat = bool(qat)
         self.chunk = int(chunk)
         self.device = device
         self.decode_graph = bool(decode_graph)
         c = self.config
-        self.mem = DeviceMemory(device)
-        table = [(n, t.qtype, t.nbytes) for n, t in mf.tensors.items()]
-        budget = Budget.build(c, table, min(c.n_ctx_train, 65536), self.chunk)
-        if memory in ("device", "managed"):
-            self.weights_mode, self.kv_mode = memory, memory
-        else:
-            placement = choose_placement(detect(device), budget, memory)
-            self.weights_mode, self.kv_mode = placement.weights_mode, placement.kv_mode
-        tensors = [(n, t.offset, t.nbytes, t.raw_dtype, t.raw_shape) for n, t in mf.tensors.items()]
         with cp.cuda.Device(device):
-            self.w = place_weights(str(mf.path), tensors, self.weights_mode, self.mem, progress=progress)
-            # small vectors as float32 (they may be F16 / BF16 on disk)
-            self.v = {n: cp.asarray(mf.dequantize(n).astype(np.float32)) for n in mf.tensors if _vector_name(n)}
             yarn = (c.rope_scaling_factor, c.rope_orig_ctx, c.yarn_beta_fast, c.yarn_beta_slow)
             tables: dict[tuple, object] = {}
             self.freqs = []
@@ -79,12 +73,56 @@ class CudaModel:
                 if key not in tables:
                     tables[key] = cp.asarray(rope_freqs(c.n_rot, key[0], yarn if key[1] else None))
                 self.freqs.append(tables[key])
-        self.qtype = {n: t.qtype for n, t in mf.tensors.items()}
         for n in ("output_hc_fn.weight",) + tuple(f"blk.{il}.hc_{s}_fn.weight" for il in range(c.n_layer)
                                                   for s in ("attn", "ffn")):
             if self.qtype[n].name not in ("F32", "F16", "BF16"):
                 raise NotImplementedError(f"{n}: hyper-connection projections in {self.qtype[n].name} are not "
                                           "supported by the GPU backend yet (F32 / F16 / BF16)")
+
+    @classmethod
+    def from_file(cls, mf: ModelFile, qat: bool = True, memory: str = "auto", progress: bool = False,
+                  chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True,
+                  ctx_hint: int | None = None) -> "CudaModel":
+        """Place a ModelFile's weights (memory: auto | device | managed; auto plans for `ctx_hint` tokens)."""
+        import cupy as cp
+
+        from ..memory import Budget, DeviceMemory, choose_placement, detect, place_weights
+
+        c = mf.config
+        mem = DeviceMemory(device)
+        table = [(n, t.qtype, t.nbytes) for n, t in mf.tensors.items()]
+        if memory in ("device", "managed"):
+            weights_mode = kv_mode = memory
+        else:
+            budget = Budget.build(c, table, ctx_hint or min(c.n_ctx_train, 65536), chunk)
+            placement = choose_placement(detect(device), budget, memory)
+            weights_mode, kv_mode = placement.weights_mode, placement.kv_mode
+        tensors = [(n, t.offset, t.nbytes, t.raw_dtype, t.raw_shape) for n, t in mf.tensors.items()]
+        with cp.cuda.Device(device):
+            w = place_weights(str(mf.path), tensors, weights_mode, mem, progress=progress)
+            # small vectors as float32 (they may be F16 / BF16 on disk)
+            v = {n: cp.asarray(mf.dequantize(n).astype(np.float32)) for n in mf.tensors if _vector_name(n)}
+        return cls(c, w, {n: t.qtype for n, t in mf.tensors.items()}, v, mem, kv_mode, qat=qat, chunk=chunk,
+                   device=device, decode_graph=decode_graph, weights_mode=weights_mode, file=mf)
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: dict, qat: bool = True, mem=None,
+                     chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True) -> "CudaModel":
+        """Weights already on the GPU: tensors = {name: (qtype, numpy-order shape, cupy raw array)} in the raw layout
+        of ModelFile.raw (e.g. ds4cupy.synthetic.synthetic_tensors). KV goes to device memory."""
+        import cupy as cp
+
+        from .. import quants
+        from ..memory import DeviceMemory
+
+        mem = mem or DeviceMemory(device)
+        w = {n: arr for n, (_, _, arr) in tensors.items()}
+        qtypes = {n: qt for n, (qt, _, _) in tensors.items()}
+        with cp.cuda.Device(device):
+            v = {n: cp.asarray(quants.dequantize(cp.asnumpy(arr), qt, shape).astype(np.float32))
+                 for n, (qt, shape, arr) in tensors.items() if _vector_name(n)}
+        return cls(config, w, qtypes, v, mem, "device", qat=qat, chunk=chunk, device=device,
+                   decode_graph=decode_graph)
 
     def new_session(self, ctx: int | None = None) -> "CudaSession":
         return CudaSession(self, int(ctx or min(self.config.n_ctx_train, 65536)))
