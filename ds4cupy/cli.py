@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -19,6 +20,15 @@ COMMANDS = {
 }
 
 
+def _unavailable(name: str, error: ImportError):
+    def main(args: argparse.Namespace) -> int:
+        print(f"error: `ds4cupy {name}` is unavailable: {error} (reinstall ds4cupy with its dependencies)",
+              file=sys.stderr)
+        return 1
+    main.unavailable = True
+    return main
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ds4cupy",
@@ -29,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_) in COMMANDS.items():
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
-                raise
+        except ImportError as e:
+            # a command whose dependencies are missing must not take the other commands down with it
+            sp = sub.add_parser(name, help=f"{help_} [unavailable: {e}]", add_help=False)
+            sp.set_defaults(_main=_unavailable(name, e))
             continue
         sp = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
         mod.add_arguments(sp)
@@ -41,15 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_main", None):
+    args, extra = parser.parse_known_args(argv)
+    command_main = getattr(args, "_main", None)
+    if extra and not getattr(command_main, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if command_main is None:
         parser.print_help()
         return 2
     try:
-        return int(args._main(args) or 0)
+        return int(command_main(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
