@@ -132,3 +132,26 @@ def test_detect_and_plan_this_machine():
     print(f"\n{m}\n{p.weights_mode}/{p.kv_mode}: {p.reason}")
     assert H200.device_total > 0
     assert os.path.exists("/proc/meminfo") == (m.host_total > 0)
+
+
+@pytest.mark.parametrize("experts", ["q2", "q4"])
+def test_device_and_managed_placement_give_identical_logits(tmp_path, experts):
+    """Issue 5: both weight placements feed the same engine bytes, so prefill and decode logits are bit-identical."""
+    from ds4cupy.cuda.session import CudaModel
+    from ds4cupy.make_model import tokenizer_fields, write_random_model
+    from ds4cupy.model_file import ModelFile
+
+    n_vocab, _ = tokenizer_fields(None)
+    path = write_random_model(tmp_path / f"tiny-{experts}.gguf", ModelConfig.tiny(n_vocab), experts=experts, seed=21)
+    ids = np.random.default_rng().integers(0, n_vocab, 300)
+    logits = {}
+    for mode in ("device", "managed"):
+        model = CudaModel.from_file(ModelFile(path), memory=mode)
+        assert model.weights_mode == mode
+        s = model.new_session(1024)
+        first = s.prefill(ids)
+        steps = [s.decode(int(t)) for t in ids[:20]]
+        logits[mode] = np.stack([first] + steps)
+        model.close()
+    assert np.isfinite(logits["device"]).all()
+    np.testing.assert_array_equal(logits["device"], logits["managed"])
