@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import openai
+openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
 import pytest
 
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
