@@ -8,8 +8,9 @@ import re
 import threading
 import time
 
-openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
 import pytest
+
+openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
 
 import ds4cupy
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app

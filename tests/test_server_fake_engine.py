@@ -8,8 +8,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
 import pytest
+
+openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
 
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
 
