@@ -155,3 +155,34 @@ def test_device_and_managed_placement_give_identical_logits(tmp_path, experts):
         model.close()
     assert np.isfinite(logits["device"]).all()
     np.testing.assert_array_equal(logits["device"], logits["managed"])
+
+
+@pytest.mark.skipif(not os.environ.get("DS4CUPY_SLOW_TESTS"), reason="writes a ~17 GB flash-shape file; set "
+                    "DS4CUPY_SLOW_TESTS=1")
+def test_flash_shape_file_both_placements(tmp_path):
+    """Issue 5: a flash-shape file (`make-model --preset flash --layers 8`, q2 experts) placed in device memory and in
+    managed memory gives bit-identical logits; prints the load time of each mode."""
+    import time
+
+    from ds4cupy.cuda.session import CudaModel
+    from ds4cupy.make_model import preset_config, tokenizer_fields, write_random_model
+    from ds4cupy.model_file import ModelFile
+
+    n_vocab, _ = tokenizer_fields(None)
+    t0 = time.perf_counter()
+    path = write_random_model(tmp_path / "flash8.gguf", preset_config("flash", n_vocab, 8), experts="q2", seed=5)
+    print(f"\nwrote {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
+    ids = np.random.default_rng().integers(0, 129280, 200)
+    logits = {}
+    for mode in ("device", "managed"):
+        os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        model = CudaModel.from_file(ModelFile(path), memory=mode)
+        load_s = time.perf_counter() - t0
+        s = model.new_session(1024)
+        logits[mode] = np.stack([s.prefill(ids)] + [s.decode(int(t)) for t in ids[:8]])
+        print(f"{mode}: load {load_s:.2f} s ({path.stat().st_size / 1e9 / load_s:.2f} GB/s)")
+        model.close()
+        del model, s
+    assert np.isfinite(logits["device"]).all()
+    np.testing.assert_array_equal(logits["device"], logits["managed"])
