@@ -9,6 +9,8 @@ import os
 import sys
 from functools import cached_property
 
+import numpy as np
+
 from .config import ModelConfig
 from .model_file import ModelFile
 
@@ -22,6 +24,17 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+def check_token_ids(ids, n_vocab: int, n_tokens: int, ctx: int) -> np.ndarray:
+    """ids as int64 [n] after the checks every backend's session makes before consuming anything."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+        bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
+    if n_tokens + ids.size > ctx:
+        raise ValueError(f"{n_tokens} + {ids.size} tokens exceed the session context of {ctx}")
+    return ids
 
 
 class Model:

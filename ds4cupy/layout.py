@@ -147,3 +147,12 @@ def ds4_type(spec: TensorSpec, experts: str = "q2") -> T:
     if spec.name.endswith(_DS4_F16_SUFFIXES):
         return T.F16
     return T.Q8_0
+
+
+def ds4_file_tensors(cfg: ModelConfig, experts: str = "q2") -> list[tuple[TensorSpec, T]]:
+    """(spec, block type) of every tensor a ds4 file of `cfg` holds, in file order: each of model_specs in ds4's
+    types, the optional router bias (`exp_probs_b.bias`) only on non-hash layers, as in ds4's published files."""
+    if experts not in EXPERT_PRESETS:
+        raise ValueError(f"unknown expert type {experts!r}; expected one of {', '.join(EXPERT_PRESETS)}")
+    return [(spec, ds4_type(spec, experts)) for spec in model_specs(cfg)
+            if not (spec.name.endswith("exp_probs_b.bias") and cfg.is_hash_layer(int(spec.name.split(".")[1])))]

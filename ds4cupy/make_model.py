@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 
 from .config import ModelConfig
 from .gguf_write import write_gguf
-from .layout import EXPERT_PRESETS, TensorSpec, ds4_type, model_specs
+from .layout import TensorSpec, ds4_file_tensors
 
 # Bump when the generated values change for a given seed (the demo model's cache name includes it).
 GENERATOR_VERSION = 1
@@ -77,18 +77,13 @@ def random_model_tensors(cfg: ModelConfig, experts: str = "q2", seed: int = 0
                          ) -> list[tuple[str, Callable[[], np.ndarray], T, tuple[int, ...]]]:
     """The file's tensors in ds4 order as (name, make_data, block type, NumPy shape); data is made on demand.
 
-    Every spec of layout.model_specs is written with layout.ds4_type; the optional router bias
+    The tensors of layout.ds4_file_tensors: every spec of layout.model_specs in ds4 types, the optional router bias
     (`exp_probs_b.bias`) only on non-hash layers, as in ds4's files.
     """
     from . import quants
 
-    if experts not in EXPERT_PRESETS:
-        raise ValueError(f"unknown expert type {experts!r}; expected one of {', '.join(EXPERT_PRESETS)}")
     out = []
-    for spec in model_specs(cfg):
-        if spec.name.endswith("exp_probs_b.bias") and cfg.is_hash_layer(int(spec.name.split(".")[1])):
-            continue
-        qtype = ds4_type(spec, experts)
+    for spec, qtype in ds4_file_tensors(cfg, experts):
 
         def make(spec: TensorSpec = spec, qtype: T = qtype) -> np.ndarray:
             rng = tensor_rng(seed, spec.name)

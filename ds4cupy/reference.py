@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .model_file import ModelFile
+from .engine import check_token_ids
 from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, rope_apply, rope_cos_sin, rope_freqs,
                        sigmoid, silu, softplus)
 
@@ -331,14 +332,7 @@ class ReferenceSession:
         return len(self.tokens)
 
     def _check(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n_vocab = self.model.config.n_vocab
-        if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
-            bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
-        if self.n_tokens + ids.size > self.ctx:
-            raise ValueError(f"{self.n_tokens} + {ids.size} tokens exceed the session context of {self.ctx}")
-        return ids
+        return check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         ids = self._check(ids)

@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 
 from .config import ModelConfig
-from .layout import EXPERT_PRESETS, ds4_type, model_specs
+from .layout import ds4_file_tensors
 
 SYNTHETIC_PRESETS = ("flash",)
 SYNTHETIC_EXPERTS = ("q2", "q4")
@@ -35,16 +35,8 @@ def synthetic_config(preset: str = "flash", layers: int | None = None) -> ModelC
 
 
 def synthetic_specs(cfg: ModelConfig, experts: str = "q2"):
-    """[(TensorSpec, qtype)] of the tensors a synthetic model holds: every spec of layout.model_specs in
-    layout.ds4_type, the optional router bias only on non-hash layers (as make_model and ds4's files)."""
-    if experts not in EXPERT_PRESETS:
-        raise ValueError(f"unknown expert type {experts!r}; expected one of {', '.join(EXPERT_PRESETS)}")
-    out = []
-    for spec in model_specs(cfg):
-        if spec.name.endswith("exp_probs_b.bias") and cfg.is_hash_layer(int(spec.name.split(".")[1])):
-            continue
-        out.append((spec, ds4_type(spec, experts)))
-    return out
+    """[(TensorSpec, qtype)] of the tensors a synthetic model holds: those of a ds4 file (layout.ds4_file_tensors)."""
+    return ds4_file_tensors(cfg, experts)
 
 
 def synthetic_nbytes(cfg: ModelConfig, experts: str = "q2") -> dict[str, int]:

@@ -288,42 +288,6 @@ def run_tiny(runner: Runner, workdir: Path, groups: set[str], gpu: bool, corrupt
 
 
 # ---- transformers parity ------------------------------------------------------------------------------------------
-def _tiny_hf(torch, transformers, seed: int = 3, vocab: int = 1024):
-    """A small DeepseekV4ForCausalLM with every parameter randomised (as tests/test_transformers_parity.py)."""
-    layer_types = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                   "compressed_sparse_attention"]
-    cfg = transformers.DeepseekV4Config(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4, head_dim=80,
-        qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=32, moe_intermediate_size=48,
-        n_routed_experts=8, num_experts_per_tok=3, num_hash_layers=2, sliding_window=8, layer_types=layer_types,
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-        index_n_heads=64, index_head_dim=32, index_topk=3,
-        rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 32, "beta_fast": 32,
-                      "beta_slow": 1},
-        max_position_embeddings=512, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1 + 0.2 * r)
-            elif name.endswith((".scale", "hc_scale")):
-                p.copy_(0.3 + 0.4 * torch.rand(p.shape, generator=g))
-            elif name.endswith(("sinks", ".base", "hc_base", "position_bias")):
-                p.copy_(0.7 * r)
-            else:
-                p.copy_(r / p.shape[-1] ** 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):
-                b.copy_(torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:cfg.num_experts_per_tok]
-                                     for _ in range(b.shape[0])]))
-            elif name.endswith("e_score_correction_bias"):
-                b.copy_(0.5 * torch.randn(b.shape, generator=g))
-    return model
-
-
 def run_transformers(runner: Runner, workdir: Path, gpu: bool, corrupt, n_tokens: int = 120) -> None:
     try:
         import torch
@@ -335,10 +299,11 @@ def run_transformers(runner: Runner, workdir: Path, gpu: bool, corrupt, n_tokens
         return
     import ds4cupy
     from .convert import convert
+    from .hf_oracle import random_tiny_model
     holder: dict = {}
 
     def prepare():
-        hf = _tiny_hf(torch, transformers)
+        hf = random_tiny_model()
         hf.save_pretrained(workdir / "hf")
         path = convert(workdir / "hf", workdir / "parity-f32.gguf", dtype="f32")
         if corrupt:

@@ -10,9 +10,7 @@ Tolerance: both sides compute in float32 with different summation orders (BLAS b
 sums in our norms); the measured difference is a few 1e-6 of max|logit|, so 1e-4 x max|logit| leaves margin while a
 single wrong sign, rope layout or mask shows up as 1e-2 or more.
 
-The indexer uses 64 heads (the real count): with few heads, relu(q.k) is zero for every head of some rows, those rows
-tie at an exact score of 0, and which tied row top-k picks is implementation-defined (torch.topk vs our lowest-index
-rule), a difference in tie-breaking, not in the model.
+The models come from ds4cupy.hf_oracle (64 indexer heads, so no exact-zero score ties: see its docstring).
 """
 from __future__ import annotations
 
@@ -26,41 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import ds4cupy  # noqa: E402
 from ds4cupy.convert import convert  # noqa: E402
-
-
-def _tiny_hf(vocab: int, seed: int, hca_rate: int, layer_types: list[str], hash_layers: int):
-    cfg = transformers.DeepseekV4Config(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4, head_dim=80,
-        qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=32, moe_intermediate_size=48,
-        n_routed_experts=8, num_experts_per_tok=3, num_hash_layers=hash_layers, sliding_window=8,
-        layer_types=layer_types,
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": hca_rate},
-        index_n_heads=64, index_head_dim=32, index_topk=3,
-        rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 32, "beta_fast": 32,
-                      "beta_slow": 1},
-        max_position_embeddings=512, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1 + 0.2 * r)
-            elif name.endswith((".scale", "hc_scale")):
-                p.copy_(0.3 + 0.4 * torch.rand(p.shape, generator=g))
-            elif name.endswith(("sinks", ".base", "hc_base", "position_bias")):
-                p.copy_(0.7 * r)
-            else:
-                p.copy_(r / p.shape[-1] ** 0.5)
-        n_exp, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):
-                rows = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(b.shape[0])])
-                b.copy_(rows)
-            elif name.endswith("e_score_correction_bias"):
-                b.copy_(0.5 * torch.randn(b.shape, generator=g))
-    return model
+from ds4cupy.hf_oracle import random_tiny_model  # noqa: E402
 
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "tokenizer.json"
@@ -81,7 +45,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_reference_matches_transformers(name, tmp_path):
     spec = CONFIGS[name]
-    model = _tiny_hf(**spec)
+    model = random_tiny_model(**spec)
     model.save_pretrained(tmp_path / "hf")
     tokenizer = REAL_TOKENIZER if spec["vocab"] == 129280 and REAL_TOKENIZER.is_file() else None
     gguf_path = convert(tmp_path / "hf", tmp_path / "model.gguf", dtype="f32", tokenizer_json=tokenizer)
@@ -105,7 +69,7 @@ def test_reference_matches_transformers(name, tmp_path):
 @pytest.mark.slow
 def test_parity_is_sensitive_to_the_hc_orientation(tmp_path):
     """A control: transposing one layer's Sinkhorn mixing (the classic mHC mistake) must break parity."""
-    model = _tiny_hf(**CONFIGS["small-vocab"])
+    model = random_tiny_model(**CONFIGS["small-vocab"])
     model.save_pretrained(tmp_path / "hf")
     gguf_path = convert(tmp_path / "hf", tmp_path / "model.gguf", dtype="f32")
     ids = np.random.default_rng(1).integers(0, 1024, 40)

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..model_file import ModelFile
+from ..engine import check_token_ids
 from ..numerics import rope_freqs
 from . import ops
 from . import quant_ops as qo
@@ -214,14 +215,7 @@ class CudaSession:
         self.d_pos[...] = len(self.tokens)
 
     def _check(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n_vocab = self.model.config.n_vocab
-        if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
-            bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
-        if self.n_tokens + ids.size > self.ctx:
-            raise ValueError(f"{self.n_tokens} + {ids.size} tokens exceed the session context of {self.ctx}")
-        return ids
+        return check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         import cupy as cp
