@@ -80,6 +80,22 @@ def test_matvec_group(qtype):
         assert rel_err(part, ref @ x) <= RTOL, f"{qtype.name} seed={seed}"
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.F16], ids=ids_name)
+def test_matvec_xgroup(qtype):
+    """Row block g of one matrix times its own input x[g] (the grouped attention output projection)."""
+    import cupy
+    rng, seed = fresh_rng()
+    groups, rows_per, cols = 4, 24, 768
+    w, wref = make_weight(qtype, (groups * rows_per, cols), rng)
+    x = rng.standard_normal((groups, cols)).astype(np.float32)
+    out = cupy.full(groups * rows_per, np.nan, dtype=np.float32)
+    quant_ops().matvec_xgroup(w, qtype, cupy.asarray(x), out=out)
+    ref = np.einsum("grc,gc->gr", wref.reshape(groups, rows_per, cols), x.astype(np.float64)).reshape(-1)
+    assert rel_err(cupy.asnumpy(out), ref) <= RTOL, f"{qtype.name} seed={seed}"
+    with pytest.raises(ValueError, match="not a multiple"):
+        quant_ops().matvec_xgroup(w, qtype, cupy.asarray(x[:3]))
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=ids_name)
 @pytest.mark.parametrize("n", [1, 3, 17, 70])
 def test_matmul(qtype, n):

@@ -106,8 +106,9 @@ def qat_rows(x, mode: int, nq: int = 0) -> None:
 
 # ---- hc.cu -----------------------------------------------------------------------------------------------------------
 def hc_nsplit(K: int, T: int) -> int:
-    """Split-K factor for hc_mix: enough blocks to fill a GPU for decode, one split per 1024 inputs at most."""
-    return max(1, min(32, K // 1024)) if T < 64 else max(1, min(4, K // 1024))
+    """Split-K factor for hc_mix: for decode enough blocks to spread the weight read over many SMs (one split per 256
+    inputs, at most 64), for prefill a few splits per token."""
+    return max(1, min(64, K // 256)) if T < 64 else max(1, min(4, K // 1024))
 
 
 def hc_mix(X, fn, fn_dtype: int, rows: int, part, nsplit: int) -> None:
@@ -125,8 +126,11 @@ def hc_split_collapse(X, part, nsplit: int, rows: int, scale, base, iters: int, 
     """hc_pre (head=False: Sinkhorn split, coef [T, n + n*n] = post, comb) or hc_head (head=True) collapse into
     u [T, D]."""
     T, n, D = X.shape
+    if n * n > 32:
+        raise ValueError(f"hc_split_collapse supports at most 5 hyper-connection streams, got {n}")
+    nblk = max(1, min(8, (D + 1023) // 1024)) if T < 64 else 1      # spread the decode collapse over a few SMs
     get_kernel("hc", "hc_split_collapse")(
-        (T,), (256,), (X, part, _i32(n), _i32(D), _i32(rows), _i32(nsplit), scale, base, _i32(iters), _f32(eps_hc),
+        (nblk, T), (256,), (X, part, _i32(n), _i32(D), _i32(rows), _i32(nsplit), scale, base, _i32(iters), _f32(eps_hc),
                        _f32(eps_rms), _i32(1 if head else 0), u, _p(coef)))
 
 

@@ -132,6 +132,28 @@ def matvec(w, qtype, x, out=None, stream=None):
     return y
 
 
+def matvec_xgroup(w, qtype, x, out=None, stream=None):
+    """Row block g of w times its own input: y[g*R + r] = dequant(w)[g*R + r] @ x[g], x: float32 [G, cols],
+    w: raw rows [G*R, row_bytes]. One launch for the grouped attention output projection (model.md §2.4)."""
+    t = _qtype(qtype)
+    x = _aligned16(_f32(x, "x"), "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [groups, cols], got shape {x.shape}")
+    groups, cols = x.shape
+    _check_cols(t, cols)
+    rb = _weight_geometry(w, t, cols, 2, "w")
+    rows = w.shape[0]
+    if rows % groups:
+        raise ValueError(f"w has {rows} rows, not a multiple of the {groups} input groups")
+    y = _out(out, (rows,))
+    wpr = warps_per_row(rows)
+    k = get_kernel("matvec", f"matvec_xgroup_{_SUFFIX[t]}")
+    with _stream(stream):
+        k(((rows + 8 // wpr - 1) // (8 // wpr),), (_THREADS,),
+          (w, np.int64(rb), x, y, np.int32(rows), np.int32(cols), np.int32(wpr), np.int32(rows // groups)))
+    return y
+
+
 class MatvecGroup:
     """Several matrices of one type and width that multiply the same vector, in one launch (fused projections).
 
@@ -237,6 +259,35 @@ def _routing(ids, weights, n: int, what_k: int | None):
     return k
 
 
+# formats with decode-fast MoE kernels (moe.cu, moe_*_fast_<suffix>: warp per unit of rows, persistent grid)
+_FAST_GATE_UP = frozenset({T.IQ2_XXS, T.Q4_K})
+_FAST_DOWN = frozenset({T.Q2_K, T.Q4_K})
+_FAST_ROWS_PER_WARP = 2  # DS4_MOE_RF / DS4_MOE_RD in moe.cu
+
+
+def _persistent_grid(kern, units: int) -> int:
+    """CTAs of 256 threads (8 warps, one unit each at a time) for `units` warp units: no more than fit at once."""
+    import cupy
+    dev = cupy.cuda.Device().id
+    per_sm = _resident_ctas(kern, dev)
+    return max(1, min((units + 7) // 8, per_sm * _sm_count(dev)))
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_ctas(kern, dev: int) -> int:
+    key = (kern.name, dev)
+    if key not in _RESIDENT:
+        try:
+            from cupy_backends.cuda.api import driver
+            n = driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, _THREADS, 0)
+        except Exception:
+            n = 2
+        _RESIDENT[key] = max(1, int(n))
+    return _RESIDENT[key]
+
+
 def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0, out=None, stream=None):
     """mid[n, k, ff] = silu(min(gate_e . x, c)) * clamp(up_e . x, -c, c) * w for every (token, selected expert).
 
@@ -262,9 +313,18 @@ def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0,
     if n * k > 65535:
         raise ValueError(f"{n} tokens x {k} experts = {n * k} pairs exceeds one launch (65535); split the chunk")
     mid = _out(out, (n, k, ff))
+    null = np.uint64(0)
+    if t in _FAST_GATE_UP:
+        kern = get_kernel("moe", f"moe_gate_up_fast_{_SUFFIX[t]}")
+        units = n * k * ((ff + _FAST_ROWS_PER_WARP - 1) // _FAST_ROWS_PER_WARP)
+        with _stream(stream):
+            kern((_persistent_grid(kern, units),), (_THREADS,),
+                 (gate, up, np.int64(ff * rb), np.int64(rb), ids if ids is not None else null,
+                  weights if weights is not None else null, np.int32(k), np.int32(n_expert), x2, np.int32(cols), mid,
+                  np.int32(ff), np.float32(clamp), np.int32(n * k)))
+        return mid
     wpr = warps_per_row(ff * n * k)
     kern = get_kernel("moe", f"moe_gate_up_{_SUFFIX[t]}")
-    null = np.uint64(0)
     with _stream(stream):
         kern(((ff + 8 // wpr - 1) // (8 // wpr), n * k), (_THREADS,),
              (gate, up, np.int64(ff * rb), np.int64(rb), ids if ids is not None else null,
@@ -297,6 +357,15 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
     if n > 65535:
         raise ValueError(f"{n} tokens exceed one launch (65535); split the chunk")
     y = _out(out, (n, D))
+    if t in _FAST_DOWN:
+        kern = get_kernel("moe", f"moe_down_fast_{_SUFFIX[t]}")
+        units = n * ((D + _FAST_ROWS_PER_WARP - 1) // _FAST_ROWS_PER_WARP)
+        with _stream(stream):
+            kern((_persistent_grid(kern, units),), (_THREADS,),
+                 (down, np.int64(D * rb), np.int64(rb), ids if ids is not None else np.uint64(0), np.int32(k),
+                  np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0),
+                  np.int32(n)))
+        return y
     wpr = warps_per_row(D * n)
     kern = get_kernel("moe", f"moe_down_{_SUFFIX[t]}")
     with _stream(stream):

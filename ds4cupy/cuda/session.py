@@ -321,11 +321,8 @@ class CudaSession:
         qt = m.qtype[p + "attn_output_a.weight"]
         rows_per = wa.shape[0] // G
         low = self._b("low", S, G * R)
-        if S == 1:
-            a = att.reshape(G, gin)
-            lo = low.reshape(G, R)
-            for g in range(G):
-                qo.matvec(wa[g * rows_per:(g + 1) * rows_per], qt, a[g], out=lo[g])
+        if S == 1:        # one launch: row block g of wo_a reads the heads of group g
+            qo.matvec_xgroup(wa, qt, att.reshape(G, gin), out=low.reshape(G * R))
         else:
             import cupy as cp
             og = self._b("og", G, S, gin)

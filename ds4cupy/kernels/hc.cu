@@ -49,66 +49,74 @@ extern "C" __global__ void hc_mix(const float* X, long long K, const void* fn, i
 //          coef[t] = [post (n), comb (n*n, comb[j*n + k])]
 //   mode 1 (hc_head, rows = n): pre = sigmoid(mix * scale[0] + base) + eps_hc; coef unused
 //   u[t, d] = sum_i pre[i] * X[t, i, d]
-// The Sinkhorn runs in double on one thread (n*n = 16 values). grid = T, block = 256.
+// The coefficients are computed in double (as the reference) by warp 0 of every block, one lane per comb entry
+// (n*n <= 32), each lane summing its row / column in the serial order, so the result does not depend on the launch
+// shape; block (0, t) writes coef. The collapse is spread over grid.x blocks. grid = (nblk, T), block = 256.
 extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
                                              const float* scale, const float* base, int iters, float eps_hc,
                                              float eps_rms, int mode, float* u, float* coef) {
+    __shared__ double sums[HC_MAX_ROWS + 1];
+    __shared__ double c[32];
     __shared__ float pre_s[8];
-    const int t = blockIdx.x;
+    const int t = blockIdx.y, i = threadIdx.x;
     const long long K = (long long)n * D;
-    if (threadIdx.x == 0) {
-        double mix[HC_MAX_ROWS];
-        double ss = 0.0;
-        for (int s = 0; s < nsplit; ++s) ss += part[((long long)t * nsplit + s) * (rows + 1) + rows];
-        double rs = 1.0 / sqrt(ss / (double)K + (double)eps_rms);
-        for (int r = 0; r < rows; ++r) {
-            double m = 0.0;
-            for (int s = 0; s < nsplit; ++s) m += part[((long long)t * nsplit + s) * (rows + 1) + r];
-            mix[r] = m * rs;
-        }
+    for (int r = i; r <= rows; r += blockDim.x) {
+        double m = 0.0;
+        for (int s = 0; s < nsplit; ++s) m += part[((long long)t * nsplit + s) * (rows + 1) + r];
+        sums[r] = m;
+    }
+    __syncthreads();
+    if (i < 32) {
+        const double rs = 1.0 / sqrt(sums[rows] / (double)K + (double)eps_rms);
+        const bool write = blockIdx.x == 0;
         if (mode == 1) {
-            for (int i = 0; i < n; ++i)
-                pre_s[i] = (float)(1.0 / (1.0 + exp(-(mix[i] * (double)scale[0] + (double)base[i]))) + eps_hc);
+            if (i < n) pre_s[i] = (float)(1.0 / (1.0 + exp(-(sums[i] * rs * (double)scale[0] + (double)base[i]))) + eps_hc);
         } else {
-            const double s0 = scale[0], s1 = scale[1], s2 = scale[2], eps = eps_hc;
+            const double s2 = scale[2], eps = eps_hc;
             float* cf = coef + (long long)t * (n + n * n);
-            for (int i = 0; i < n; ++i) {
-                pre_s[i] = (float)(1.0 / (1.0 + exp(-(mix[i] * s0 + (double)base[i]))) + eps);
-                cf[i] = (float)(2.0 / (1.0 + exp(-(mix[n + i] * s1 + (double)base[n + i]))));
+            if (i < n) {
+                pre_s[i] = (float)(1.0 / (1.0 + exp(-(sums[i] * rs * (double)scale[0] + (double)base[i]))) + eps);
+                if (write) cf[i] = (float)(2.0 / (1.0 + exp(-(sums[n + i] * rs * (double)scale[1] + (double)base[n + i]))));
             }
-            double c[16];
-            for (int j = 0; j < n; ++j) {
-                double mx = -1e300;
-                for (int k = 0; k < n; ++k) {
-                    c[j * n + k] = mix[2 * n + j * n + k] * s2 + (double)base[2 * n + j * n + k];
-                    mx = fmax(mx, c[j * n + k]);
-                }
-                double sum = 0.0;
-                for (int k = 0; k < n; ++k) { c[j * n + k] = exp(c[j * n + k] - mx); sum += c[j * n + k]; }
-                for (int k = 0; k < n; ++k) c[j * n + k] = c[j * n + k] / sum + eps;
+            const int nn = n * n, j = i / n, k = i % n;
+            double v = i < nn ? sums[2 * n + i] * rs * s2 + (double)base[2 * n + i] : 0.0;
+            if (i < nn) c[i] = v;
+            __syncwarp();
+            if (i < nn) {                                   // softmax over row j, then + eps
+                double mx = -1e300, sum = 0.0;
+                for (int q = 0; q < n; ++q) mx = fmax(mx, c[j * n + q]);
+                for (int q = 0; q < n; ++q) sum += exp(c[j * n + q] - mx);
+                v = exp(v - mx) / sum + eps;
             }
+            __syncwarp();
             for (int it = 0; it < iters; ++it) {
-                if (it > 0) {
-                    for (int j = 0; j < n; ++j) {
+                if (it > 0) {                               // rows
+                    if (i < nn) c[i] = v;
+                    __syncwarp();
+                    if (i < nn) {
                         double sum = 0.0;
-                        for (int k = 0; k < n; ++k) sum += c[j * n + k];
-                        for (int k = 0; k < n; ++k) c[j * n + k] /= (sum + eps);
+                        for (int q = 0; q < n; ++q) sum += c[j * n + q];
+                        v /= (sum + eps);
                     }
+                    __syncwarp();
                 }
-                for (int k = 0; k < n; ++k) {
+                if (i < nn) c[i] = v;                       // columns
+                __syncwarp();
+                if (i < nn) {
                     double sum = 0.0;
-                    for (int j = 0; j < n; ++j) sum += c[j * n + k];
-                    for (int j = 0; j < n; ++j) c[j * n + k] /= (sum + eps);
+                    for (int q = 0; q < n; ++q) sum += c[q * n + k];
+                    v /= (sum + eps);
                 }
+                __syncwarp();
             }
-            for (int i = 0; i < n * n; ++i) cf[n + i] = (float)c[i];
+            if (write && i < nn) cf[n + i] = (float)v;
         }
     }
     __syncthreads();
     const float* x = X + (long long)t * K;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int d = blockIdx.x * blockDim.x + i; d < D; d += gridDim.x * blockDim.x) {
         float acc = 0.0f;
-        for (int i = 0; i < n; ++i) acc += pre_s[i] * x[(long long)i * D + d];
+        for (int q = 0; q < n; ++q) acc += pre_s[q] * x[(long long)q * D + d];
         u[(long long)t * D + d] = acc;
     }
 }

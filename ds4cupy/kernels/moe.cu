@@ -96,3 +96,312 @@ __device__ __forceinline__ void moe_down_body(const u8* down, long long expert_s
     }
 
 DS4_FOR_EACH_QTYPE(DS4_MOE)
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Decode-fast MoE kernels (same arguments and results as above, up to float32 summation order), for the formats of the
+// flash models: moe_gate_up_fast_{iq2_xxs,q4_k}(..., n_pairs), moe_down_fast_{q2_k,q4_k}(..., n).
+//   Work unit = one warp: RF rows f (gate and up rows of the same expert: 2*RF dot products) or RD output rows d (all k
+//   experts). A lane loads each activation once for all the rows of its unit (x reuse), decodes weights without
+//   int->float conversion instructions (a byte b becomes the float 2^23 + b by a byte permute, one FADD removes 2^23),
+//   and the grid is persistent over units: launch 256 threads, grid = min(ceil(units / 8), resident CTAs).
+//   IQ2_XXS: one lane per 8-weight group (a warp = one 256-weight block, activation loads coalesced), grid rows and
+//   sign masks from shared tables replicated per lane (bank-conflict-free lookups), signed bytes 0x80 + s*g built with
+//   two integer ops per 4 weights.
+
+// float value of byte k of w (0 <= k < 4, a compile-time constant after unrolling), exact
+__device__ __forceinline__ float byte_f32(u32 w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388608.f;
+}
+// byte k of w read as 0x80 + v with v a signed value in [-128, 127]: returns v, exact
+__device__ __forceinline__ float sbyte_f32(u32 w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388736.f;
+}
+__device__ __forceinline__ float small_f32(u32 v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }  // v < 2^23
+
+#define IQ2_GRID_COPIES 16
+#define IQ2_SIGN_COPIES 8
+
+// IQ2_XXS, lane = 8-weight group g (sub-block g >> 2, group g & 3) of each block; a warp covers one block a step.
+struct MoeIQ2 {
+    static constexpr int QK = 256, BYTES = 66, SL = 32, TABLES = 1;
+    template <int NR>
+    static __device__ __forceinline__ void dot_rows(const u8* const* rows, size_t boff, int s, const float* x,
+                                                    float* acc, const u64* gtab, const u64* stab) {
+        const int ib = s >> 2, l = s & 3;
+        const float4 x0 = ld_x4(x + 8 * s), x1 = ld_x4(x + 8 * s + 4);
+        u32 dd[NR], gi[NR], a1[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            const u8* b = rows[r] + boff;
+            dd[r] = ld_u16(b);
+            gi[r] = b[2 + 8 * ib + l];
+            a1[r] = ld_u32_a2(b + 6 + 8 * ib);
+        }
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            const u64 P = gtab[gi[r] * IQ2_GRID_COPIES];
+            const u64 M = stab[((a1[r] >> (7 * l)) & 127u) * IQ2_SIGN_COPIES];
+            const u32 plo = (u32)P, phi = (u32)(P >> 32), mlo = (u32)M, mhi = (u32)(M >> 32);
+            const u32 ulo = plo - 2u * (plo & mlo), uhi = phi - 2u * (phi & mhi);  // bytes 0x80 + s*g
+            float a = sbyte_f32(ulo, 0) * x0.x;
+            a = fmaf(sbyte_f32(ulo, 1), x0.y, a);
+            a = fmaf(sbyte_f32(ulo, 2), x0.z, a);
+            a = fmaf(sbyte_f32(ulo, 3), x0.w, a);
+            a = fmaf(sbyte_f32(uhi, 0), x1.x, a);
+            a = fmaf(sbyte_f32(uhi, 1), x1.y, a);
+            a = fmaf(sbyte_f32(uhi, 2), x1.z, a);
+            a = fmaf(sbyte_f32(uhi, 3), x1.w, a);
+            const float db = f16_to_f32((u16)dd[r]) * (__uint_as_float(0x4B000000u | (a1[r] >> 28)) - 8388607.5f);
+            acc[r] = fmaf(db * 0.25f, a, acc[r]);
+        }
+    }
+};
+
+// Q4_K, slices as BlockQ4_K (16 per block: 8 quant bytes, 16 weights); scales and d/dmin read as 32-bit words.
+struct MoeQ4K {
+    static constexpr int QK = 256, BYTES = 144, SL = 16, TABLES = 0;
+    template <int NR>
+    static __device__ __forceinline__ void dot_rows(const u8* const* rows, size_t boff, int s, const float* x,
+                                                    float* acc, const u64*, const u64*) {
+        const int i = s >> 2, part = s & 3;
+        uint2 q[NR];
+        u32 dm[NR], s0[NR], s1[NR], s2[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            const u8* b = rows[r] + boff;
+            q[r] = *reinterpret_cast<const uint2*>(b + 16 + 32 * i + 8 * part);
+            dm[r] = ld_u32(b);
+            s0[r] = ld_u32(b + 4);
+            s1[r] = ld_u32(b + 8);
+            s2[r] = ld_u32(b + 12);
+        }
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+            const float* xs = x + 64 * i + 32 * hi + 8 * part;
+            const float4 x0 = ld_x4(xs), x1 = ld_x4(xs + 4);
+            const float sum = ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
+            const u32 sh = 8u * (u32)((2 * i + hi) & 3);
+#pragma unroll
+            for (int r = 0; r < NR; ++r) {
+                u32 sc, m;
+                if (i < 2) {
+                    sc = (s0[r] >> sh) & 63u;
+                    m = (s1[r] >> sh) & 63u;
+                } else {
+                    sc = ((s2[r] >> sh) & 15u) | (((s0[r] >> sh) >> 6 & 3u) << 4);
+                    m = ((s2[r] >> sh) >> 4 & 15u) | (((s1[r] >> sh) >> 6 & 3u) << 4);
+                }
+                const u32 v0 = (q[r].x >> (4 * hi)) & 0x0F0F0F0Fu, v1 = (q[r].y >> (4 * hi)) & 0x0F0F0F0Fu;
+                float dot = byte_f32(v0, 0) * x0.x;
+                dot = fmaf(byte_f32(v0, 1), x0.y, dot);
+                dot = fmaf(byte_f32(v0, 2), x0.z, dot);
+                dot = fmaf(byte_f32(v0, 3), x0.w, dot);
+                dot = fmaf(byte_f32(v1, 0), x1.x, dot);
+                dot = fmaf(byte_f32(v1, 1), x1.y, dot);
+                dot = fmaf(byte_f32(v1, 2), x1.z, dot);
+                dot = fmaf(byte_f32(v1, 3), x1.w, dot);
+                const float d = f16_to_f32((u16)dm[r]), dmin = f16_to_f32((u16)(dm[r] >> 16));
+                acc[r] = fmaf(d * small_f32(sc), dot, acc[r]);
+                acc[r] = fmaf(-dmin * small_f32(m), sum, acc[r]);
+            }
+        }
+    }
+};
+
+// Q2_K, slices as BlockQ2_K (4 per block: 16 quant bytes, 64 weights); scales and d/dmin read as 32-bit words.
+struct MoeQ2K {
+    static constexpr int QK = 256, BYTES = 84, SL = 4, TABLES = 0;
+    template <int NR>
+    static __device__ __forceinline__ void dot_rows(const u8* const* rows, size_t boff, int s, const float* x,
+                                                    float* acc, const u64*, const u64*) {
+        const int h = s >> 1, half = s & 1;
+        u32 qw[NR][4], sc[NR][2], dm[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            const u8* b = rows[r] + boff;
+            const u8* qp = b + 16 + 32 * h + 16 * half;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) qw[r][w] = ld_u32(qp + 4 * w);
+            sc[r][0] = ld_u32(b + 8 * h);
+            sc[r][1] = ld_u32(b + 8 * h + 4);
+            dm[r] = ld_u32(b + 80);
+        }
+#pragma unroll
+        for (int sh = 0; sh < 4; ++sh) {
+            const float* xs = x + 128 * h + 32 * sh + 16 * half;
+            float4 xv[4];
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                xv[w] = ld_x4(xs + 4 * w);
+                sum += (xv[w].x + xv[w].y) + (xv[w].z + xv[w].w);
+            }
+            const u32 bsh = 8u * (u32)((2 * sh + half) & 3);
+#pragma unroll
+            for (int r = 0; r < NR; ++r) {
+                float dot = 0.f;
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    const u32 v = (qw[r][w] >> (2 * sh)) & 0x03030303u;
+                    dot = fmaf(byte_f32(v, 0), xv[w].x, dot);
+                    dot = fmaf(byte_f32(v, 1), xv[w].y, dot);
+                    dot = fmaf(byte_f32(v, 2), xv[w].z, dot);
+                    dot = fmaf(byte_f32(v, 3), xv[w].w, dot);
+                }
+                const u32 scb = (sc[r][sh >> 1] >> bsh) & 0xFFu;
+                const float d = f16_to_f32((u16)dm[r]), dmin = f16_to_f32((u16)(dm[r] >> 16));
+                acc[r] = fmaf(d * small_f32(scb & 15u), dot, acc[r]);
+                acc[r] = fmaf(-dmin * small_f32(scb >> 4), sum, acc[r]);
+            }
+        }
+    }
+};
+
+// shared tables of the IQ2_XXS grid (bytes 0x80 | g) and sign masks (byte 0x7F where the weight is negative),
+// IQ2_GRID_COPIES / IQ2_SIGN_COPIES copies interleaved so that the lanes of a half warp hit distinct banks
+template <class P>
+__device__ __forceinline__ void stage_iq2_tables(u64* gtab, u64* stab) {
+    if constexpr (P::TABLES != 0) {
+        for (int i = threadIdx.x; i < 256 * IQ2_GRID_COPIES; i += blockDim.x)
+            gtab[i] = IQ2XXS_GRID[i / IQ2_GRID_COPIES] | 0x8080808080808080ull;
+        for (int i = threadIdx.x; i < 128 * IQ2_SIGN_COPIES; i += blockDim.x) {
+            const u32 s8 = iq2_signs((u32)(i / IQ2_SIGN_COPIES));
+            u64 m = 0;
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if ((s8 >> k) & 1u) m |= 0x7Full << (8 * k);
+            stab[i] = m;
+        }
+        __syncthreads();
+    }
+}
+
+#ifndef DS4_MOE_UNROLL
+#define DS4_MOE_UNROLL 2
+#endif
+#ifndef DS4_MOE_MINB
+#define DS4_MOE_MINB 3
+#endif
+
+template <class P, int NR, int UNROLL = DS4_MOE_UNROLL>
+__device__ __forceinline__ void rows_dot(const u8* const* rows, const float* x, int nblocks, int lane, float* acc,
+                                         const u64* gtab, const u64* stab) {
+#pragma unroll UNROLL
+    for (int s = lane; s < nblocks * P::SL; s += 32) {
+        const int blk = s / P::SL;
+        P::template dot_rows<NR>(rows, (size_t)blk * P::BYTES, s % P::SL, x + (size_t)blk * P::QK, acc, gtab, stab);
+    }
+}
+
+template <class P, int RF>
+__device__ __forceinline__ void moe_gate_up_fast_body(const u8* gate, const u8* up, long long expert_stride,
+                                                      long long row_stride, const int* ids, const float* weights,
+                                                      int k, int n_expert, const float* X, int cols, float* mid,
+                                                      int ff, float clamp, int n_pairs) {
+    __shared__ u64 s_grid[P::TABLES ? 256 * IQ2_GRID_COPIES : 1];
+    __shared__ u64 s_sign[P::TABLES ? 128 * IQ2_SIGN_COPIES : 1];
+    stage_iq2_tables<P>(s_grid, s_sign);
+    const int lane = threadIdx.x & 31;
+    const u64* gtab = s_grid + (P::TABLES ? (lane & (IQ2_GRID_COPIES - 1)) : 0);
+    const u64* stab = s_sign + (P::TABLES ? (lane & (IQ2_SIGN_COPIES - 1)) : 0);
+    const int fgroups = (ff + RF - 1) / RF;
+    const int units = n_pairs * fgroups;
+    const int nblocks = cols / P::QK;
+    for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
+        const int pair = u / fgroups, f0 = (u % fgroups) * RF, tok = pair / k;
+        const int e = ids ? ids[pair] : 0;
+        const bool bad = e < 0 || e >= n_expert;
+        float acc[2 * RF];
+#pragma unroll
+        for (int r = 0; r < 2 * RF; ++r) acc[r] = 0.f;
+        if (!bad) {
+            const u8* rows[2 * RF];
+#pragma unroll
+            for (int r = 0; r < RF; ++r) {
+                const size_t off = (size_t)e * expert_stride + (size_t)min(f0 + r, ff - 1) * row_stride;
+                rows[r] = gate + off;
+                rows[RF + r] = up + off;
+            }
+            rows_dot<P, 2 * RF>(rows, X + (size_t)tok * cols, nblocks, lane, acc, gtab, stab);
+        }
+#pragma unroll
+        for (int r = 0; r < 2 * RF; ++r) acc[r] = warp_sum(acc[r]);
+        const float w = (weights && !bad) ? weights[pair] : 1.f;
+#pragma unroll
+        for (int r = 0; r < RF; ++r) {
+            if (lane == r && f0 + r < ff) {
+                const float g = fminf(acc[r], clamp);
+                const float uu = fminf(fmaxf(acc[RF + r], -clamp), clamp);
+                mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * uu * w;
+            }
+        }
+    }
+}
+
+template <class P, int RD>
+__device__ __forceinline__ void moe_down_fast_body(const u8* down, long long expert_stride, long long row_stride,
+                                                   const int* ids, int k, int n_expert, const float* mid, int ff,
+                                                   float* Y, int D, int accumulate, int n) {
+    const int lane = threadIdx.x & 31;
+    const int dgroups = (D + RD - 1) / RD;
+    const int units = n * dgroups;
+    const int nblocks = ff / P::QK;
+    for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
+        const int tok = u / dgroups, d0 = (u % dgroups) * RD;
+        float acc[RD];
+#pragma unroll
+        for (int r = 0; r < RD; ++r) acc[r] = 0.f;
+        bool bad = false;
+#pragma unroll 2
+        for (int j = 0; j < k; ++j) {
+            const int e = ids ? ids[tok * k + j] : 0;
+            if (e < 0 || e >= n_expert) {
+                bad = true;
+                continue;
+            }
+            const u8* rows[RD];
+#pragma unroll
+            for (int r = 0; r < RD; ++r)
+                rows[r] = down + (size_t)e * expert_stride + (size_t)min(d0 + r, D - 1) * row_stride;
+            rows_dot<P, RD>(rows, mid + ((size_t)tok * k + j) * ff, nblocks, lane, acc, nullptr, nullptr);
+        }
+#pragma unroll
+        for (int r = 0; r < RD; ++r) acc[r] = warp_sum(acc[r]);
+#pragma unroll
+        for (int r = 0; r < RD; ++r) {
+            if (lane == r && d0 + r < D) {
+                float* y = Y + (size_t)tok * D + d0 + r;
+                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
+                *y = accumulate ? *y + v : v;
+            }
+        }
+    }
+}
+
+#ifndef DS4_MOE_RF
+#define DS4_MOE_RF 2
+#endif
+#ifndef DS4_MOE_RD
+#define DS4_MOE_RD 2
+#endif
+
+#define DS4_MOE_FAST_GATE_UP(suffix, P)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_fast_##suffix(                                  \
+        const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids,              \
+        const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,     \
+        int n_pairs) {                                                                                            \
+        moe_gate_up_fast_body<P, DS4_MOE_RF>(gate, up, expert_stride, row_stride, ids, weights, k, n_expert, X,   \
+                                             cols, mid, ff, clamp, n_pairs);                                      \
+    }
+#define DS4_MOE_FAST_DOWN(suffix, P)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_down_fast_##suffix(                                     \
+        const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,       \
+        const float* mid, int ff, float* Y, int D, int accumulate, int n) {                                       \
+        moe_down_fast_body<P, DS4_MOE_RD>(down, expert_stride, row_stride, ids, k, n_expert, mid, ff, Y, D,       \
+                                          accumulate, n);                                                         \
+    }
+
+DS4_MOE_FAST_GATE_UP(iq2_xxs, MoeIQ2)
+DS4_MOE_FAST_GATE_UP(q4_k, MoeQ4K)
+DS4_MOE_FAST_DOWN(q2_k, MoeQ2K)
+DS4_MOE_FAST_DOWN(q4_k, MoeQ4K)

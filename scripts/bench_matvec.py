@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Decode matvec bench: every matvec shape of a flash-shape decode step, kernel variants side by side.
+
+For each shape: random valid weights on the GPU (ds4cupy.cuda.random_weights), enough copies that one pass over them
+is several times the L2 cache (so every launch reads HBM), a CUDA graph of launches that cycles through the copies,
+timed with CUDA events over many replays (median per launch, each variant timed twice; the spread is printed).
+Bytes per launch = weight bytes + x + y.
+  wrapper  ds4cupy.cuda.quant_ops.matvec / MatvecGroup.run as they are now ("rule": its warps per row)
+  wprN     matvec_<t> / matvec_group_<t> launched directly with N warps per row (1, 2, 4, 8)
+Every variant's output (NaN-poisoned first) is compared with wpr1's (relative error; NaN = an unwritten element).
+Roofline: a device-to-device copy (read + write bytes) and a streaming uint4 read of a 1 GiB buffer.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+# (name, qtype, rows, cols, matrices sharing x (MatvecGroup) or 1 for a plain matvec)
+SHAPES = [
+    ("attn_q_a", T.Q8_0, 1024, 4096, 1),
+    ("attn_q_b", T.Q8_0, 32768, 1024, 1),
+    ("attn_kv", T.Q8_0, 512, 4096, 1),
+    ("attn_out_a (1 of 8)", T.Q8_0, 1024, 4096, 1),
+    ("attn_out_b", T.Q8_0, 4096, 8192, 1),
+    ("shexp gate+up (group)", T.Q8_0, 2048, 4096, 2),
+    ("shexp down", T.Q8_0, 4096, 2048, 1),
+    ("lm_head", T.Q8_0, 129280, 4096, 1),
+    ("square 4096", T.Q8_0, 4096, 4096, 1),
+    ("f16 router 256x4096", T.F16, 256, 4096, 1),
+    ("f16 1024x4096", T.F16, 1024, 4096, 1),
+    ("f16 4096x4096", T.F16, 4096, 4096, 1),
+    ("bf16 4096x4096", T.BF16, 4096, 4096, 1),
+    ("f32 4096x4096", T.F32, 4096, 4096, 1),
+]
+
+
+def roofline(cp) -> tuple[float, float]:
+    from ds4cupy.memory.arena import stream_read
+    n = 1 << 30
+    a = cp.empty(n, cp.uint8)
+    a[:] = 1
+    b = cp.empty_like(a)
+    cp.copyto(b, a)
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(5):
+        e0.record()
+        for _ in range(5):
+            cp.copyto(b, a)
+        e1.record()
+        e1.synchronize()
+        times.append(cp.cuda.get_elapsed_time(e0, e1) / 5)
+    copy_gbs = 2 * n / (statistics.median(times) * 1e-3) / 1e9
+    read_gbs = stream_read(a, reps=20)[0]
+    del a, b
+    return copy_gbs, read_gbs
+
+
+def time_graph(cp, launch, n_launch: int, replays: int) -> float:
+    """Median microseconds per launch of `launch(i)`, i = 0..n_launch-1, captured in one graph."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for i in range(n_launch):  # warm-up (compile, module load) outside the capture
+            launch(i)
+        s.synchronize()
+        s.begin_capture()
+        for i in range(n_launch):
+            launch(i)
+        g = s.end_capture()
+        g.launch(s)
+        s.synchronize()
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(replays):
+            e0.record(s)
+            g.launch(s)
+            e1.record(s)
+            e1.synchronize()
+            times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / n_launch)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rotate-mb", type=float, default=400.0, help="bytes of weight copies cycled through (MB)")
+    ap.add_argument("--launches", type=int, default=64, help="launches per graph (at least one pass over the copies)")
+    ap.add_argument("--replays", type=int, default=25)
+    ap.add_argument("--only", default="", help="substring filter on shape names")
+    args = ap.parse_args(argv)
+
+    import cupy as cp
+
+    from ds4cupy import quants
+    from ds4cupy.cuda import quant_ops as qo
+    from ds4cupy.cuda.compile import get_kernel
+    from ds4cupy.cuda.random_weights import random_tensor
+
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    print(f"device: {props['name'].decode()}  SMs {dev.attributes['MultiProcessorCount']}  "
+          f"L2 {dev.attributes['L2CacheSize'] / 2**20:.0f} MiB")
+    copy_gbs, read_gbs = roofline(cp)
+    print(f"roofline: copy {copy_gbs:.0f} GB/s (read+write), stream read {read_gbs:.0f} GB/s")
+
+    rows_out = []
+    for name, t, rows, cols, n_mat in SHAPES:
+        if args.only and args.only not in name:
+            continue
+        rb = quants.row_bytes(t, cols)
+        wbytes = rows * rb * n_mat
+        copies = max(2, min(256, int(args.rotate_mb * 1e6 // wbytes) + 1))
+        std = 0.05
+        sets = [[random_tensor(t, (rows, cols), seed=1000 * c + m, std=0.05) for m in range(n_mat)]
+                for c in range(copies)]
+        x = cp.asarray(np.random.default_rng(1).standard_normal(cols).astype(np.float32))
+        total_rows = rows * n_mat
+        suffix = qo._SUFFIX[t]
+        groups = [qo.MatvecGroup(s, t, cols) for s in sets] if n_mat > 1 else None
+        k_old = get_kernel("matvec", f"matvec_{suffix}" if n_mat == 1 else f"matvec_group_{suffix}")
+
+        def old_launcher(wpr, y):
+            grid = ((total_rows + 8 // wpr - 1) // (8 // wpr),)
+
+            def launch(i):
+                c = i % copies
+                if n_mat == 1:
+                    k_old(grid, (256,), (sets[c][0], np.int64(rb), x, y[c], np.int32(rows), np.int32(cols),
+                                         np.int32(wpr)))
+                else:
+                    gr = groups[c]
+                    k_old(grid, (256,), (gr._ptrs, gr._row_start, np.int32(n_mat), np.int64(rb), x, y[c],
+                                         np.int32(total_rows), np.int32(cols), np.int32(wpr)))
+            return launch
+
+        def wrapper_launcher(y):
+            def launch(i):
+                c = i % copies
+                if n_mat == 1:
+                    qo.matvec(sets[c][0], t, x, out=y[c])
+                else:
+                    groups[c].run(x, out=y[c])
+            return launch
+
+        variants = [("wrapper", wrapper_launcher)] + [(f"wpr{w}", (lambda w: lambda y: old_launcher(w, y))(w))
+                                                       for w in (1, 2, 4, 8)]
+        n_launch = max(args.launches, copies)
+        n_launch = (n_launch + copies - 1) // copies * copies
+        res = {}
+        ys = {}
+        for vname, mk in variants:
+            y = cp.full((copies, total_rows), np.nan, np.float32)
+            fn = mk(y)
+            a = time_graph(cp, fn, n_launch, args.replays)
+            b = time_graph(cp, fn, n_launch, args.replays)  # twice: the spread of one version
+            res[vname] = (min(a, b), abs(a - b) / min(a, b))
+            ys[vname] = y
+        cp.cuda.Device().synchronize()
+        ref = cp.asnumpy(ys["wpr1"]).astype(np.float64)
+        errs = {}
+        for vname, y in ys.items():
+            yy = cp.asnumpy(y).astype(np.float64)
+            errs[vname] = np.inf if np.isnan(yy).any() else float(np.linalg.norm(yy - ref) / np.linalg.norm(ref))
+        nbytes = wbytes + cols * 4 + total_rows * 4
+        rows_out.append((name, t.name, f"{total_rows}x{cols}", nbytes, res, errs, qo.warps_per_row(total_rows)))
+        print(f"  {name}: " + "  ".join(f"{v} {us:.2f}us (spread {100 * sp:.1f}%, err {errs[v]:.1e})"
+                                       for v, (us, sp) in res.items()) + f"  [{copies} copies]", flush=True)
+        sets = groups = ys = None
+        cp.get_default_memory_pool().free_all_blocks()
+
+    print(f"\nroofline: copy {copy_gbs:.0f} GB/s (read+write), stream read {read_gbs:.0f} GB/s; % is of copy")
+    names = ["wrapper", "wpr1", "wpr2", "wpr4", "wpr8"]
+    print(f"{'shape':22s} {'type':5s} {'rows x cols':>12s} {'MB':>6s} {'rule':>4s} "
+          + " ".join(f"{n + ' us':>9s}" for n in names) + f" {'wrap GB/s':>9s} {'%':>3s} {'best':>6s} {'GB/s':>5s}")
+    for name, tn, shp, nb, res, errs, rule in rows_out:
+        best = min(res, key=lambda v: res[v][0])
+        gw, gb = nb / res["wrapper"][0] / 1e3, nb / res[best][0] / 1e3
+        bad = [v for v, e in errs.items() if not e < 1e-5]
+        print(f"{name:22s} {tn:5s} {shp:>12s} {nb / 1e6:6.2f} {rule:4d} "
+              + " ".join(f"{res[n][0]:9.2f}" if n in res else f"{'-':>9s}" for n in names)
+              + f" {gw:9.0f} {100 * gw / copy_gbs:3.0f} {best:>6s} {gb:5.0f}" + (f" BAD {bad}" if bad else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

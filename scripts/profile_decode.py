@@ -1,0 +1,69 @@
+"""Per-kernel time of one decode step of a synthetic flash-shape model, for `ncu`:
+
+    ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        python3 scripts/profile_decode.py --layers 6 --depth 4096 > ncu.csv
+    python3 scripts/profile_decode.py --summarize ncu.csv
+
+The script prefills `depth` tokens, runs two decode steps eagerly (kernels compiled and warm), then profiles exactly one
+eager decode step between cudaProfilerStart/Stop. --summarize groups the ncu CSV by kernel name: launches, total us,
+share of the step.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+
+
+def run(layers: int, depth: int, experts: str) -> None:
+    import cupy as cp
+    import numpy as np
+
+    from ds4cupy.synthetic import load_synthetic
+    model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64)
+    model._impl.decode_graph = False          # eager launches, so ncu sees each kernel of the step
+    s = model.new_session(depth + 64)
+    ids = np.random.default_rng(0).integers(0, 100000, depth)
+    s.prefill(ids)
+    s.decode(5)
+    s.decode(6)
+    cp.cuda.runtime.deviceSynchronize()
+    cp.cuda.profiler.start()
+    s.decode(7)
+    cp.cuda.runtime.deviceSynchronize()
+    cp.cuda.profiler.stop()
+
+
+def summarize(path: str) -> None:
+    per = defaultdict(lambda: [0, 0.0])
+    with open(path, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = row["Kernel Name"].split("(")[0]
+        v = float(row["Metric Value"].replace(",", ""))
+        unit = row.get("Metric Unit", "nsecond")
+        us = v / 1000 if unit.startswith("n") else (v if unit.startswith("u") else v * 1000)
+        per[name][0] += 1
+        per[name][1] += us
+    total = sum(t for _, t in per.values())
+    print(f"{'kernel':<48}{'launches':>9}{'total us':>11}{'share':>8}")
+    for name, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:<48}{n:>9}{t:>11.1f}{100 * t / total:>7.1f}%")
+    print(f"{'all':<48}{sum(n for n, _ in per.values()):>9}{total:>11.1f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--depth", type=int, default=4096)
+    p.add_argument("--experts", default="q2")
+    p.add_argument("--summarize", metavar="NCU_CSV")
+    a = p.parse_args()
+    if a.summarize:
+        summarize(a.summarize)
+    else:
+        run(a.layers, a.depth, a.experts)
+    sys.exit(0)
