@@ -93,7 +93,7 @@ def test_matvec_xgroup(qtype):
     ref = np.einsum("grc,gc->gr", wref.reshape(groups, rows_per, cols), x.astype(np.float64)).reshape(-1)
     assert rel_err(cupy.asnumpy(out), ref) <= RTOL, f"{qtype.name} seed={seed}"
     with pytest.raises(ValueError, match="not a multiple"):
-        quant_ops().matvec_xgroup(w, qtype, cupy.asarray(x[:3]))
+        quant_ops().matvec_xgroup(w, qtype, cupy.asarray(np.concatenate([x, x[:1]])))    # 96 rows, 5 groups
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=ids_name)
