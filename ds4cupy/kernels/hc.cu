@@ -49,9 +49,9 @@ extern "C" __global__ void hc_mix(const float* X, long long K, const void* fn, i
 //          coef[t] = [post (n), comb (n*n, comb[j*n + k])]
 //   mode 1 (hc_head, rows = n): pre = sigmoid(mix * scale[0] + base) + eps_hc; coef unused
 //   u[t, d] = sum_i pre[i] * X[t, i, d]
-// The coefficients are computed in double (as the reference) by warp 0 of every block, one lane per comb entry
-// (n*n <= 32), each lane summing its row / column in the serial order, so the result does not depend on the launch
-// shape; block (0, t) writes coef. The collapse is spread over grid.x blocks. grid = (nblk, T), block = 256.
+// The split sums are warp-parallel (fixed order). The coefficients are computed in double (as the reference) by warp 0
+// of every block, one lane per comb entry (n*n <= 32), each lane summing its row / column in the serial order, so the
+// result does not depend on the launch shape; block (0, t) writes coef. The collapse is spread over grid.x blocks. grid = (nblk, T), block = 256.
 extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
                                              const float* scale, const float* base, int iters, float eps_hc,
                                              float eps_rms, int mode, float* u, float* coef) {
@@ -60,10 +60,14 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
     __shared__ float pre_s[8];
     const int t = blockIdx.y, i = threadIdx.x;
     const long long K = (long long)n * D;
-    for (int r = i; r <= rows; r += blockDim.x) {
-        double m = 0.0;
-        for (int s = 0; s < nsplit; ++s) m += part[((long long)t * nsplit + s) * (rows + 1) + r];
-        sums[r] = m;
+    {   // warp w sums rows w, w + 8, ...: lane l takes splits l, l + 32, ..., then a fixed-order butterfly
+        const int lane = i & 31, nw = blockDim.x >> 5;
+        for (int r = i >> 5; r <= rows; r += nw) {
+            double m = 0.0;
+            for (int s = lane; s < nsplit; s += 32) m += part[((long long)t * nsplit + s) * (rows + 1) + r];
+            m = warp_sum_d(m);
+            if (lane == 0) sums[r] = m;
+        }
     }
     __syncthreads();
     if (i < 32) {
