@@ -18,13 +18,14 @@ DEFAULT_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heav
 def random_tiny_model(vocab: int = 1024, seed: int = 3, layer_types=DEFAULT_LAYER_TYPES, hca_rate: int = 16,
                       hash_layers: int = 2, index_topk: int = 3):
     """A float32, eval-mode DeepseekV4ForCausalLM: window 8, CSA ratio 4, HCA ratio `hca_rate`, 8 experts (3 used),
-    hidden 64, 4 heads of 80 (16 rope dims), YaRN (factor 16, original context 32). Needs torch + transformers."""
+    hidden 64, 4 heads of 96 with 32 rope dims (a head size the GPU kernels take too), YaRN (factor 16, original
+    context 32). Needs torch + transformers."""
     import torch
     import transformers
 
     cfg = transformers.DeepseekV4Config(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4, head_dim=80,
-        qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=32, moe_intermediate_size=48,
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4, head_dim=96,
+        qk_rope_head_dim=32, q_lora_rank=32, o_groups=2, o_lora_rank=32, moe_intermediate_size=48,
         n_routed_experts=8, num_experts_per_tok=3, num_hash_layers=hash_layers, sliding_window=8,
         layer_types=list(layer_types),
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": hca_rate},
