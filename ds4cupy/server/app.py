@@ -296,36 +296,31 @@ def _chat_delta_fields(delta: Any, with_reasoning: bool = True) -> dict:
     return out
 
 
-async def stream_chat(run: JobRun, chat: protocol.ChatRequest) -> web.StreamResponse:
-    state, request, job = run.state, run.request, run.job
-    model, created = run.model, protocol.now()
+async def stream_sse(run: JobRun, opening: list[dict], delta_chunk: Callable[[Any], dict | None],
+                     closing: Callable[[JobFinished], list[dict]]) -> web.StreamResponse:
+    """The SSE loop of every streaming endpoint: the `opening` chunks, one chunk per token delta (delta_chunk returns
+    None for a delta with nothing to send), keepalive comments while the engine is quiet, the `closing` chunks and
+    [DONE] when the job finishes, an error event on an engine failure; the job is cancelled if the client leaves."""
     response = sse_response(run.headers)
-    saw_tool_calls = False
     done = False
     try:
-        await response.prepare(request)
-        await response.write(protocol.sse_event(protocol.chat_chunk(
-            job.request_id, model, created, {"role": "assistant", "content": ""}, include_usage=chat.include_usage)))
+        await response.prepare(run.request)
+        for chunk in opening:
+            await response.write(protocol.sse_event(chunk))
         run.wrote()
         async for event in run.events():
             if event is None:
                 await response.write(protocol.SSE_KEEPALIVE)
                 run.wrote()
             elif isinstance(event, TokenDelta):
-                fields = _chat_delta_fields(event.delta)
-                saw_tool_calls = saw_tool_calls or "tool_calls" in fields
-                if fields:
-                    await response.write(protocol.sse_event(protocol.chat_chunk(
-                        job.request_id, model, created, fields, include_usage=chat.include_usage)))
+                chunk = delta_chunk(event.delta)
+                if chunk is not None:
+                    await response.write(protocol.sse_event(chunk))
                     run.wrote()
             elif isinstance(event, JobFinished):
                 done = True
-                finish = "tool_calls" if saw_tool_calls and event.finish_reason == "stop" else event.finish_reason
-                await response.write(protocol.sse_event(protocol.chat_chunk(
-                    job.request_id, model, created, {}, finish, include_usage=chat.include_usage)))
-                if chat.include_usage:
-                    await response.write(protocol.sse_event(protocol.chat_usage_chunk(
-                        job.request_id, model, created, usage_from(event))))
+                for chunk in closing(event):
+                    await response.write(protocol.sse_event(chunk))
                 await response.write(protocol.SSE_DONE)
             elif isinstance(event, JobFailed):
                 done = True
@@ -335,28 +330,42 @@ async def stream_chat(run: JobRun, chat: protocol.ChatRequest) -> web.StreamResp
                 done = True
         await response.write_eof()
     except ConnectionResetError:
-        log.info("request %s: client disconnected, generation cancelled", job.request_id)
+        log.info("request %s: client disconnected, generation cancelled", run.job.request_id)
     finally:
         if not done:
             run.cancel()
     return response
 
 
-async def collect_chat(run: JobRun, chat: protocol.ChatRequest) -> web.Response:
-    job = run.job
-    content, reasoning = [], []
-    tools = protocol.ToolCallAccumulator()
+async def stream_chat(run: JobRun, chat: protocol.ChatRequest) -> web.StreamResponse:
+    rid, model, created = run.job.request_id, run.model, protocol.now()
+    saw_tool_calls = False
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return protocol.chat_chunk(rid, model, created, delta, finish, include_usage=chat.include_usage)
+
+    def delta_chunk(delta) -> dict | None:
+        nonlocal saw_tool_calls
+        fields = _chat_delta_fields(delta)
+        saw_tool_calls = saw_tool_calls or "tool_calls" in fields
+        return chunk(fields) if fields else None
+
+    def closing(event: JobFinished) -> list[dict]:
+        finish = "tool_calls" if saw_tool_calls and event.finish_reason == "stop" else event.finish_reason
+        usage = [protocol.chat_usage_chunk(rid, model, created, usage_from(event))] if chat.include_usage else []
+        return [chunk({}, finish)] + usage
+
+    return await stream_sse(run, [chunk({"role": "assistant", "content": ""})], delta_chunk, closing)
+
+
+async def collect(run: JobRun, on_delta: Callable[[Any], None]) -> JobFinished:
+    """Wait for a non-streaming job: every token delta goes to on_delta; the JobFinished event is returned. An engine
+    failure becomes a 500; the job is cancelled if the client leaves."""
     finished: JobFinished | None = None
     try:
         async for event in run.events():
             if isinstance(event, TokenDelta):
-                d = event.delta
-                if getattr(d, "reasoning", None):
-                    reasoning.append(d.reasoning)
-                if getattr(d, "content", None):
-                    content.append(d.content)
-                for t in getattr(d, "tool_calls", None) or ():
-                    tools.add(t)
+                on_delta(event.delta)
             elif isinstance(event, JobFinished):
                 finished = event
             elif isinstance(event, JobFailed):
@@ -366,10 +375,26 @@ async def collect_chat(run: JobRun, chat: protocol.ChatRequest) -> web.Response:
     finally:
         if finished is None:
             run.cancel()
+    return finished
+
+
+async def collect_chat(run: JobRun, chat: protocol.ChatRequest) -> web.Response:
+    content, reasoning = [], []
+    tools = protocol.ToolCallAccumulator()
+
+    def on_delta(d) -> None:
+        if getattr(d, "reasoning", None):
+            reasoning.append(d.reasoning)
+        if getattr(d, "content", None):
+            content.append(d.content)
+        for t in getattr(d, "tool_calls", None) or ():
+            tools.add(t)
+
+    finished = await collect(run, on_delta)
     calls = tools.calls()
     finish = "tool_calls" if calls and finished.finish_reason == "stop" else finished.finish_reason
     response = json_response(protocol.chat_completion(
-        job.request_id, run.model, protocol.now(), content="".join(content),
+        run.job.request_id, run.model, protocol.now(), content="".join(content),
         reasoning="".join(reasoning), tool_calls=calls, finish_reason=finish, usage=usage_from(finished)))
     response.headers.update(run.headers)
     return response
@@ -389,60 +414,24 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     model, created = run.model, protocol.now()
     if not comp.stream:
         text: list[str] = []
-        finished = None
-        try:
-            async for event in run.events():
-                if isinstance(event, TokenDelta) and getattr(event.delta, "content", None):
-                    text.append(event.delta.content)
-                elif isinstance(event, JobFinished):
-                    finished = event
-                elif isinstance(event, JobFailed):
-                    raise http_error(500, event.message, "engine_error")
-                elif isinstance(event, JobCancelled):
-                    raise ConnectionResetError("cancelled")
-        finally:
-            if finished is None:
-                run.cancel()
+        finished = await collect(run, lambda d: text.append(d.content) if getattr(d, "content", None) else None)
         response = json_response(protocol.text_completion(job.request_id, model, created, text="".join(text),
                                                           finish_reason=finished.finish_reason,
                                                           usage=usage_from(finished)))
         response.headers.update(run.headers)
         return response
-    response = sse_response(run.headers)
-    done = False
-    try:
-        await response.prepare(request)
-        run.wrote()
-        async for event in run.events():
-            if event is None:
-                await response.write(protocol.SSE_KEEPALIVE)
-                run.wrote()
-            elif isinstance(event, TokenDelta):
-                if getattr(event.delta, "content", None):
-                    await response.write(protocol.sse_event(protocol.text_chunk(
-                        job.request_id, model, created, event.delta.content, include_usage=comp.include_usage)))
-                    run.wrote()
-            elif isinstance(event, JobFinished):
-                done = True
-                await response.write(protocol.sse_event(protocol.text_chunk(
-                    job.request_id, model, created, "", event.finish_reason, include_usage=comp.include_usage)))
-                if comp.include_usage:
-                    await response.write(protocol.sse_event(protocol.text_usage_chunk(
-                        job.request_id, model, created, usage_from(event))))
-                await response.write(protocol.SSE_DONE)
-            elif isinstance(event, JobFailed):
-                done = True
-                await response.write(protocol.sse_event(http_error(500, event.message, "engine_error").body()))
-                await response.write(protocol.SSE_DONE)
-            elif isinstance(event, JobCancelled):
-                done = True
-        await response.write_eof()
-    except ConnectionResetError:
-        log.info("request %s: client disconnected, generation cancelled", job.request_id)
-    finally:
-        if not done:
-            run.cancel()
-    return response
+    rid = job.request_id
+
+    def delta_chunk(delta) -> dict | None:
+        text = getattr(delta, "content", None)
+        return protocol.text_chunk(rid, model, created, text, include_usage=comp.include_usage) if text else None
+
+    def closing(event: JobFinished) -> list[dict]:
+        usage = [protocol.text_usage_chunk(rid, model, created, usage_from(event))] if comp.include_usage else []
+        return [protocol.text_chunk(rid, model, created, "", event.finish_reason, include_usage=comp.include_usage)
+                ] + usage
+
+    return await stream_sse(run, [], delta_chunk, closing)
 
 
 def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:

@@ -559,6 +559,16 @@ class ToolCallAccumulator:
         return out
 
 
+def _envelope(kind: str, response_id: str, model: str, created: int, choices: list, **extra) -> dict:
+    """The fields every OpenAI completion object and chunk share, then `extra` (usage)."""
+    return {"id": response_id, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+
+
+def _chunk(kind: str, response_id: str, model: str, created: int, choice: dict, include_usage: bool) -> dict:
+    """A streamed chunk; with stream_options.include_usage every chunk but the last carries "usage": null."""
+    return _envelope(kind, response_id, model, created, [choice], **({"usage": None} if include_usage else {}))
+
+
 def chat_completion(response_id: str, model: str, created: int, *, content: str, reasoning: str,
                     tool_calls: list[dict], finish_reason: str, usage: dict) -> dict:
     """A non-streaming chat.completion object."""
@@ -567,56 +577,39 @@ def chat_completion(response_id: str, model: str, created: int, *, content: str,
         message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = tool_calls
-    return {
-        "id": response_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage,
-    }
+    return _envelope("chat.completion", response_id, model, created,
+                     [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}], usage=usage)
 
 
 def chat_chunk(response_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
                include_usage: bool = False) -> dict:
     """One chat.completion.chunk carrying `delta` (role / content / reasoning_content / tool_calls)."""
-    chunk = {
-        "id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk("chat.completion.chunk", response_id, model, created,
+                  {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}, include_usage)
 
 
 def chat_usage_chunk(response_id: str, model: str, created: int, usage: dict) -> dict:
     """The last chunk of a stream with stream_options.include_usage: no choices, the usage object."""
-    return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage}
+    return _envelope("chat.completion.chunk", response_id, model, created, [], usage=usage)
 
 
 def text_completion(response_id: str, model: str, created: int, *, text: str, finish_reason: str,
                     usage: dict) -> dict:
     """A non-streaming text_completion object."""
-    return {
-        "id": response_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage,
-    }
+    return _envelope("text_completion", response_id, model, created,
+                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], usage=usage)
 
 
 def text_chunk(response_id: str, model: str, created: int, text: str, finish_reason: str | None = None,
                include_usage: bool = False) -> dict:
     """One streamed text_completion chunk."""
-    chunk = {
-        "id": response_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk("text_completion", response_id, model, created,
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, include_usage)
 
 
 def text_usage_chunk(response_id: str, model: str, created: int, usage: dict) -> dict:
-    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [], "usage": usage}
+    """The last chunk of a text stream with stream_options.include_usage."""
+    return _envelope("text_completion", response_id, model, created, [], usage=usage)
 
 
 def model_card(name: str, created: int, ctx: int) -> dict:
