@@ -27,8 +27,10 @@ def gpu_available() -> bool:
 
 
 def check_token_ids(ids, n_vocab: int, n_tokens: int, ctx: int) -> np.ndarray:
-    """ids as int64 [n] after the checks every backend's session makes before consuming anything."""
+    """ids as int64 [n] (n >= 1) after the checks every backend's session makes before consuming anything."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise ValueError("prefill needs at least one token")
     if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
         bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")

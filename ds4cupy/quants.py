@@ -205,7 +205,6 @@ def _dec_iq2_xxs(b):
 
 
 def _dec_mxfp4(b):
-    n = b.shape[0]
     d = _e8m0_half(b[:, 0])[:, None]
     qs = b[:, 1:17]
     nib = np.concatenate([qs & 0xF, qs >> 4], axis=1)

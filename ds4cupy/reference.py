@@ -331,13 +331,8 @@ class ReferenceSession:
     def n_tokens(self) -> int:
         return len(self.tokens)
 
-    def _check(self, ids) -> np.ndarray:
-        return check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
-
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
-        ids = self._check(ids)
-        if ids.size == 0:
-            raise ValueError("prefill needs at least one token")
+        ids = check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
         out = []
         for s in range(0, ids.size, self.model.chunk):
             chunk = ids[s: s + self.model.chunk]

@@ -112,7 +112,6 @@ def main(argv=None) -> int:
         rb = quants.row_bytes(t, cols)
         wbytes = rows * rb * n_mat
         copies = max(2, min(256, int(args.rotate_mb * 1e6 // wbytes) + 1))
-        std = 0.05
         sets = [[random_tensor(t, (rows, cols), seed=1000 * c + m, std=0.05) for m in range(n_mat)]
                 for c in range(copies)]
         x = cp.asarray(np.random.default_rng(1).standard_normal(cols).astype(np.float32))

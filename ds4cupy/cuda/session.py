@@ -214,14 +214,9 @@ class CudaSession:
         self.tokens = list(tokens)
         self.d_pos[...] = len(self.tokens)
 
-    def _check(self, ids) -> np.ndarray:
-        return check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
-
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         import cupy as cp
-        ids = self._check(ids)
-        if ids.size == 0:
-            raise ValueError("prefill needs at least one token")
+        ids = check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
         out = []
         with cp.cuda.Device(self.model.device):
             for s in range(0, ids.size, self.S_max):
@@ -239,7 +234,7 @@ class CudaSession:
         if not self.model.decode_graph or self._eager_decodes < 1:
             self._eager_decodes += 1          # the first step runs eagerly: kernels get compiled and loaded
             return self.prefill([token_id])
-        ids = self._check([token_id])
+        ids = check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx)
         with cp.cuda.Device(self.model.device):
             if self._graph is None:
                 self._graph_stream = cp.cuda.Stream(non_blocking=True)
