@@ -80,13 +80,18 @@ class Model:
         self.file.close()
 
 
+MEMORY_MODES = ("auto", "device", "managed")
+
+
 def load(path: str | os.PathLike, backend: str = "auto", qat: bool = True, memory: str = "auto",
-         progress: bool | None = None) -> Model:
+         progress: bool | None = None, ctx: int | None = None) -> Model:
     """Open a ds4-layout GGUF. backend: auto (cuda when a GPU is present) | reference (NumPy) | cuda.
     qat=False switches off the FP8/FP4 QAT simulation (to compare with transformers). memory: weight placement on the
-    GPU (auto | device | managed)."""
+    GPU (auto | device | managed); `auto` plans for sessions of `ctx` tokens (default: min(training ctx, 65536))."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
     mf = ModelFile(path)
     if backend == "auto":
         backend = "cuda" if gpu_available() else "reference"
@@ -99,5 +104,5 @@ def load(path: str | os.PathLike, backend: str = "auto", qat: bool = True, memor
         if not gpu_available():
             raise RuntimeError("backend 'cuda' needs an NVIDIA GPU that CuPy can see; use --backend reference")
         from .cuda.session import CudaModel
-        impl = CudaModel.from_file(mf, qat=qat, memory=memory, progress=progress)
+        impl = CudaModel.from_file(mf, qat=qat, memory=memory, progress=progress, ctx_hint=ctx)
     return Model(mf, impl, backend)

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"context length in tokens (default {DEFAULT_CTX}, or the model's training context if smaller)")
     p.add_argument("--backend", choices=("auto", "reference", "cuda"), default="auto",
                    help="auto: cuda when a GPU is present, else the NumPy reference (slow, any machine)")
+    p.add_argument("--memory", choices=("auto", "device", "managed"), default="auto",
+                   help="GPU weight placement: auto (chosen from the GPU and the model size; the reason is printed), "
+                        "device (cudaMalloc copy), managed (cudaMallocManaged + hints, one copy on unified memory)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the model writes TEXT (not shown); may be repeated")
     p.add_argument("--drop-thinking", action="store_true",
@@ -238,7 +241,7 @@ def _open_model(args, err: TextIO):
         path = Path(args.model)
         if not path.is_file():
             raise FileNotFoundError(f"model file {args.model!r} does not exist")
-    return ds4cupy.load(path, backend=args.backend)
+    return ds4cupy.load(path, backend=args.backend, memory=args.memory, ctx=args.ctx)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ of a decode step are the token id upload and the logits download at the end.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -94,10 +95,12 @@ class CudaModel:
         table = [(n, t.qtype, t.nbytes) for n, t in mf.tensors.items()]
         if memory in ("device", "managed"):
             weights_mode = kv_mode = memory
+            reason = "as requested (--memory)"
         else:
             budget = Budget.build(c, table, ctx_hint or min(c.n_ctx_train, 65536), chunk)
             placement = choose_placement(detect(device), budget, memory)
-            weights_mode, kv_mode = placement.weights_mode, placement.kv_mode
+            weights_mode, kv_mode, reason = placement.weights_mode, placement.kv_mode, placement.reason
+        print(f"ds4cupy: weights in {weights_mode} memory, KV in {kv_mode} memory: {reason}", file=sys.stderr)
         tensors = [(n, t.offset, t.nbytes, t.raw_dtype, t.raw_shape) for n, t in mf.tensors.items()]
         with cp.cuda.Device(device):
             w = place_weights(str(mf.path), tensors, weights_mode, mem, progress=progress)

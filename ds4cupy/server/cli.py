@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* requests")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "cuda"),
                    help="auto: cuda when a GPU is present, else the NumPy reference")
+    p.add_argument("--memory", choices=("auto", "device", "managed"), default="auto",
+                   help="GPU weight placement: auto (chosen from the GPU and the model size; the reason is printed), "
+                        "device (cudaMalloc copy), managed (cudaMallocManaged + hints, one copy on unified memory)")
     p.add_argument("--model-name", default=protocol.DEFAULT_MODEL_NAME,
                    help=f"the model id reported by the API (default {protocol.DEFAULT_MODEL_NAME}; the aliases "
                         f"{protocol.NON_THINKING_ALIAS} / {protocol.THINKING_ALIAS} select thinking off / on)")
@@ -84,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         path = demo_model_path()
     else:
         path = args.model
-    model = ds4cupy.load(path, backend=args.backend)
+    model = ds4cupy.load(path, backend=args.backend, memory=args.memory, ctx=args.ctx)
     ctx = pick_ctx(args.ctx, model.config.n_ctx_train)
     session = model.new_session(ctx=ctx)
     print(f"ds4cupy: model {path} ({model.backend} backend), ctx {ctx}, served as '{args.model_name}'"
