@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         k_old = get_kernel("matvec", f"matvec_{suffix}" if n_mat == 1 else f"matvec_group_{suffix}")
 
         def old_launcher(wpr, y):
-            grid = ((total_rows + 8 // wpr - 1) // (8 // wpr),)
+            grid = (qo.row_blocks(total_rows, wpr),)
 
             def launch(i):
                 c = i % copies

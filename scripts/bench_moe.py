@@ -41,7 +41,7 @@ def random_stack(t, rows, cols, seed):
 def old_gate_up(t, gate, up, rb, x, ids, wts, mid, clamp=10.0):
     wpr = ops.warps_per_row(FF * K)
     kern = get_kernel("moe", f"moe_gate_up_{SUFFIX[t]}")
-    kern(((FF + 8 // wpr - 1) // (8 // wpr), K), (256,),
+    kern((ops.row_blocks(FF, wpr), K), (256,),
          (gate, up, np.int64(FF * rb), np.int64(rb), ids, wts, np.int32(K), np.int32(E), x, np.int32(D), mid,
           np.int32(FF), np.float32(clamp), np.int32(wpr)))
 
@@ -49,7 +49,7 @@ def old_gate_up(t, gate, up, rb, x, ids, wts, mid, clamp=10.0):
 def old_down(t, down, rb, mid, ids, y):
     wpr = ops.warps_per_row(D)
     kern = get_kernel("moe", f"moe_down_{SUFFIX[t]}")
-    kern(((D + 8 // wpr - 1) // (8 // wpr), 1), (256,),
+    kern((ops.row_blocks(D, wpr), 1), (256,),
          (down, np.int64(D * rb), np.int64(rb), ids, np.int32(K), np.int32(E), mid, np.int32(FF), y, np.int32(D),
           np.int32(0), np.int32(wpr)))
 

@@ -8,22 +8,21 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory) -> Path:
-    """The `tiny` preset with ds4's q2 experts (IQ2_XXS gate/up, Q2_K down) and the demo tokenizer."""
+def _tiny_model(tmp_path_factory, experts: str, seed: int) -> Path:
+    """The `tiny` preset with the demo tokenizer and the given expert types, written under a session tmp dir."""
     from ds4cupy.config import ModelConfig
     from ds4cupy.make_model import tokenizer_fields, write_random_model
     n_vocab, _ = tokenizer_fields(None)
-    path = tmp_path_factory.mktemp("models") / "tiny-q2.gguf"
-    write_random_model(path, ModelConfig.tiny(n_vocab), experts="q2", seed=1234)
-    return path
+    path = tmp_path_factory.mktemp("models") / f"tiny-{experts}.gguf"
+    return write_random_model(path, ModelConfig.tiny(n_vocab), experts=experts, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """ds4's q2 experts (IQ2_XXS gate/up, Q2_K down)."""
+    return _tiny_model(tmp_path_factory, "q2", 1234)
 
 
 @pytest.fixture(scope="session")
 def tiny_q4_model_path(tmp_path_factory) -> Path:
-    from ds4cupy.config import ModelConfig
-    from ds4cupy.make_model import tokenizer_fields, write_random_model
-    n_vocab, _ = tokenizer_fields(None)
-    path = tmp_path_factory.mktemp("models") / "tiny-q4.gguf"
-    write_random_model(path, ModelConfig.tiny(n_vocab), experts="q4", seed=4321)
-    return path
+    return _tiny_model(tmp_path_factory, "q4", 4321)

@@ -113,45 +113,44 @@ def _ptr(a) -> np.uint64:
 
 
 # ---- matvec ----------------------------------------------------------------------------------------------------------
-def matvec(w, qtype, x, out=None, stream=None):
-    """y[rows] = dequant(w)[rows, cols] @ x[cols] (float32). w: raw rows [rows, row_bytes] (plain types: [rows, cols])."""
-    t = _qtype(qtype)
-    x = _aligned16(_f32(x, "x"), "x")
-    if x.ndim != 1:
-        raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
-    cols = x.shape[0]
+def row_blocks(rows: int, wpr: int) -> int:
+    """CTAs that cover `rows` rows summed by `wpr` warps each (a 256-thread CTA holds 8 / wpr rows)."""
+    per_cta = 8 // wpr
+    return (rows + per_cta - 1) // per_cta
+
+
+def _launch_matvec(kernel: str, w, t: T, x, cols: int, out, stream, *extra):
+    """Shared body of matvec / matvec_xgroup: validate w, launch `kernel`_<type> over w's rows, return y."""
     _check_cols(t, cols)
     rb = _weight_geometry(w, t, cols, 2, "w")
     rows = w.shape[0]
     y = _out(out, (rows,))
     wpr = warps_per_row(rows)
-    k = get_kernel("matvec", f"matvec_{_SUFFIX[t]}")
     with _stream(stream):
-        k(((rows + 8 // wpr - 1) // (8 // wpr),), (_THREADS,),
-          (w, np.int64(rb), x, y, np.int32(rows), np.int32(cols), np.int32(wpr)))
+        get_kernel("matvec", f"{kernel}_{_SUFFIX[t]}")(
+            (row_blocks(rows, wpr),), (_THREADS,),
+            (w, np.int64(rb), x, y, np.int32(rows), np.int32(cols), np.int32(wpr)) + extra)
     return y
+
+
+def matvec(w, qtype, x, out=None, stream=None):
+    """y[rows] = dequant(w)[rows, cols] @ x[cols] (float32). w: raw rows [rows, row_bytes] (plain types: [rows, cols])."""
+    x = _aligned16(_f32(x, "x"), "x")
+    if x.ndim != 1:
+        raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
+    return _launch_matvec("matvec", w, _qtype(qtype), x, x.shape[0], out, stream)
 
 
 def matvec_xgroup(w, qtype, x, out=None, stream=None):
     """Row block g of w times its own input: y[g*R + r] = dequant(w)[g*R + r] @ x[g], x: float32 [G, cols],
     w: raw rows [G*R, row_bytes]. One launch for the grouped attention output projection (model.md §2.4)."""
-    t = _qtype(qtype)
     x = _aligned16(_f32(x, "x"), "x")
     if x.ndim != 2:
         raise ValueError(f"x must be [groups, cols], got shape {x.shape}")
     groups, cols = x.shape
-    _check_cols(t, cols)
-    rb = _weight_geometry(w, t, cols, 2, "w")
-    rows = w.shape[0]
-    if rows % groups:
-        raise ValueError(f"w has {rows} rows, not a multiple of the {groups} input groups")
-    y = _out(out, (rows,))
-    wpr = warps_per_row(rows)
-    k = get_kernel("matvec", f"matvec_xgroup_{_SUFFIX[t]}")
-    with _stream(stream):
-        k(((rows + 8 // wpr - 1) // (8 // wpr),), (_THREADS,),
-          (w, np.int64(rb), x, y, np.int32(rows), np.int32(cols), np.int32(wpr), np.int32(rows // groups)))
-    return y
+    if w.shape[0] % groups:
+        raise ValueError(f"w has {w.shape[0]} rows, not a multiple of the {groups} input groups")
+    return _launch_matvec("matvec_xgroup", w, _qtype(qtype), x, cols, out, stream, np.int32(w.shape[0] // groups))
 
 
 class MatvecGroup:
@@ -183,9 +182,8 @@ class MatvecGroup:
     def run(self, x, out=None, stream=None):
         x = _aligned16(_f32(x, "x", (self.cols,)), "x")
         y = _out(out, (self.total_rows,))
-        rpc = 8 // self._wpr
         with _stream(stream):
-            self._kernel(((self.total_rows + rpc - 1) // rpc,), (_THREADS,),
+            self._kernel((row_blocks(self.total_rows, self._wpr),), (_THREADS,),
                          (self._ptrs, self._row_start, np.int32(len(self.weights)), np.int64(self.row_stride), x, y,
                           np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
         return y
@@ -326,7 +324,7 @@ def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0,
     wpr = warps_per_row(ff * n * k)
     kern = get_kernel("moe", f"moe_gate_up_{_SUFFIX[t]}")
     with _stream(stream):
-        kern(((ff + 8 // wpr - 1) // (8 // wpr), n * k), (_THREADS,),
+        kern((row_blocks(ff, wpr), n * k), (_THREADS,),
              (gate, up, np.int64(ff * rb), np.int64(rb), ids if ids is not None else null,
               weights if weights is not None else null, np.int32(k), np.int32(n_expert), x2, np.int32(cols), mid,
               np.int32(ff), np.float32(clamp), np.int32(wpr)))
@@ -369,7 +367,7 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
     wpr = warps_per_row(D * n)
     kern = get_kernel("moe", f"moe_down_{_SUFFIX[t]}")
     with _stream(stream):
-        kern(((D + 8 // wpr - 1) // (8 // wpr), n), (_THREADS,),
+        kern((row_blocks(D, wpr), n), (_THREADS,),
              (down, np.int64(D * rb), np.int64(rb), ids if ids is not None else np.uint64(0), np.int32(k),
               np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0),
               np.int32(wpr)))
