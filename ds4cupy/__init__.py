@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 
 def load(path, backend="auto", qat=True, **kwargs):
-    """Open a ds4-layout GGUF and return a Model (see ds4cupy.engine.load)."""
-    from .engine import load as _load
+    """Open a ds4-layout GGUF and return a Model (see ds4cupy.engines.load)."""
+    from .engines import load as _load
     return _load(path, backend=backend, qat=qat, **kwargs)
 
 

@@ -11,12 +11,12 @@ from . import __version__
 # command -> (module, one-line help)
 COMMANDS = {
     "serve": ("ds4cupy.server.cli", "OpenAI-compatible HTTP server (the demo model when no -m is given)"),
-    "run": ("ds4cupy.run_cli", "generate from a prompt, or chat interactively"),
-    "make-model": ("ds4cupy.make_model", "write a random model in the exact ds4 GGUF layout"),
-    "convert": ("ds4cupy.convert", "convert a transformers DeepseekV4 directory to a ds4-layout GGUF"),
-    "info": ("ds4cupy.info", "show a model's config, tensor types and memory needs"),
-    "bench": ("ds4cupy.bench", "measure load, prefill and decode speed"),
-    "verify": ("ds4cupy.verify", "run the correctness checks and print a verdict per check"),
+    "run": ("ds4cupy.tools.run_cli", "generate from a prompt, or chat interactively"),
+    "make-model": ("ds4cupy.tools.make_model", "write a random model in the exact ds4 GGUF layout"),
+    "convert": ("ds4cupy.tools.convert", "convert a transformers DeepseekV4 directory to a ds4-layout GGUF"),
+    "info": ("ds4cupy.tools.info", "show a model's config, tensor types and memory needs"),
+    "bench": ("ds4cupy.tools.bench", "measure load, prefill and decode speed"),
+    "verify": ("ds4cupy.tools.verify", "run the correctness checks and print a verdict per check"),
 }
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Decode matvec bench: every matvec shape of a flash-shape decode step, kernel variants side by side.
 
-For each shape: random valid weights on the GPU (ds4cupy.cuda.random_weights), enough copies that one pass over them
+For each shape: random valid weights on the GPU (ds4cupy.engines.cuda.random_weights), enough copies that one pass over them
 is several times the L2 cache (so every launch reads HBM), a CUDA graph of launches that cycles through the copies,
 timed with CUDA events over many replays (median per launch, each variant timed twice; the spread is printed).
 Bytes per launch = weight bytes + x + y.
-  wrapper  ds4cupy.cuda.quant_ops.matvec / MatvecGroup.run as they are now ("rule": its warps per row)
+  wrapper  ds4cupy.engines.cuda.quant_ops.matvec / MatvecGroup.run as they are now ("rule": its warps per row)
   wprN     matvec_<t> / matvec_group_<t> launched directly with N warps per row (1, 2, 4, 8)
 Every variant's output (NaN-poisoned first) is compared with wpr1's (relative error; NaN = an unwritten element).
 Roofline: a device-to-device copy (read + write bytes) and a streaming uint4 read of a 1 GiB buffer.
@@ -93,10 +93,10 @@ def main(argv=None) -> int:
 
     import cupy as cp
 
-    from ds4cupy import quants
-    from ds4cupy.cuda import quant_ops as qo
-    from ds4cupy.cuda.compile import get_kernel
-    from ds4cupy.cuda.random_weights import random_tensor
+    from ds4cupy.format import quants
+    from ds4cupy.engines.cuda import quant_ops as qo
+    from ds4cupy.engines.cuda.compile import get_kernel
+    from ds4cupy.engines.cuda.random_weights import random_tensor
 
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)

@@ -3,8 +3,8 @@
     python scripts/bench_moe.py [--reps 200]
 
 q2: IQ2_XXS gate/up + Q2_K down; q4: Q4_K gate/up + Q4_K down. Weights are random valid blocks made on the GPU
-(ds4cupy.cuda.random_weights, no file). "old" is the generic per-row kernel (moe_gate_up_<type> / moe_down_<type>, launched as quant_ops did before),
-"new" is what ds4cupy.cuda.quant_ops.moe_gate_up / moe_down launch now. Every timed launch gets a different set of 6
+(ds4cupy.engines.cuda.random_weights, no file). "old" is the generic per-row kernel (moe_gate_up_<type> / moe_down_<type>, launched as quant_ops did before),
+"new" is what ds4cupy.engines.cuda.quant_ops.moe_gate_up / moe_down launch now. Every timed launch gets a different set of 6
 expert ids (so the weights come from HBM, not L2), each timed alone between two CUDA events while the GPU is kept busy
 by a spin kernel (no launch gaps inside the timed region); median over the reps. GB/s counts the bytes of the 6
 selected experts' matrices. Also checks new against old on the same inputs (relative error of the outputs).
@@ -18,10 +18,10 @@ import cupy
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ds4cupy import quants
-from ds4cupy.cuda import quant_ops as ops
-from ds4cupy.cuda.compile import get_kernel
-from ds4cupy.cuda.random_weights import random_tensor
+from ds4cupy.format import quants
+from ds4cupy.engines.cuda import quant_ops as ops
+from ds4cupy.engines.cuda.compile import get_kernel
+from ds4cupy.engines.cuda.random_weights import random_tensor
 
 E, K, D, FF = 256, 6, 4096, 2048
 SUFFIX = {T.IQ2_XXS: "iq2_xxs", T.Q2_K: "q2_k", T.Q4_K: "q4_k"}

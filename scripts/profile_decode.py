@@ -20,7 +20,7 @@ def run(layers: int, depth: int, experts: str) -> None:
     import cupy as cp
     import numpy as np
 
-    from ds4cupy.synthetic import load_synthetic
+    from ds4cupy.tools.synthetic import load_synthetic
     model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64)
     model._impl.decode_graph = False          # eager launches, so ncu sees each kernel of the step
     s = model.new_session(depth + 64)

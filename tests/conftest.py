@@ -10,8 +10,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def _tiny_model(tmp_path_factory, experts: str, seed: int) -> Path:
     """The `tiny` preset with the demo tokenizer and the given expert types, written under a session tmp dir."""
-    from ds4cupy.config import ModelConfig
-    from ds4cupy.make_model import tokenizer_fields, write_random_model
+    from ds4cupy.format.config import ModelConfig
+    from ds4cupy.tools.make_model import tokenizer_fields, write_random_model
     n_vocab, _ = tokenizer_fields(None)
     path = tmp_path_factory.mktemp("models") / f"tiny-{experts}.gguf"
     return write_random_model(path, ModelConfig.tiny(n_vocab), experts=experts, seed=seed)

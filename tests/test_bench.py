@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4cupy import bench
+from ds4cupy.tools.bench import cli as bench_cli, measure as bench_measure, report as bench_report
 from ds4cupy.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,22 +75,22 @@ def test_bench_end_to_end_reference(tiny_model_path, tmp_path, capsys):
 
 
 def test_kv_read_bytes_follows_the_cache_layout():
-    from ds4cupy.config import ModelConfig
+    from ds4cupy.format.config import ModelConfig
     cfg = ModelConfig.flash(4)                   # layers: window, window, CSA 4, HCA 128
     hd, idim, w = cfg.head_dim, cfg.indexer_head_dim, cfg.sliding_window
     state = 2 * 8 * 2 * hd * 4 + 2 * 8 * 2 * idim * 4 + 2 * 128 * hd * 4
     pos = 9999                                   # 10,000 tokens visible
     expect = 4 * w * hd * 4 + state + (10000 // 4) * idim * 4 + cfg.indexer_top_k * hd * 4 + (10000 // 128) * hd * 4
-    assert bench.kv_read_bytes(cfg, pos) == expect
-    assert bench.kv_read_bytes(cfg, 0) == 4 * 1 * hd * 4 + state
+    assert bench_measure.kv_read_bytes(cfg, pos) == expect
+    assert bench_measure.kv_read_bytes(cfg, 0) == 4 * 1 * hd * 4 + state
 
 
 def test_int_list_and_summary():
-    assert bench.int_list("512,2k,pp8192") == [512, 2048, 8192]
+    assert bench_cli.int_list("512,2k,pp8192") == [512, 2048, 8192]
     with pytest.raises(Exception):
-        bench.int_list("abc")
+        bench_cli.int_list("abc")
     runs = [{"load_s": v, "prefill": [], "decode": []} for v in (3.0, 1.0, 2.0)]
-    s = bench.summarize(runs)["load_s"]
+    s = bench_report.summarize(runs)["load_s"]
     assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0) and s["spread_pct"] == pytest.approx(100.0)
 
 

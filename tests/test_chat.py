@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4cupy.chat import (ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, THINK_MAX_PREAMBLE, ChatFormatError,
+from ds4cupy.text.chat import (ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, THINK_MAX_PREAMBLE, ChatFormatError,
                           encode_messages, generation_prefix)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -41,7 +41,7 @@ def test_official_vector_byte_for_byte(name):
 @needs_vectors
 @pytest.mark.skipif(not TOKENIZER_JSON.is_file(), reason=f"tokenizer.json not found at {TOKENIZER_JSON}")
 def test_official_vector_token_ids():
-    from ds4cupy.tokenizer import Tokenizer
+    from ds4cupy.text.tokenizer import Tokenizer
     tok = Tokenizer.from_tokenizer_json(TOKENIZER_JSON)
     derived = json.loads((VECTORS / "derived_token_ids.json").read_text(encoding="utf-8"))
     assert len(derived["cases"]) == 4

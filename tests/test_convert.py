@@ -16,8 +16,8 @@ if not hasattr(transformers, "DeepseekV4ForCausalLM"):
     pytest.skip("transformers without DeepseekV4 (needs >= 5.8.1)", allow_module_level=True)
 
 from ds4cupy import cli  # noqa: E402
-from ds4cupy.convert import ConvertError, convert, hf_config_to_model_config  # noqa: E402
-from ds4cupy.layout import model_specs  # noqa: E402
+from ds4cupy.tools.convert import ConvertError, convert, hf_config_to_model_config  # noqa: E402
+from ds4cupy.format.layout import model_specs  # noqa: E402
 
 VOCAB = 896  # larger than the demo tokenizer (832 ids): the token list gets padded
 
@@ -274,7 +274,7 @@ def test_legacy_config_keys():
           "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
                            "beta_slow": 1}, "num_nextn_predict_layers": 1, "swiglu_limit": 10.0,
           "max_position_embeddings": 1048576}
-    from ds4cupy.config import ModelConfig
+    from ds4cupy.format.config import ModelConfig
 
     c = hf_config_to_model_config(hf, name="x")
     flash = ModelConfig.flash(43)

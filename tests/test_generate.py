@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ds4cupy.generate import GenerationDelta, Generator, StopMatcher
-from ds4cupy.sampling import SamplingParams
-from ds4cupy.tokenizer import Tokenizer
+from ds4cupy.text.generate import GenerationDelta, Generator, StopMatcher
+from ds4cupy.text.sampling import SamplingParams
+from ds4cupy.text.tokenizer import Tokenizer
 
 D = "｜DSML｜"
 GREEDY = SamplingParams(temperature=0.0)
@@ -212,14 +212,14 @@ def _demo_model():
     """The demo model, generated into the test's private cache (DS4CUPY_CACHE set by the caller)."""
     try:
         import ds4cupy
-        from ds4cupy.demo import demo_model_path
+        from ds4cupy.tools.demo import demo_model_path
         return ds4cupy.load(demo_model_path(), backend="reference")
     except ImportError as e:
         pytest.skip(f"engine or demo model not available yet: {e}")
 
 
 def test_generator_on_the_real_demo_model(tmp_path, monkeypatch):
-    from ds4cupy.chat import encode_messages
+    from ds4cupy.text.chat import encode_messages
     monkeypatch.setenv("DS4CUPY_CACHE", str(tmp_path))
     model = _demo_model()
     tok = model.tokenizer

@@ -17,7 +17,7 @@ except ImportError:
 
     gpu = pytest.mark.skipif(not _have_gpu(), reason="needs an NVIDIA GPU with a working CUDA driver")
 
-from ds4cupy.config import ModelConfig
+from ds4cupy.format.config import ModelConfig
 from ds4cupy.memory import (DeviceMemory, H200, alloc_kv, choose_placement, detect, kv_layout, place_weights,
                             preset_budget)
 
@@ -137,9 +137,9 @@ def test_detect_and_plan_this_machine():
 @pytest.mark.parametrize("experts", ["q2", "q4"])
 def test_device_and_managed_placement_give_identical_logits(tmp_path, experts):
     """Issue 5: both weight placements feed the same engine bytes, so prefill and decode logits are bit-identical."""
-    from ds4cupy.cuda.session import CudaModel
-    from ds4cupy.make_model import tokenizer_fields, write_random_model
-    from ds4cupy.model_file import ModelFile
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.tools.make_model import tokenizer_fields, write_random_model
+    from ds4cupy.format.model_file import ModelFile
 
     n_vocab, _ = tokenizer_fields(None)
     path = write_random_model(tmp_path / f"tiny-{experts}.gguf", ModelConfig.tiny(n_vocab), experts=experts, seed=21)
@@ -164,9 +164,9 @@ def test_flash_shape_file_both_placements(tmp_path):
     managed memory gives bit-identical logits; prints the load time of each mode."""
     import time
 
-    from ds4cupy.cuda.session import CudaModel
-    from ds4cupy.make_model import preset_config, tokenizer_fields, write_random_model
-    from ds4cupy.model_file import ModelFile
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.tools.make_model import preset_config, tokenizer_fields, write_random_model
+    from ds4cupy.format.model_file import ModelFile
 
     n_vocab, _ = tokenizer_fields(None)
     t0 = time.perf_counter()

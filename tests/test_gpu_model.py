@@ -1,4 +1,4 @@
-"""Whole tiny models on the GPU (ds4cupy.cuda.session) against the NumPy reference (ds4cupy.reference).
+"""Whole tiny models on the GPU (ds4cupy.engines.cuda.session) against the NumPy reference (ds4cupy.engines.reference).
 
 ModelConfig.tiny (window 32, layers of ratio 0 / 4 (CSA + indexer, top-6) / 16 (HCA)) with q2 and q4 experts, QAT on
 and off: a 600-token prefill (crosses the window, many compress windows, and the GPU's 256-token chunks), then 300
@@ -36,8 +36,8 @@ PROMPT, STEPS = 600, 300
 
 @pytest.fixture(scope="module", params=["q2", "q4"])
 def tiny_file(request, tmp_path_factory):
-    from ds4cupy.config import ModelConfig
-    from ds4cupy.make_model import tokenizer_fields, write_random_model
+    from ds4cupy.format.config import ModelConfig
+    from ds4cupy.tools.make_model import tokenizer_fields, write_random_model
     n_vocab, _ = tokenizer_fields(None)
     cfg = ModelConfig.tiny(n_vocab)
     path = tmp_path_factory.mktemp("gpu-model") / f"tiny-{request.param}.gguf"
@@ -61,9 +61,9 @@ def _same_greedy(gpu, ref, rel, strict):
 
 @pytest.mark.parametrize("qat", [True, False])
 def test_tiny_model_matches_reference(tiny_file, qat):
-    from ds4cupy.cuda.session import CudaModel
-    from ds4cupy.model_file import ModelFile
-    from ds4cupy.reference import ReferenceModel
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.format.model_file import ModelFile
+    from ds4cupy.engines.reference import ReferenceModel
 
     mf = ModelFile(tiny_file)
     if qat:
@@ -95,8 +95,8 @@ def test_tiny_model_matches_reference(tiny_file, qat):
 def test_session_contract(tiny_file):
     """Chunked prefill == one prefill; prefill(a)+prefill(b) == prefill(a+b); snapshot/restore; reset;
     all_logits rows equal the per-token logits."""
-    from ds4cupy.cuda.session import CudaModel
-    from ds4cupy.model_file import ModelFile
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.format.model_file import ModelFile
 
     mf = ModelFile(tiny_file)
     rng = np.random.default_rng()
@@ -131,8 +131,8 @@ def test_session_contract(tiny_file):
 def test_decode_graph_replay_equals_eager(tiny_file):
     """The captured decode step (CUDA graph) gives bit-identical logits to eager launches, across snapshot/restore
     and reset (graph capture also proves a decode step allocates nothing and never syncs with the host)."""
-    from ds4cupy.cuda.session import CudaModel
-    from ds4cupy.model_file import ModelFile
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.format.model_file import ModelFile
 
     mf = ModelFile(tiny_file)
     rng = np.random.default_rng()

@@ -1,5 +1,5 @@
-"""The non-quantized CUDA kernels (ds4cupy/cuda/ops.py) against NumPy oracles: ds4cupy.numerics and small functions
-below that follow docs/model.md §2 / ds4cupy.reference line by line. Fresh random inputs every run, tiny dims and the
+"""The non-quantized CUDA kernels (ds4cupy/cuda/ops.py) against NumPy oracles: ds4cupy.engines.numerics and small functions
+below that follow docs/model.md §2 / ds4cupy.engines.reference line by line. Fresh random inputs every run, tiny dims and the
 Flash dims. Tolerances (each justified where it is used):
 - QAT rounding (fp8_sim, fp4_sim, hadamard + fp4_sim): bit-exact; the kernels compute the scale from the exponent and
   the Hadamard in double in NumPy's butterfly order.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ds4cupy import numerics as nm
+from ds4cupy.engines import numerics as nm
 from gpu_util import GPU_MARKS, gpu_available
 
 cp = pytest.importorskip("cupy") if gpu_available() else None
@@ -72,7 +72,7 @@ def test_fp8_rows_bit_exact(rng, d, nq):
     x[:5, :nq] *= 1e-9                       # blocks under the 1e-4 amax floor
     x[5, :64] = 448.0 * 2.0 ** rng.integers(-5, 5)   # exact power-of-two scale boundary
     g = dev(x)
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     ops.qat_rows(g, ops.QAT_FP8, nq)
     ref = x.copy()
     ref[:, :nq] = nm.fp8_sim(x[:, :nq], 64)
@@ -81,7 +81,7 @@ def test_fp8_rows_bit_exact(rng, d, nq):
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_fp4_and_hadamard_rows_bit_exact(rng, d):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     x = (rng.standard_normal((400, d)) * np.exp(rng.uniform(-10, 10, (400, 1)))).astype(F32)
     x[0, :32] = 6.0 * np.arange(32) / 8.0     # grid points and exact ties
     g = dev(x)
@@ -95,7 +95,7 @@ def test_fp4_and_hadamard_rows_bit_exact(rng, d):
 # ---- norms and rope ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["tiny", "flash"])
 def test_rms_norm_rows(rng, size):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     D = DIMS[size]["D"]
     x = (rng.standard_normal((7, D)) * 3 + 0.5).astype(F32)
     w = rng.uniform(0.5, 1.5, D).astype(F32)
@@ -109,7 +109,7 @@ def test_rms_norm_rows(rng, size):
 
 @pytest.mark.parametrize("size,yarn", [("tiny", False), ("tiny", True), ("flash", True), ("flash", False)])
 def test_rope_rows_forward_inverse(rng, size, yarn):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     dm = DIMS[size]
     S, H, d, r = 9, dm["H"], dm["hd"], dm["n_rot"]
     p0 = int(rng.integers(0, 200000))
@@ -126,7 +126,7 @@ def test_rope_rows_forward_inverse(rng, size, yarn):
 @pytest.mark.parametrize("size", ["tiny", "flash"])
 @pytest.mark.parametrize("qat", [False, True])
 def test_rms_norm_qkv(rng, size, qat):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     dm = DIMS[size]
     S, nq, hd, r = 11, dm["q_lora"], dm["hd"], dm["n_rot"]
     p0 = int(rng.integers(0, 5000))
@@ -150,7 +150,7 @@ def test_rms_norm_qkv(rng, size, qat):
 
 @pytest.mark.parametrize("size", ["tiny", "flash"])
 def test_heads_prep_q_and_indexer_q(rng, size):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     dm = DIMS[size]
     S, H, d, r, HI, ci = 5, dm["H"], dm["hd"], dm["n_rot"], dm["HI"], dm["ci"]
     p0 = int(rng.integers(0, 70000))
@@ -182,7 +182,7 @@ def np_hc_pre(X, fn, scale, base, n, iters, eps_hc, eps):
 @pytest.mark.parametrize("fn_type", ["F16", "F32", "BF16"])
 @pytest.mark.parametrize("T", [1, 37])
 def test_hc_pre_post_head(rng, size, fn_type, T):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     n, D = DIMS[size]["n"], DIMS[size]["D"]
     rows = 2 * n + n * n
     X = (rng.standard_normal((T, n, D)) * rng.uniform(0.5, 2, (T, n, 1))).astype(F32)
@@ -237,7 +237,7 @@ def test_hc_pre_post_head(rng, size, fn_type, T):
 # ---- embedding -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ttype", ["F16", "F32", "BF16", "Q8_0"])
 def test_embed_hc(rng, ttype):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     V, D, n, T = 1000, 256, 4, 13
     e32 = rng.standard_normal((V, D)).astype(F32)
     if ttype == "F16":
@@ -276,7 +276,7 @@ def np_router(logits, bias, tid2eid, ids, k, scale):
 @pytest.mark.parametrize("size", ["tiny", "flash"])
 @pytest.mark.parametrize("kind", ["bias", "nobias", "hash"])
 def test_router_select(rng, size, kind):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     E, k, T, V = DIMS[size]["E"], DIMS[size]["k"], 29, 500
     logits = (rng.standard_normal((T, E)) * 2).astype(F32)
     logits[0, :] = logits[0, 0]                  # all tied: lower indices win
@@ -319,7 +319,7 @@ def np_attention(q, kv_hist, pos, W, comp, vis_mask, sinks, fr):
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("S,p0,nsplit", [(1, 0, 1), (1, 777, 8), (1, 301, 3), (40, 0, 1), (33, 250, 2)])
 def test_attention(rng, size, mode, S, p0, nsplit):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     dm = DIMS[size]
     H, d, r, W = dm["H"], dm["hd"], dm["n_rot"], dm["W"]
     ratio = 4 if mode == 2 else 16
@@ -359,7 +359,7 @@ def test_attention(rng, size, mode, S, p0, nsplit):
 
 
 def test_kv_ring_store(rng):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     W, d = 8, 64
     ring0 = rng.standard_normal((W, d)).astype(F32)
     for S, p0 in [(3, 6), (20, 5), (1, 100)]:
@@ -415,7 +415,7 @@ def np_compress_all(C, Z, ape, ratio, hd, norm_w, fr, qat):
     ("tiny-index", 64, 4, 32, 2), ("flash-main-csa", 512, 4, 64, 1), ("flash-hca", 512, 128, 64, 0),
     ("flash-hca-fp8", 512, 128, 64, 1), ("flash-index", 128, 4, 64, 2)], ids=lambda c: c[0])
 def test_compressor_chunked_equals_reference(rng, case):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     _, hd, ratio, r, qat = case
     overlap = ratio == 4
     lanes = 2 if overlap else 1
@@ -462,7 +462,7 @@ def test_compressor_chunked_equals_reference(rng, case):
 @pytest.mark.parametrize("size", ["tiny", "flash"])
 @pytest.mark.parametrize("S,p0,N,K", [(1, 211, 53, 6), (37, 0, 12, 6), (20, 3000, 755, 512), (1, 4099, 1025, 512)])
 def test_indexer_scores_topk(rng, size, S, p0, N, K):
-    from ds4cupy.cuda import ops
+    from ds4cupy.engines.cuda import ops
     HI, ci = DIMS[size]["HI"], DIMS[size]["ci"]
     if size == "tiny" and K == 512:
         K = 6

@@ -1,5 +1,5 @@
-"""GPU quantized products (ds4cupy.cuda.quant_ops) and GPU random weights against the CPU oracles:
-ds4cupy.quants.dequantize (== gguf.quants.dequantize, tests/test_quants.py) and float64 NumPy products."""
+"""GPU quantized products (ds4cupy.engines.cuda.quant_ops) and GPU random weights against the CPU oracles:
+ds4cupy.format.quants.dequantize (== gguf.quants.dequantize, tests/test_quants.py) and float64 NumPy products."""
 import secrets
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ds4cupy import quants as Q
+from ds4cupy.format import quants as Q
 from gpu_util import GPU_MARKS
 
 pytestmark = GPU_MARKS
@@ -220,7 +220,7 @@ def test_wrapper_errors_name_bad_values():
 @pytest.mark.parametrize("std", [0.02, 0.5])
 def test_random_tensor_valid(qtype, std):
     import cupy
-    from ds4cupy.cuda.random_weights import random_tensor
+    from ds4cupy.engines.cuda.random_weights import random_tensor
     seed = secrets.randbits(48)
     shape = (3, 33, 1024)
     raw = random_tensor(qtype, shape, seed, std)
@@ -238,5 +238,5 @@ def test_random_tensor_valid(qtype, std):
 
 
 def quant_ops():
-    from ds4cupy.cuda import quant_ops as ops
+    from ds4cupy.engines.cuda import quant_ops as ops
     return ops

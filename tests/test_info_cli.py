@@ -7,8 +7,8 @@ import json
 import pytest
 
 from ds4cupy.cli import main
-from ds4cupy.engine import gpu_available, load
-from ds4cupy.model_file import ModelFile
+from ds4cupy.engines import gpu_available, load
+from ds4cupy.format.model_file import ModelFile
 
 
 def test_make_model_then_info(tmp_path, capsys):

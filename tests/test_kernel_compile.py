@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from ds4cupy.cuda import compile as kc
+from ds4cupy.engines.cuda import compile as kc
 
 ARCHS = ["sm_121a", "sm_120", "sm_90a"]
 
@@ -77,7 +77,7 @@ def test_no_fast_math_in_options():
 
 
 def test_iq2xxs_grid_table_matches_gguf():
-    from ds4cupy.quants import iq2xxs_grid
+    from ds4cupy.format.quants import iq2xxs_grid
     text = (kc.KERNEL_DIR / "quant_blocks.cuh").read_text()
     body = text[text.index("IQ2XXS_GRID[256] = {"):]
     body = body[:body.index("};")]

@@ -10,10 +10,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from ds4cupy import cli
-from ds4cupy.config import ModelConfig
-from ds4cupy.gguf_write import GGUFWriteError, write_gguf
-from ds4cupy.layout import ds4_type, model_specs
-from ds4cupy.make_model import random_model_tensors, tokenizer_fields, weight_std, write_random_model
+from ds4cupy.format.config import ModelConfig
+from ds4cupy.format.gguf_write import GGUFWriteError, write_gguf
+from ds4cupy.format.layout import ds4_type, model_specs
+from ds4cupy.tools.make_model import random_model_tensors, tokenizer_fields, weight_std, write_random_model
 
 EXPERTS = ["q2", "q4", "q8_0", "f16"]
 _KIND_VTYPE = {"u32": V.UINT32, "u64": V.UINT64, "f32": V.FLOAT32, "bool": V.BOOL, "u32s": V.UINT32, "f32s": V.FLOAT32}
@@ -139,7 +139,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_model_file_opens_generated_model(tiny_files):
-    model_file = pytest.importorskip("ds4cupy.model_file")
+    model_file = pytest.importorskip("ds4cupy.format.model_file")
     cfg, _, files = tiny_files
     mf = model_file.ModelFile(files["q2"])
     assert same_config(mf.config, cfg)
@@ -202,7 +202,7 @@ def test_write_gguf_roundtrip_and_errors(tmp_path):
 
 
 def test_demo_model_cached_and_labelled(tmp_path, monkeypatch):
-    from ds4cupy import demo
+    from ds4cupy.tools import demo
 
     monkeypatch.setenv("DS4CUPY_CACHE", str(tmp_path / "cache"))
     p = demo.demo_model_path()

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from ds4cupy.config import ModelConfig
+from ds4cupy.format.config import ModelConfig
 from ds4cupy.memory import (GB10, H100, H200, KV_MANAGED_MIN, RTX_PRO_6000, Budget, MachineInfo, MemoryFitError,
                             PlacementError, Progress, choose_placement, format_budget, kv_bytes_per_token,
                             kv_fixed_bytes, kv_layout, place_model, preset_budget, preset_tensors, raw_cap,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ds4cupy import quants
-from ds4cupy.config import ModelConfig
-from ds4cupy.gguf_write import write_gguf
-from ds4cupy.layout import model_specs
-from ds4cupy.make_model import random_model_tensors, tokenizer_fields
-from ds4cupy.model_file import ModelFile, ModelFileError
+from ds4cupy.format import quants
+from ds4cupy.format.config import ModelConfig
+from ds4cupy.format.gguf_write import write_gguf
+from ds4cupy.format.layout import model_specs
+from ds4cupy.tools.make_model import random_model_tensors, tokenizer_fields
+from ds4cupy.format.model_file import ModelFile, ModelFileError
 
 N_VOCAB, TOK_META = tokenizer_fields(None)
 CFG = ModelConfig.tiny(N_VOCAB)

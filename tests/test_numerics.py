@@ -1,4 +1,4 @@
-"""ds4cupy.numerics against independent oracles: torch's float8_e4m3fn cast (RNE), transformers' YaRN frequencies, an
+"""ds4cupy.engines.numerics against independent oracles: torch's float8_e4m3fn cast (RNE), transformers' YaRN frequencies, an
 explicit Sylvester Hadamard matrix, and the FP4 e2m1 grid by brute force."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ds4cupy import numerics as nm
+from ds4cupy.engines import numerics as nm
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4cupy.output_parser import OutputParser, parse_completion, parse_invoke
+from ds4cupy.text.output_parser import OutputParser, parse_completion, parse_invoke
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VECTORS = DATA / "chat_template_vectors"
@@ -83,7 +83,7 @@ def test_random_multi_splits_and_char_by_char():
 
 
 def test_token_boundaries_of_the_demo_tokenizer():
-    from ds4cupy.tokenizer import IncrementalDecoder, Tokenizer
+    from ds4cupy.text.tokenizer import IncrementalDecoder, Tokenizer
     tok = Tokenizer.demo()
     ids = tok.encode(FULL)
     dec = IncrementalDecoder(tok)

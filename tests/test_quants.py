@@ -1,4 +1,4 @@
-"""ds4cupy.quants against gguf.quants (the independent oracle): decoders bit for bit, random blocks, quantizers."""
+"""ds4cupy.format.quants against gguf.quants (the independent oracle): decoders bit for bit, random blocks, quantizers."""
 import secrets
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ds4cupy import quants as Q
+from ds4cupy.format import quants as Q
 
 BLOCK_TYPES = [T.Q8_0, T.Q2_K, T.Q4_K, T.IQ2_XXS, T.MXFP4, T.NVFP4]
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ds4cupy.sampling import SamplingParams
+from ds4cupy.text.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,7 +26,7 @@ def demo_cache(tmp_path_factory):
 def model(demo_cache):
     try:
         import ds4cupy
-        from ds4cupy.demo import demo_model_path
+        from ds4cupy.tools.demo import demo_model_path
     except ImportError as e:
         pytest.skip(f"engine or demo model not available: {e}")
     return ds4cupy.load(demo_model_path(), backend="reference")
@@ -75,7 +75,7 @@ def test_bad_arguments_are_named(capsys, argv, rc, needle):
 
 
 def _answer(state, text, **kw):
-    from ds4cupy.run_cli import answer
+    from ds4cupy.tools.run_cli import answer
     out, err = io.StringIO(), io.StringIO()
     params = kw.pop("params", SamplingParams(seed=11))
     gen = answer(state, text, params, kw.pop("max_tokens", 6), kw.pop("stop", None), out, err, False)
@@ -84,7 +84,7 @@ def _answer(state, text, **kw):
 
 @pytest.mark.parametrize("thinking", ["think", "nothink"])
 def test_second_turn_reuses_the_kv_cache_and_matches_a_fresh_prefill(model, thinking):
-    from ds4cupy.run_cli import ChatState
+    from ds4cupy.tools.run_cli import ChatState
     state = ChatState(model, 512, "You are a helpful assistant", thinking)
     gen1, _, _ = _answer(state, "hello there")
     in_session = state.session.n_tokens
@@ -95,7 +95,7 @@ def test_second_turn_reuses_the_kv_cache_and_matches_a_fresh_prefill(model, thin
     fresh = model.new_session(512)
     np.testing.assert_allclose(logits, fresh.prefill(ids2), rtol=1e-3, atol=1e-3)
     # the ids spell exactly the conversation as DeepSeek's template renders it
-    from ds4cupy.chat import encode_messages
+    from ds4cupy.text.chat import encode_messages
     want = encode_messages(state.messages, "thinking" if thinking == "think" else "chat", drop_thinking=False)
     assert model.tokenizer.decode(ids2) == want
 
@@ -104,7 +104,7 @@ class ScriptedModel:
     """Model stand-in: the demo tokenizer, and sessions whose greedy answer after every prefill is `script`."""
 
     def __init__(self, script):
-        from ds4cupy.tokenizer import Tokenizer
+        from ds4cupy.text.tokenizer import Tokenizer
         self.tokenizer = Tokenizer.demo()
         self.script = script
 
@@ -147,8 +147,8 @@ class ScriptedSession:
 
 
 def test_turn_that_cannot_continue_restarts_from_the_snapshot():
-    from ds4cupy.run_cli import ChatState
-    from ds4cupy.tokenizer import Tokenizer
+    from ds4cupy.tools.run_cli import ChatState
+    from ds4cupy.text.tokenizer import Tokenizer
     tok = Tokenizer.demo()
     script = tok.encode("Alpha STOPWORD beta") + [tok.eos_id]
     model = ScriptedModel(script)
@@ -172,7 +172,7 @@ def test_turn_that_cannot_continue_restarts_from_the_snapshot():
 
 
 def test_repl_commands(model):
-    from ds4cupy.run_cli import ChatState, repl
+    from ds4cupy.tools.run_cli import ChatState, repl
     state = ChatState(model, 512, None, "think")
     lines = iter(["/help", "hi", "/nothink", "/bogus", "/reset", "  ", "/quit", "never read"])
     out, err = io.StringIO(), io.StringIO()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ds4cupy.sampling import Sampler, SamplingParams
+from ds4cupy.text.sampling import Sampler, SamplingParams
 
 
 def _logits_from_probs(probs, vocab=None, rng=None):

@@ -25,7 +25,7 @@ NOTHINK = {"model": "deepseek-chat"}
 
 
 def demo_model():
-    from ds4cupy.demo import demo_model_path
+    from ds4cupy.tools.demo import demo_model_path
     return ds4cupy.load(demo_model_path(), backend="reference")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4cupy.tokenizer import (DEEPSEEK_V4_ADDED_TOKENS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
+from ds4cupy.text.tokenizer import (DEEPSEEK_V4_ADDED_TOKENS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
                                IncrementalDecoder, Tokenizer, TokenizerError, demo_tokenizer_json,
                                tokenizer_gguf_fields)
 

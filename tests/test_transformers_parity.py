@@ -10,7 +10,7 @@ Tolerance: both sides compute in float32 with different summation orders (BLAS b
 sums in our norms); the measured difference is a few 1e-6 of max|logit|, so 1e-4 x max|logit| leaves margin while a
 single wrong sign, rope layout or mask shows up as 1e-2 or more.
 
-The models come from ds4cupy.hf_oracle (64 indexer heads, so no exact-zero score ties: see its docstring).
+The models come from ds4cupy.tools.hf_oracle (64 indexer heads, so no exact-zero score ties: see its docstring).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ transformers = pytest.importorskip("transformers")
 from pathlib import Path  # noqa: E402
 
 import ds4cupy  # noqa: E402
-from ds4cupy.convert import convert  # noqa: E402
-from ds4cupy.hf_oracle import random_tiny_model  # noqa: E402
+from ds4cupy.tools.convert import convert  # noqa: E402
+from ds4cupy.tools.hf_oracle import random_tiny_model  # noqa: E402
 
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "tokenizer.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ds4cupy import verify
+from ds4cupy.tools import verify
 from ds4cupy.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_parity_catches_a_finite_corruption(tmp_path):
 
 
 def test_corrupt_weight_changes_only_that_tensor(tiny_model_path, tmp_path):
-    from ds4cupy.model_file import ModelFile
+    from ds4cupy.format.model_file import ModelFile
     path = tmp_path / "m.gguf"
     path.write_bytes(tiny_model_path.read_bytes())
     assert verify.corrupt_weight(path, "blk.0.attn_norm.weight", "scale")
@@ -90,7 +90,7 @@ def test_rel_diff_is_nan_safe():
 
 @pytest.mark.skipif(not REAL_TOKENIZER.is_file(), reason="the real DeepSeek-V4 tokenizer.json is not here")
 def test_coherence_rule():
-    from ds4cupy.tokenizer import Tokenizer
+    from ds4cupy.text.tokenizer import Tokenizer
     tok = Tokenizer.from_tokenizer_json(REAL_TOKENIZER)
     prose = ("The old robot stood in the corner of the workshop, watching the light move across the floor. Every "
              "morning it cleaned the brushes that nobody used anymore, because the painter had left years ago. One "

@@ -2,7 +2,7 @@
 // router, embed). Device functions only; no kernels. Everything here is plain CUDA C (no library headers besides
 // toolkit headers: NVRTC's include path differs between machines, see cuda/compile.py) so it compiles anywhere.
 //
-// Numerics contract: the FP8 / FP4 rounding helpers below reproduce ds4cupy.numerics.fp8_sim / fp4_sim bit for bit.
+// Numerics contract: the FP8 / FP4 rounding helpers below reproduce ds4cupy.engines.numerics.fp8_sim / fp4_sim bit for bit.
 // They take the power-of-two scale from the exponent (frexp) instead of log2, and do the scaling with ldexp in
 // double, so they stay exact under --use_fast_math / -ftz (the only exception: FP4 outputs below 2^-126, i.e. blocks
 // whose amax is under ~1e-37, which -ftz flushes to zero).
@@ -62,7 +62,7 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     return warp_max(t);
 }
 
-// ---- QAT rounding (ds4cupy.numerics, model.md §2.7) -----------------------------------------------------------------
+// ---- QAT rounding (ds4cupy.engines.numerics, model.md §2.7) -----------------------------------------------------------------
 
 // Exponent k of the power-of-two scale 2^ceil(log2(r)), r > 0: frexp gives r = m * 2^e, m in [0.5, 1).
 __device__ __forceinline__ int pow2_ceil_exp(double r) {

@@ -3,7 +3,7 @@
 // matmul_<type>(W, row_stride, X, Y, n, rows, cols)
 //   W: uint8 [rows, row_stride] raw GGUF rows, X: float32 [n, cols] row-major, Y: float32 [n, rows] row-major
 //   Y[t, r] = sum_c dequant(W)[r, c] * X[t, c]
-//   Reference: X @ ds4cupy.quants.dequantize(W, type, (rows, cols)).T
+//   Reference: X @ ds4cupy.format.quants.dequantize(W, type, (rows, cols)).T
 // Launch: 256 threads, grid (ceil(rows / 64), ceil(n / 64)). Each CTA decodes a 64-row x 32-column tile of W into
 // shared memory (element decoders of quant_blocks.cuh: never a dense copy of the matrix), stages the matching
 // 64-token x 32-column tile of X, and each thread accumulates a 4 x 4 block of Y in float32 FMAs.
@@ -69,7 +69,7 @@ __device__ __forceinline__ void matmul_body(const u8* W, long long row_stride, c
 }
 
 // dequantize_<type>(W, row_stride, out, rows, cols): out float32 [rows, cols] = dequant(W), bit-exact with
-// ds4cupy.quants.dequantize. Grid-stride loop over elements; any launch shape works.
+// ds4cupy.format.quants.dequantize. Grid-stride loop over elements; any launch shape works.
 template <class BT>
 __device__ __forceinline__ void dequantize_body(const u8* W, long long row_stride, float* out, int rows, int cols) {
     const long long total = (long long)rows * cols;

@@ -4,7 +4,7 @@
 //   W: uint8 [rows, row_stride] raw GGUF rows (row_stride = row bytes; for F32/F16/BF16 the plain row bytes)
 //   x: float32 [cols] (16-byte aligned), y: float32 [rows]
 //   y[r] = sum_c dequant(W)[r, c] * x[c]  (float32 accumulation, weights decoded in registers)
-//   Reference: ds4cupy.quants.dequantize(W, type, (rows, cols)) @ x.
+//   Reference: ds4cupy.format.quants.dequantize(W, type, (rows, cols)) @ x.
 // matvec_group_<type>(w_ptrs, row_start, n_mats, row_stride, x, y, total_rows, cols, wpr)
 //   Several matrices of the same type and width that read the same x, in one launch: matrix m has rows
 //   row_start[m] .. row_start[m+1]-1 of the concatenated y [total_rows]; w_ptrs[m] is its first byte (device tables).

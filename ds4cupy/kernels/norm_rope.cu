@@ -1,7 +1,7 @@
 // norm_rope.cu: RMSNorm variants, interleaved RoPE on the trailing dims (forward / inverse), and the FP8 / Hadamard+FP4
 // QAT rounding of KV and indexer rows. Activations are float32, row-major. Positions come from device memory
 // (d_pos[0] = position of row 0 of this call) so decode steps can be graph-captured.
-// RoPE frequencies: float64 [n_rot/2] from ds4cupy.numerics.rope_freqs (per layer, YaRN folded in); cos/sin are
+// RoPE frequencies: float64 [n_rot/2] from ds4cupy.engines.numerics.rope_freqs (per layer, YaRN folded in); cos/sin are
 // formed per element in double exactly like numerics.rope_cos_sin.
 #include "common.cuh"
 

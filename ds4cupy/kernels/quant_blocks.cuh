@@ -2,11 +2,11 @@
 // random_blocks.cu.
 //
 // Every format is a traits struct:
-//   QK      elements per block             BYTES   bytes per block (the raw GGUF block, ds4cupy/quants.py docstring)
+//   QK      elements per block             BYTES   bytes per block (the raw GGUF block, ds4cupy/format/quants.py docstring)
 //   SLICES  threads that share one block in the dot products (each thread reads a contiguous part of the block, so
 //           consecutive lanes read consecutive bytes and a warp's loads coalesce)
 //   value(blk, i)                          element i (0 <= i < QK) of the block, float32, rounded exactly as
-//                                          ds4cupy.quants.dequantize / gguf.quants.dequantize (bit-exact: __fmul_rn
+//                                          ds4cupy.format.quants.dequantize / gguf.quants.dequantize (bit-exact: __fmul_rn
 //                                          and friends keep the compiler from contracting into FMAs)
 //   dot_slice(blk, s, x, grid)             sum over the elements of slice s of value * x[element]; x points at the
 //                                          block's first activation (16-byte aligned: QK is a multiple of 4 floats)
@@ -63,7 +63,7 @@ __device__ __forceinline__ float ue4m3_half(u32 x) {
 }
 
 // IQ2_XXS: 256 grid entries of 8 magnitudes (bytes 0x08, 0x19, 0x2b = 8, 25, 43); equal to gguf's IQ2_XXS grid
-// (tests/test_kernel_compile.py checks this table against ds4cupy.quants.iq2xxs_grid()).
+// (tests/test_kernel_compile.py checks this table against ds4cupy.format.quants.iq2xxs_grid()).
 __device__ const u64 IQ2XXS_GRID[256] = {
     0x0808080808080808ull, 0x080808080808082bull, 0x0808080808081919ull, 0x0808080808082b08ull,
     0x0808080808082b2bull, 0x0808080808190819ull, 0x0808080808191908ull, 0x08080808082b0808ull,

@@ -2,9 +2,9 @@
 //
 // random_<type>(out, n, seed, base)
 //   block types: out uint8 [n blocks * BYTES], one thread per block; base = the f16 block scale before jitter,
-//                chosen by ds4cupy.cuda.random_weights so that the decoded RMS is the asked std
+//                chosen by ds4cupy.engines.cuda.random_weights so that the decoded RMS is the asked std
 //   F32 / F16 / BF16: out float32 / uint16 [n elements], normal values with std = base
-// Same recipes and layout as ds4cupy.quants.random_blocks (the CPU version; a different random stream):
+// Same recipes and layout as ds4cupy.format.quants.random_blocks (the CPU version; a different random stream):
 //   every quant bit uniformly random, per-block scale jitter uniform in [0.9, 1.1], Q2_K sc 8..15 with
 //   m = round(0.75 sc), dmin = 2 d; Q4_K sc 8..23 with m = round(15 sc / 16), dmin = 8 d; IQ2_XXS scales 4..15;
 //   MXFP4 / NVFP4 scales: the neighbouring representable values below/above the target, drawn so E[scale^2] is exact.

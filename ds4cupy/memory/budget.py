@@ -22,7 +22,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..format.config import ModelConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -213,7 +213,7 @@ def preset_tensors(cfg: ModelConfig, experts: str = "q2") -> list[tuple[str, obj
     """(name, qtype, nbytes) for every required tensor of `cfg` in ds4's published types, without a file."""
     from gguf import GGML_QUANT_SIZES
 
-    from ..layout import ds4_type, model_specs
+    from ..format.layout import ds4_type, model_specs
     out = []
     for s in model_specs(cfg):
         if not s.required:

@@ -37,8 +37,8 @@ PromptRenderer = Callable[[list, list, protocol.ThinkingChoice], str]   # (messa
 
 
 def render_chat_prompt(messages: list[dict], tools: list[dict], thinking: protocol.ThinkingChoice) -> str:
-    """The DeepSeek-V4 prompt text for validated messages (ds4cupy.chat.encode_messages; BOS is in the text)."""
-    from ..chat import encode_messages
+    """The DeepSeek-V4 prompt text for validated messages (ds4cupy.text.chat.encode_messages; BOS is in the text)."""
+    from ..text.chat import encode_messages
     return encode_messages(messages, thinking_mode=thinking.thinking_mode, reasoning_effort=thinking.reasoning_effort,
                            tools=tools or None)
 
@@ -473,7 +473,7 @@ def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRe
                make_generator=None, prefill_chunk: int | None = None,
                max_snapshots: int | None = None) -> web.Application:
     """Build the application around one session. `render` (messages, tools, thinking) -> text and `make_generator`
-    (job -> Generator) default to ds4cupy.chat and ds4cupy.generate; tests pass fakes. `max_snapshots` session
+    (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `max_snapshots` session
     copies are kept for prefix reuse (default 2; each holds the whole KV)."""
     metrics = ServerMetrics()
     worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}

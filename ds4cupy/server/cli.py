@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     import ds4cupy
     demo = args.model is None
     if demo:
-        from ..demo import demo_model_path
+        from ..tools.demo import demo_model_path
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr, flush=True)
         path = demo_model_path()
     else:

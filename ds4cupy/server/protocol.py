@@ -156,7 +156,7 @@ def _parse_n(body: Mapping) -> None:
 
 @dataclass
 class SamplingFields:
-    """The sampling parameters of one request, already validated (mapped onto ds4cupy.sampling.SamplingParams)."""
+    """The sampling parameters of one request, already validated (mapped onto ds4cupy.text.sampling.SamplingParams)."""
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: int = DEFAULT_TOP_K
@@ -285,7 +285,7 @@ def _parse_tool_calls(value: Any, param: str) -> list[dict]:
 
 
 def parse_messages(value: Any) -> list[dict]:
-    """Validate OpenAI chat messages and return plain dicts for ds4cupy.chat (content flattened to strings)."""
+    """Validate OpenAI chat messages and return plain dicts for ds4cupy.text.chat (content flattened to strings)."""
     if value is None:
         raise invalid("'messages' is required", "messages", "missing_required_parameter")
     if not isinstance(value, list):

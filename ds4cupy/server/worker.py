@@ -139,9 +139,9 @@ GeneratorFactory = Callable[[GenerationJob], Any]
 
 
 def real_generator_factory(tokenizer) -> GeneratorFactory:
-    """Build ds4cupy.generate.Generator objects for jobs (imported lazily so the protocol tests need no engine)."""
-    from ..generate import Generator
-    from ..sampling import SamplingParams
+    """Build ds4cupy.text.generate.Generator objects for jobs (imported lazily so the protocol tests need no engine)."""
+    from ..text.generate import Generator
+    from ..text.sampling import SamplingParams
 
     def make(job: GenerationJob):
         s = job.sampling

@@ -8,7 +8,7 @@ import argparse
 import json
 from collections import defaultdict
 
-from .model_file import ModelFile
+from ..format.model_file import ModelFile
 
 
 def decode_bytes_per_token(mf: ModelFile) -> dict[str, int]:
@@ -53,14 +53,14 @@ def summarize(mf: ModelFile, ctx: int) -> dict:
 
 def file_budget(mf: ModelFile, ctx: int):
     """The memory budget (ds4cupy.memory.budget.Budget) of this file's tensors at context `ctx`."""
-    from .memory.budget import Budget
+    from ..memory.budget import Budget
     return Budget.build(mf.config, [(t.name, t.qtype, t.nbytes) for t in mf.tensors.values()], ctx)
 
 
 def memory_report(mf: ModelFile, ctx: int, machine: str | None = None) -> str:
     """The budget table plus the placement `auto` would choose on this machine (or a described one)."""
-    from .memory.machine import DESCRIBED, detect
-    from .memory.plan import PlacementError, choose_placement, format_budget
+    from ..memory.machine import DESCRIBED, detect
+    from ..memory.plan import PlacementError, choose_placement, format_budget
     budget = file_budget(mf, ctx)
     if machine:
         info = DESCRIBED[machine]
@@ -110,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .model_file import ModelFileError
+    from ..format.model_file import ModelFileError
     try:
         mf = ModelFile(args.model)
     except ModelFileError as e:

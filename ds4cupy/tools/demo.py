@@ -28,7 +28,7 @@ def cache_dir() -> Path:
 
 def _demo_recipe() -> tuple:
     """(config, digest of everything that determines the demo file's bytes)."""
-    from .config import ModelConfig
+    from ..format.config import ModelConfig
     from .make_model import GENERATOR_VERSION, tokenizer_fields
 
     n_vocab, tok = tokenizer_fields(None)

@@ -1,4 +1,4 @@
-"""The GPU backend's model and session: the forward pass of ds4cupy.reference (docs/model.md §2) on CuPy arrays with
+"""The GPU backend's model and session: the forward pass of ds4cupy.engines.reference (docs/model.md §2) on CuPy arrays with
 the kernels of ds4cupy/kernels. Same contract as ReferenceSession (docs/ARCHITECTURE.md, Engine).
 
 Read top to bottom `_forward` is reference.forward_chunk: embedding -> per block (mHC pre, attention with window ring
@@ -25,9 +25,9 @@ import sys
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..model_file import ModelFile
-from ..engine import check_token_ids
+from ...format.config import ModelConfig
+from ...format.model_file import ModelFile
+from ..contract import check_token_ids
 from ..numerics import rope_freqs
 from . import ops
 from . import quant_ops as qo
@@ -88,7 +88,7 @@ class CudaModel:
         """Place a ModelFile's weights (memory: auto | device | managed; auto plans for `ctx_hint` tokens)."""
         import cupy as cp
 
-        from ..memory import Budget, DeviceMemory, choose_placement, detect, place_weights
+        from ...memory import Budget, DeviceMemory, choose_placement, detect, place_weights
 
         c = mf.config
         mem = DeviceMemory(device)
@@ -113,11 +113,11 @@ class CudaModel:
     def from_tensors(cls, config: ModelConfig, tensors: dict, qat: bool = True, mem=None,
                      chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True) -> "CudaModel":
         """Weights already on the GPU: tensors = {name: (qtype, numpy-order shape, cupy raw array)} in the raw layout
-        of ModelFile.raw (e.g. ds4cupy.synthetic.synthetic_tensors). KV goes to device memory."""
+        of ModelFile.raw (e.g. ds4cupy.tools.synthetic.synthetic_tensors). KV goes to device memory."""
         import cupy as cp
 
-        from .. import quants
-        from ..memory import DeviceMemory
+        from ...format import quants
+        from ...memory import DeviceMemory
 
         mem = mem or DeviceMemory(device)
         w = {n: arr for n, (_, _, arr) in tensors.items()}
@@ -148,7 +148,7 @@ class CudaSession:
     def __init__(self, model: CudaModel, ctx: int):
         import cupy as cp
 
-        from ..memory import alloc_kv
+        from ...memory import alloc_kv
 
         self.model = model
         self.ctx = ctx

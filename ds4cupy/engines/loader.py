@@ -1,4 +1,4 @@
-"""`ds4cupy.load()`: open a model file and pick a backend. The Model/Session contract is docs/ARCHITECTURE.md.
+"""`ds4cupy.load()`: open a model file and pick a backend. The Session contract is engines/contract.py.
 
 Both backends give sessions with the same methods (prefill, decode, snapshot, restore, reset, n_tokens, tokens), so the
 CLI, server, bench and verify never know which one runs.
@@ -9,10 +9,9 @@ import os
 import sys
 from functools import cached_property
 
-import numpy as np
 
-from .config import ModelConfig
-from .model_file import ModelFile
+from ..format.config import ModelConfig
+from ..format.model_file import ModelFile
 
 BACKENDS = ("auto", "reference", "cuda")
 
@@ -24,19 +23,6 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
-
-
-def check_token_ids(ids, n_vocab: int, n_tokens: int, ctx: int) -> np.ndarray:
-    """ids as int64 [n] (n >= 1) after the checks every backend's session makes before consuming anything."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("prefill needs at least one token")
-    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
-        bad = int(ids[(ids < 0) | (ids >= n_vocab)][0])
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
-    if n_tokens + ids.size > ctx:
-        raise ValueError(f"{n_tokens} + {ids.size} tokens exceed the session context of {ctx}")
-    return ids
 
 
 class Model:
@@ -61,7 +47,7 @@ class Model:
 
     @cached_property
     def tokenizer(self):
-        from .tokenizer import Tokenizer
+        from ..text.tokenizer import Tokenizer
         fields = self.file.tokenizer_fields
         if not fields:
             raise ValueError(f"{self.file.path}: the file carries no tokenizer (tokenizer.ggml.* metadata)")

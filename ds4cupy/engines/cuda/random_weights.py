@@ -1,7 +1,7 @@
 """Random valid weight tensors generated on the GPU (kernels/random_blocks.cu), for flash-shape benchmark models that
 must never pass through host memory.
 
-random_tensor(qtype, shape, seed, std) returns a CuPy array in the raw layout of ds4cupy.quants (uint8
+random_tensor(qtype, shape, seed, std) returns a CuPy array in the raw layout of ds4cupy.format.quants (uint8
 [*shape[:-1], row_bytes] for block types; float32 / float16 / uint16 bfloat16 bits [*shape] for plain types) whose
 decoded values have RMS ~= std, made with the same recipes as quants.random_blocks (not the same random stream).
 Deterministic in (seed, qtype, shape, std).
@@ -13,7 +13,7 @@ import math
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .. import quants
+from ...format import quants
 from .compile import get_kernel
 
 _KERNEL = {T.Q8_0: "random_q8_0", T.Q2_K: "random_q2_k", T.Q4_K: "random_q4_k", T.IQ2_XXS: "random_iq2_xxs",

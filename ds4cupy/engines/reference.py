@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import ModelConfig
-from .model_file import ModelFile
-from .engine import check_token_ids
+from ..format.config import ModelConfig
+from ..format.model_file import ModelFile
+from .contract import check_token_ids
 from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, rope_apply, rope_cos_sin, rope_freqs,
                        sigmoid, silu, softplus)
 

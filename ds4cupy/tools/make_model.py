@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .config import ModelConfig
-from .gguf_write import write_gguf
-from .layout import TensorSpec, ds4_file_tensors
+from ..format.config import ModelConfig
+from ..format.gguf_write import write_gguf
+from ..format.layout import TensorSpec, ds4_file_tensors
 
 # Bump when the generated values change for a given seed (the demo model's cache name includes it).
 GENERATOR_VERSION = 1
@@ -80,7 +80,7 @@ def random_model_tensors(cfg: ModelConfig, experts: str = "q2", seed: int = 0
     The tensors of layout.ds4_file_tensors: every spec of layout.model_specs in ds4 types, the optional router bias
     (`exp_probs_b.bias`) only on non-hash layers, as in ds4's files.
     """
-    from . import quants
+    from ..format import quants
 
     out = []
     for spec, qtype in ds4_file_tensors(cfg, experts):
@@ -103,7 +103,7 @@ def tokenizer_fields(tokenizer_json: str | Path | None, n_vocab: int | None = No
     With `n_vocab` larger than the tokenizer, the token list is padded with unused "[PAD<id>]" entries (as llama.cpp
     writes ids without a token), so the file's vocabulary matches a model's embedding rows.
     """
-    from .tokenizer import TOKEN_UNUSED, tokenizer_gguf_fields
+    from ..text.tokenizer import TOKEN_UNUSED, tokenizer_gguf_fields
 
     n_tok, fields = tokenizer_gguf_fields(None if tokenizer_json is None else str(tokenizer_json))
     if n_vocab is None or n_vocab == n_tok:

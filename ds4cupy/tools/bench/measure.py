@@ -1,44 +1,12 @@
-"""Measure model load, prefill and decode speed: N runs, median and spread, a table, JSON and CSV.
-
-    ds4cupy bench -m MODEL.gguf [--pp 512,2048,8192] [--tg 128] [--depth 0,4096,16384] [--runs 3]
-    ds4cupy bench --synthetic flash [--experts q2|q4] [--layers N]      # random weights made on the GPU, no file
-    ds4cupy bench --server http://127.0.0.1:8000 [...]                  # the same through the OpenAI endpoint
-
-Method (BENCHMARKS.md has the long form):
-- Each run: drop the model file's page cache (/proc/sys/vm/drop_caches when permitted, else posix_fadvise
-  DONTNEED on the file; a warning when neither works), load the model (timed), one untimed warm-up (8-token prefill,
-  2 decode steps: kernel modules load on first use), then the tests on one session (reset between tests).
-- Clock: time.perf_counter on the host, after cudaDeviceSynchronize when on the GPU.
-- Prefill ppL: prefill of L fixed token ids (seeded, control tokens excluded), then the greedy first token:
-  tokens/s = L / time; TTFT = the same time.
-- Decode tgN at depth D: prefill of max(D, 1) tokens (its time is the TTFT at that depth), then N decode steps, each
-  feeding the greedy token (argmax of the logits, EOS excluded) of the step before. With t0 the end of the prefill and
-  t1..tN the ends of the steps: steady state = (N-1) / (tN - t1) (llama-benchy), average = N / (tN - t0) (ds4-bench:
-  every decode step counted, the first too).
-- Bytes read per decoded token: weights (info.decode_bytes_per_token: dense tensors, n_expert_used of n_expert
-  experts per layer, one embedding row, the head) + KV rows attention reads at that position (window ring, compressed
-  rows of HCA layers, the indexer's rows and the top-k selected rows of CSA layers, compressor state), averaged over
-  the decoded positions. Achieved GB/s = bytes per token x steady-state tokens/s; the roofline fraction divides it by
-  the device's read bandwidth measured in the same run (memory.arena.stream_read over a large buffer).
-- Peak GPU memory: the largest rise of (total - free) of cudaMemGetInfo over the run, from before the model loads.
-- Server mode: streaming chat completions (model alias deepseek-chat: no thinking, temperature 0); TTFT = arrival of
-  the first token's chunk; decode rates from chunk arrival times with the same formulas (the first chunk's token comes
-  from the prefill, max_tokens = N + 1); prompt sizes from the endpoint's usage (prompt_tokens - cached_tokens).
-Every number printed is measured in the run that prints it.
-"""
+"""The measuring core of `ds4cupy bench`: the engine and server targets, one run of each, the bytes a decoded token
+reads, and the device read bandwidth. The method is in the package docstring (ds4cupy/tools/bench/__init__.py)."""
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime as _dt
 import gc
 import http.client
-import io
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -48,38 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PP = (512, 2048, 8192)
-DEFAULT_TG = (128,)
-DEFAULT_DEPTH = (0, 4096, 16384)
 WARMUP_PREFILL = 8
 WARMUP_DECODE = 2
 BANDWIDTH_BYTES = 4 << 30
-
-
-# ---- small helpers ------------------------------------------------------------------------------------------------
-def int_list(text: str) -> list[int]:
-    """'512,2048,8k' -> [512, 2048, 8192]; a 'pp'/'tg' prefix is accepted on each item."""
-    out = []
-    for item in str(text).split(","):
-        s = item.strip().lower()
-        for prefix in ("pp", "tg", "d"):
-            if s.startswith(prefix):
-                s = s[len(prefix):]
-        mult = 1
-        if s.endswith("k"):
-            s, mult = s[:-1], 1024
-        if not s:
-            continue
-        try:
-            v = int(s) * mult
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not an integer") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{item!r} is negative")
-        out.append(v)
-    if not out:
-        raise argparse.ArgumentTypeError(f"{text!r}: no values")
-    return out
 
 
 def _cupy():
@@ -114,7 +53,7 @@ def gpu_description() -> dict | None:
 
 
 def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[3]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
@@ -192,7 +131,7 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES) -> dict | None:
         free, _ = cp.cuda.runtime.memGetInfo()
     except Exception:
         return None
-    from .memory.arena import stream_read
+    from ...memory.arena import stream_read
     n = int(min(nbytes, free // 4)) // 4096 * 4096
     if n < (64 << 20):
         return {"gbps": None, "buffer_bytes": n, "note": "not enough free memory for a bandwidth buffer"}
@@ -226,42 +165,42 @@ class MemTracker:
 
 # ---- the model under test -------------------------------------------------------------------------------------------
 class EngineTarget:
-    """Loads the model for one run: a GGUF file (ds4cupy.load) or a synthetic model (ds4cupy.synthetic)."""
+    """Loads the model for one run: a GGUF file (ds4cupy.load) or a synthetic model (ds4cupy.tools.synthetic)."""
 
     def __init__(self, args):
         self.args = args
         self.synthetic = args.synthetic
         self.path = None if self.synthetic else args.model
         if self.synthetic:
-            from .synthetic import synthetic_config, synthetic_nbytes
+            from ..synthetic import synthetic_config, synthetic_nbytes
             self.config = synthetic_config(self.synthetic, args.layers)
             self.tensor_bytes = synthetic_nbytes(self.config, args.experts)
             self.backend = "cuda"
             self.file_bytes = None
             self.name = f"{self.config.name} (synthetic, random weights, {args.experts} experts)"
         else:
-            from .model_file import ModelFile
+            from ...format.model_file import ModelFile
             with ModelFile(args.model) as mf:
                 self.config = mf.config
                 self.tensor_bytes = {n: t.nbytes for n, t in mf.tensors.items()}
                 self.name = str(mf.metadata.get("general.name") or mf.path.stem)
                 self.file_bytes = mf.file_size
             if args.backend == "auto":
-                from .engine import gpu_available
+                from ...engines import gpu_available
                 self.backend = "cuda" if gpu_available() else "reference"
             else:
                 self.backend = args.backend
-        from .synthetic import decode_bytes_per_token
+        from ..synthetic import decode_bytes_per_token
         self.weight_bytes_per_token = decode_bytes_per_token(self.config, self.tensor_bytes)
         self.on_gpu = self.backend == "cuda"
 
     def load(self, ctx: int):
         a = self.args
         if self.synthetic:
-            from .synthetic import load_synthetic
+            from ..synthetic import load_synthetic
             return load_synthetic(self.synthetic, a.layers, a.experts, seed=a.seed, ctx=ctx,
                                   progress=sys.stderr.isatty())
-        from .engine import load
+        from ...engines import load
         return load(self.path, backend=self.backend, progress=False)
 
 
@@ -505,220 +444,3 @@ def server_run(target: ServerTarget, args, run: int) -> dict:
                                   "weight_bytes_per_token": None, "kv_bytes_read_per_token": None,
                                   "bytes_per_token": None, "gbps": None, "roofline_fraction": None})
     return out
-
-
-# ---- summary and output -------------------------------------------------------------------------------------------
-# (key, label, unit, scale) of every summarised metric; key is a path in a run dict
-def metric_rows(runs: list[dict]) -> list[tuple[str, str, str, float]]:
-    rows = [("load_s", "load", "s", 1.0), ("bandwidth.gbps", "device read bandwidth", "GB/s", 1.0),
-            ("peak_gpu_mem_bytes", "peak GPU memory", "GiB", 1 / 2**30)]
-    first = runs[0]
-    for p in first.get("prefill", []):
-        rows.append((f"pp{p['pp']}.tps", f"pp{p['pp']} prefill", "t/s", 1.0))
-        rows.append((f"pp{p['pp']}.ttft_s", f"pp{p['pp']} TTFT", "s", 1.0))
-    for d in first.get("decode", []):
-        k = f"tg{d.get('requested', d['tokens'])}@d{d['depth']}"
-        rows += [(f"{k}.steady_tps", f"{k} decode steady", "t/s", 1.0),
-                 (f"{k}.avg_tps", f"{k} decode avg (incl. first)", "t/s", 1.0),
-                 (f"{k}.ttft_s", f"{k} TTFT", "s", 1.0),
-                 (f"{k}.bytes_per_token", f"{k} bytes read/token", "MB", 1e-6),
-                 (f"{k}.gbps", f"{k} achieved", "GB/s", 1.0),
-                 (f"{k}.roofline_fraction", f"{k} roofline", "%", 100.0)]
-    return rows
-
-
-def metric_value(run: dict, key: str):
-    if key.startswith("pp") and "." in key:
-        name, field = key.split(".", 1)
-        for p in run.get("prefill", []):
-            if f"pp{p['pp']}" == name:
-                return p.get(field)
-        return None
-    if key.startswith("tg") and "." in key:
-        name, field = key.split(".", 1)
-        for d in run.get("decode", []):
-            if f"tg{d.get('requested', d['tokens'])}@d{d['depth']}" == name:
-                return d.get(field)
-        return None
-    v = run
-    for part in key.split("."):
-        v = v.get(part) if isinstance(v, dict) else None
-    return v
-
-
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for key, label, unit, scale in metric_rows(runs):
-        vals = [metric_value(r, key) for r in runs]
-        vals = [float(v) for v in vals if v is not None]
-        if not vals:
-            out[key] = {"label": label, "unit": unit, "scale": scale, "n": 0, "median": None, "min": None,
-                        "max": None, "spread_pct": None, "values": []}
-            continue
-        med = statistics.median(vals)
-        out[key] = {"label": label, "unit": unit, "scale": scale, "n": len(vals), "median": med, "min": min(vals),
-                    "max": max(vals), "spread_pct": (100.0 * (max(vals) - min(vals)) / med) if med else None,
-                    "values": vals}
-    return out
-
-
-def _fmt(v, scale: float = 1.0) -> str:
-    if v is None:
-        return "-"
-    x = v * scale
-    a = abs(x)
-    if a >= 1000:
-        return f"{x:,.0f}"
-    if a >= 100:
-        return f"{x:.1f}"
-    if a >= 1:
-        return f"{x:.2f}"
-    return f"{x:.4f}" if a >= 1e-3 else f"{x:.3g}"
-
-
-def format_table(report: dict) -> str:
-    m = report["meta"]
-    gpu = (m.get("gpu") or {}).get("name") or "no GPU"
-    lines = [f"ds4cupy bench: {m['model']['name']}  |  {m['mode']} / {m['backend']}  |  {gpu}  |  "
-             f"{m['settings']['runs']} run(s), page cache: {', '.join(sorted(set(m['page_cache']))) or '-'}",
-             f"KV bytes per token (growing part): {_fmt(m['kv_bytes_per_token'])}  |  weight bytes read per decoded "
-             f"token: {_fmt(m['weight_bytes_per_token'])}"]
-    head = f"{'metric':<40}{'unit':>6}{'median':>12}{'min':>12}{'max':>12}{'spread':>9}"
-    lines += [head, "-" * len(head)]
-    for key, s in report["summary"].items():
-        if s["n"] == 0:
-            continue
-        spread = "-" if s["spread_pct"] is None else f"{s['spread_pct']:.1f}%"
-        lines.append(f"{s['label']:<40}{s['unit']:>6}{_fmt(s['median'], s['scale']):>12}"
-                     f"{_fmt(s['min'], s['scale']):>12}{_fmt(s['max'], s['scale']):>12}{spread:>9}")
-    return "\n".join(lines)
-
-
-def format_csv(report: dict) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["metric", "label", "unit", "median", "min", "max", "spread_pct", "n", "values"])
-    for key, s in report["summary"].items():
-        sc = s["scale"]
-        conv = (lambda v: None if v is None else v * sc)
-        w.writerow([key, s["label"], s["unit"], conv(s["median"]), conv(s["min"]), conv(s["max"]), s["spread_pct"],
-                    s["n"], " ".join(repr(v * sc) for v in s["values"])])
-    return buf.getvalue()
-
-
-# ---- command line ---------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("-m", "--model", metavar="MODEL", help="a ds4-layout GGUF file")
-    src.add_argument("--synthetic", choices=("flash",), default=None,
-                     help="DeepSeek-V4-Flash shapes with random valid quantized weights generated on the GPU")
-    src.add_argument("--server", metavar="URL", default=None,
-                     help="measure through an OpenAI-compatible endpoint with streaming (e.g. http://127.0.0.1:8000)")
-    p.add_argument("--experts", choices=("q2", "q4"), default="q2", help="--synthetic: routed expert types (q2)")
-    p.add_argument("--layers", type=int, default=None, metavar="N", help="--synthetic: first N of 43 layers")
-    p.add_argument("--backend", choices=("auto", "reference", "cuda"), default="auto",
-                   help="-m: backend (auto = cuda when a GPU is present)")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="session context (default: the smallest that holds every test, rounded up to 256)")
-    p.add_argument("--runs", type=int, default=3, help="runs; the median and spread are reported (default 3)")
-    p.add_argument("--pp", type=int_list, default=list(DEFAULT_PP), metavar="L,..",
-                   help="prefill prompt lengths (default 512,2048,8192)")
-    p.add_argument("--tg", type=int_list, default=list(DEFAULT_TG), metavar="N,..",
-                   help="decode lengths (default 128)")
-    p.add_argument("--depth", type=int_list, default=list(DEFAULT_DEPTH), metavar="D,..",
-                   help="context depths for decode (default 0,4096,16384)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids and synthetic weights")
-    p.add_argument("--page-cache", choices=("drop", "fadvise", "keep"), default="drop",
-                   help="before each run: drop = /proc/sys/vm/drop_caches when permitted, else posix_fadvise "
-                        "DONTNEED on the model file; fadvise = the file only; keep = leave the cache (default drop)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up of each run")
-    p.add_argument("--bandwidth-bytes", type=int, default=BANDWIDTH_BYTES,
-                   help="buffer size of the bandwidth measurement (default 4 GiB, at most a quarter of free memory)")
-    p.add_argument("--server-model", default="deepseek-chat", help="--server: model name (default deepseek-chat)")
-    p.add_argument("--api-key", default=os.environ.get("DS4CUPY_API_KEY"), help="--server: bearer token")
-    p.add_argument("--timeout", type=float, default=600.0, help="--server: seconds per request (default 600)")
-    p.add_argument("--json-out", default=None, metavar="FILE", help="JSON report (default bench-<timestamp>.json)")
-    p.add_argument("--csv", nargs="?", const="-", default=None, metavar="FILE",
-                   help="also write the summary as CSV (to stdout when no FILE is given)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if not (args.model or args.synthetic or args.server):
-        print("error: give -m MODEL, --synthetic flash or --server URL", file=sys.stderr)
-        return 2
-    if args.runs < 1:
-        print(f"error: --runs must be >= 1, got {args.runs}", file=sys.stderr)
-        return 2
-    if any(v < 1 for v in args.pp) or any(v < 1 for v in args.tg):
-        print("error: --pp and --tg values must be >= 1", file=sys.stderr)
-        return 2
-    if args.synthetic:
-        from .engine import gpu_available
-        if not gpu_available():
-            print("error: --synthetic generates its weights on the GPU; no CUDA device found", file=sys.stderr)
-            return 2
-        if args.backend == "reference":
-            print("error: --synthetic runs on the cuda backend only", file=sys.stderr)
-            return 2
-    started = _dt.datetime.now(_dt.timezone.utc)
-    runs: list[dict] = []
-    meta: dict = {"argv": list(sys.argv), "date": started.isoformat(timespec="seconds"), "host": platform.node(),
-                  "python": platform.python_version(), "commit": git_commit(), "gpu": None,
-                  "settings": {"runs": args.runs, "pp": args.pp, "tg": args.tg, "depth": args.depth,
-                               "seed": args.seed, "warmup": not args.no_warmup}}
-    from . import __version__
-    meta["ds4cupy"] = __version__
-    from .memory.budget import kv_bytes_per_token
-
-    if args.server:
-        meta.update(mode="server", backend="server", server=args.server,
-                    model={"name": args.server_model, "path": None, "file_bytes": None, "config": None},
-                    kv_bytes_per_token=None, weight_bytes_per_token=None, weight_bytes_per_token_by_class=None)
-        target = ServerTarget(args.server, args.server_model, args.api_key, args.timeout)
-        try:
-            target.calibrate(args.seed)
-        except (OSError, RuntimeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        meta["server_calibration"] = {"tokens_per_word": target.tokens_per_word, "overhead_tokens": target.overhead}
-        for r in range(args.runs):
-            runs.append(server_run(target, args, r))
-            print(f"run {r + 1}/{args.runs} done", file=sys.stderr)
-    else:
-        try:
-            target = EngineTarget(args)
-        except Exception as e:   # a bad file: say which and stop
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        need = max([*args.pp, *(max(d, 1) + n + 1 for d in args.depth for n in args.tg), WARMUP_PREFILL + 4])
-        ctx = args.ctx or (need + 255) // 256 * 256
-        if ctx < need:
-            print(f"error: --ctx {ctx} is smaller than the longest test ({need} tokens)", file=sys.stderr)
-            return 2
-        cfg = target.config
-        meta.update(mode="synthetic" if args.synthetic else "engine", backend=target.backend,
-                    model={"name": target.name, "path": None if args.synthetic else str(args.model),
-                           "file_bytes": target.file_bytes, "experts": args.experts if args.synthetic else None,
-                           "config": cfg.as_dict()},
-                    ctx=ctx, kv_bytes_per_token=kv_bytes_per_token(cfg),
-                    weight_bytes_per_token=int(sum(target.weight_bytes_per_token.values())),
-                    weight_bytes_per_token_by_class=target.weight_bytes_per_token)
-        meta["gpu"] = gpu_description() if target.on_gpu else None
-        for r in range(args.runs):
-            runs.append(engine_run(target, args, ctx, r))
-            print(f"run {r + 1}/{args.runs} done", file=sys.stderr)
-    meta["page_cache"] = [r["page_cache"] for r in runs]
-    meta["seconds"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
-    report = {"meta": meta, "runs": runs, "summary": summarize(runs)}
-    print(format_table(report))
-    out = args.json_out or f"bench-{started.strftime('%Y%m%d-%H%M%S')}.json"
-    Path(out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
-    if args.csv:
-        text = format_csv(report)
-        if args.csv == "-":
-            print(text, end="")
-        else:
-            Path(args.csv).write_text(text)
-            print(f"wrote {args.csv}")
-    return 0

@@ -1,5 +1,5 @@
 """The small numerical building blocks of DeepSeek-V4, in NumPy: norms, RoPE tables, FP8/FP4 rounding, Hadamard,
-the mHC Sinkhorn split. The reference forward (`ds4cupy.reference`) is written with these, and the CUDA kernel tests
+the mHC Sinkhorn split. The reference forward (`ds4cupy.engines.reference`) is written with these, and the CUDA kernel tests
 compare against them. Every function follows docs/model.md (sections cited per function) and works on float32
 arrays of any leading shape unless it says otherwise.
 """

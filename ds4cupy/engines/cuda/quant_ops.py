@@ -1,6 +1,6 @@
 """Quantized products on the GPU: thin wrappers over kernels/matvec.cu, matmul.cu and moe.cu.
 
-Weights are the raw GGUF bytes on the device, exactly as ds4cupy.quants lays them out: uint8 [rows, row_bytes]
+Weights are the raw GGUF bytes on the device, exactly as ds4cupy.format.quants lays them out: uint8 [rows, row_bytes]
 (or [experts, rows, row_bytes]) for block types, float32 / float16 / uint16 (bfloat16 bits) [rows, cols] for plain
 types. Activations are float32, C-contiguous. Every call:
 - checks shapes and dtypes from metadata only (never reads device memory, never synchronises with the host);
@@ -16,7 +16,7 @@ import functools
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .. import quants
+from ...format import quants
 from .compile import get_kernel
 
 _SUFFIX = {T.Q8_0: "q8_0", T.Q2_K: "q2_k", T.Q4_K: "q4_k", T.IQ2_XXS: "iq2_xxs", T.MXFP4: "mxfp4", T.NVFP4: "nvfp4",
@@ -215,7 +215,7 @@ def matmul(w, qtype, x, out=None, stream=None):
 
 
 def dequantize(w, qtype, cols: int, out=None, stream=None):
-    """float32 [rows, cols] = the decoded rows of w (bit-exact with ds4cupy.quants.dequantize)."""
+    """float32 [rows, cols] = the decoded rows of w (bit-exact with ds4cupy.format.quants.dequantize)."""
     t = _qtype(qtype)
     _check_cols(t, cols)
     rb = _weight_geometry(w, t, cols, 2, "w")

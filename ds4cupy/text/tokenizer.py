@@ -78,7 +78,7 @@ GGUF_PRE = "deepseek-v3"
 # tokenizer.ggml.pre values seen on DeepSeek-V3/V4 files; all mean the same pre-tokenizer for this engine
 KNOWN_PRE = ("deepseek-v3", "deepseek-llm", "joyai-llm", "default")
 
-DEMO_CORPUS = Path(__file__).resolve().parent / "data" / "demo_corpus.txt"
+DEMO_CORPUS = Path(__file__).resolve().parents[1] / "data" / "demo_corpus.txt"
 DEMO_BPE_VOCAB = 1024   # byte alphabet + merges + BOS/EOS/PAD, before the other added tokens
 DEMO_VOCAB_MULTIPLE = 64
 

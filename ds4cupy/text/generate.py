@@ -13,7 +13,7 @@ session.decode(token) for the next logits.
 What the session holds afterwards: the prompt plus every generated token except the last one,
 i.e. `session.tokens == prompt_ids + gen.completion_tokens[:-1]`. The last sampled token (the EOS, the token that
 completed a stop string, or the max_tokens-th token) is never decoded: nothing needs its logits. To extend the
-conversation, prefill `completion_tokens[-1:]` plus the next turn's ids on top (see `ds4cupy.run_cli`). If the
+conversation, prefill `completion_tokens[-1:]` plus the next turn's ids on top (see `ds4cupy.tools.run_cli`). If the
 session's context fills up, generation ends with "length" before a decode would overflow it (then every generated
 token but the last is in the session as well).
 

@@ -2,7 +2,7 @@
 
 One family = one `.cu` file = one module. Everyone's kernels go through the two calls below:
 
-    from ds4cupy.cuda.compile import get_kernel
+    from ds4cupy.engines.cuda.compile import get_kernel
     k = get_kernel("matvec", "matvec_q8_0")      # cupy.RawKernel, compiled once per device and cached on disk
     k((grid,), (256,), (args...))                # launch on the current CuPy stream
 
@@ -34,7 +34,7 @@ import re
 import tempfile
 from pathlib import Path
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17", "--fmad=true", "-lineinfo")
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 _KNOWN_ARCHS = {(12, 1): "sm_121a", (12, 0): "sm_120", (10, 0): "sm_100a", (9, 0): "sm_90a"}

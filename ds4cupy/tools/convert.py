@@ -21,9 +21,9 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .config import ConfigError, ModelConfig
-from .gguf_write import write_gguf
-from .layout import ds4_type, model_specs
+from ..format.config import ConfigError, ModelConfig
+from ..format.gguf_write import write_gguf
+from ..format.layout import ds4_type, model_specs
 
 
 class ConvertError(ValueError):
@@ -423,7 +423,7 @@ def convert(hf_dir: str | Path, out: str | Path, dtype: str = "f32", experts: st
     q8_0. The tokenizer is `tokenizer_json`, else HF_DIR/tokenizer.json, else the built-in demo tokenizer; its token
     list is padded to config vocab_size with unused entries.
     """
-    from . import quants
+    from ..format import quants
     from .make_model import tokenizer_fields
 
     if dtype not in TYPE_CHOICES:

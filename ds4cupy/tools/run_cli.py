@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .chat import ChatFormatError, encode_messages
-from .generate import Generator
-from .sampling import SamplingParams
+from ..text.chat import ChatFormatError, encode_messages
+from ..text.generate import Generator
+from ..text.sampling import SamplingParams
 
 DEFAULT_SYSTEM = "You are a helpful assistant"
 DEFAULT_CTX = 32768

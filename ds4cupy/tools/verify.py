@@ -133,7 +133,7 @@ def corrupt_weight(path: Path, name: str, mode: str = "nan") -> bool:
     """Overwrite tensor `name` of the GGUF at `path` in place. Returns False when the file has no such tensor."""
     from gguf import GGMLQuantizationType as T
 
-    from .model_file import ModelFile
+    from ..format.model_file import ModelFile
     with ModelFile(path, validate=False) as mf:
         if not mf.has(name):
             return False
@@ -242,7 +242,7 @@ def engine_checks(runner: Runner, label: str, model, ctx: int) -> None:
 
 
 def tiny_models(workdir: Path, corrupt: tuple[str, str] | None) -> list[tuple[str, Path]]:
-    from .config import ModelConfig
+    from ..format.config import ModelConfig
     from .make_model import tokenizer_fields, write_random_model
     n_vocab, _ = tokenizer_fields(None)
     out = []
@@ -362,9 +362,9 @@ def coherence(text: str, tokenizer) -> dict:
 
 def answer(model, prompt: str, max_tokens: int, ctx: int) -> str:
     """Greedy, no thinking: the chat-encoded prompt, then the content of up to max_tokens tokens."""
-    from .chat import encode_messages
-    from .generate import Generator
-    from .sampling import SamplingParams
+    from ..text.chat import encode_messages
+    from ..text.generate import Generator
+    from ..text.sampling import SamplingParams
     tok = model.tokenizer
     ids = tok.encode(encode_messages([{"role": "user", "content": prompt}], "chat"))
     s = model.new_session(ctx)
@@ -418,7 +418,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: unknown check group(s) {', '.join(sorted(bad))}; expected {', '.join(CHECK_GROUPS)}",
               file=sys.stderr)
         return 2
-    from .engine import gpu_available
+    from ..engines import gpu_available
     gpu = gpu_available()
     corrupt = (args.corrupt_weight, args.corrupt_mode) if args.corrupt_weight else None
     runner = Runner()
