@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 
 
-def run(layers: int, depth: int, experts: str) -> None:
+def run(layers: int, depth: int, experts: str, fill: str = "prefill") -> None:
     import cupy as cp
     import numpy as np
 
@@ -24,7 +24,10 @@ def run(layers: int, depth: int, experts: str) -> None:
     model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64)
     model._impl.decode_graph = False          # eager launches, so ncu sees each kernel of the step
     s = model.new_session(depth + 64)
-    ids = np.random.default_rng(0).integers(0, 100000, depth)
+    ids = np.random.default_rng(0).integers(0, 100000, max(depth, 1))
+    if fill == "random":                      # the KV state of depth - 1 tokens (CudaSession.fill_random_state)
+        s.fill_random_state(len(ids) - 1)
+        ids = ids[-1:]
     s.prefill(ids)
     s.decode(5)
     s.decode(6)
@@ -60,10 +63,12 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--depth", type=int, default=4096)
     p.add_argument("--experts", default="q2")
+    p.add_argument("--fill", choices=("prefill", "random"), default="prefill",
+                   help="reach the depth by prefilling (default) or with random KV rows (fast at 64K and more)")
     p.add_argument("--summarize", metavar="NCU_CSV")
     a = p.parse_args()
     if a.summarize:
         summarize(a.summarize)
     else:
-        run(a.layers, a.depth, a.experts)
+        run(a.layers, a.depth, a.experts, a.fill)
     sys.exit(0)

@@ -118,6 +118,7 @@ def test_bench_server_mode(tiny_model_path, tmp_path):
 
 def test_bench_rejects_bad_arguments(tiny_model_path, tmp_path):
     assert cli_main(["bench"]) == 2
+    assert cli_main(["bench", "-m", str(tiny_model_path), "--backend", "reference", "--depth-fill", "random"]) == 2
     assert cli_main(["bench", "-m", str(tiny_model_path), "--backend", "reference", "--pp", "64", "--ctx", "32",
                      "--tg", "4", "--depth", "0", "--json-out", str(tmp_path / "x.json")]) == 2
 

@@ -460,8 +460,12 @@ def test_compressor_chunked_equals_reference(rng, case):
 
 # ---- indexer ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["tiny", "flash"])
-@pytest.mark.parametrize("S,p0,N,K", [(1, 211, 53, 6), (37, 0, 12, 6), (20, 3000, 755, 512), (1, 4099, 1025, 512)])
-def test_indexer_scores_topk(rng, size, S, p0, N, K):
+@pytest.mark.parametrize("S,p0,N,K,nblk", [(1, 211, 53, 6, 16), (37, 0, 12, 6, 16), (20, 3000, 755, 512, 3),
+                                            (1, 4099, 1025, 512, 16), (1, 65535, 16384, 512, 1),
+                                            (1, 65535, 16384, 512, 264), (2, 262141, 65536, 512, 7)])
+def test_indexer_scores_topk(rng, size, S, p0, N, K, nblk):
+    """Scores for every visible row whatever the block count (a grid sized from ctx walks the rows the position
+    makes visible), and the exact top-K with the lower-index tie rule over up to 65,536 rows."""
     from ds4cupy.engines.cuda import ops
     HI, ci = DIMS[size]["HI"], DIMS[size]["ci"]
     if size == "tiny" and K == 512:
@@ -475,15 +479,17 @@ def test_indexer_scores_topk(rng, size, S, p0, N, K):
     ref = np.einsum("sh,shc->sc", wts * (ci ** -0.5) * (HI ** -0.5),
                     np.maximum(np.einsum("shd,cd->shc", q, k), 0.0))
     scores = cp.full((S, N), np.nan, cp.float32)
-    ops.indexer_scores(dev(q), dev(wts), dev(k), d_pos(p0), 4, scores, nblk=16)
+    ops.indexer_scores(dev(q), dev(wts), dev(k), d_pos(p0), 4, scores, nblk=nblk)
     got = host(scores)
     for t in range(S):
         if nvis[t]:
             rel_close(got[t, :nvis[t]], ref[t, :nvis[t]], 1e-5)
-    # force exact ties in one row to check the lower-index rule
+    # force exact ties in the last row, many of them at the K-th largest value, to check the lower-index rule
     if nvis[-1] > K + 2:
+        nv = int(nvis[-1])
         row = got[-1]
         row[1] = row[2] = row[0]
+        row[rng.choice(nv, min(nv - K, 40), replace=False)] = np.sort(row[:nv])[-K]
         scores = dev(got)
     out = cp.empty((S, K), cp.int32)
     ops.indexer_topk(scores, d_pos(p0), 4, out)

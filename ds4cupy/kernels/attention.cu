@@ -8,24 +8,33 @@
 //   compressed (mode 2, indexed / CSA): rows idx[t, j], j < K, skipping -1 and any w >= (P + 1) / ratio
 // Decode is S = 1; prefill any S (a chunk), causal by construction.
 //
-// attn_partial: flash-decoding style split over the key list. One warp per (query, head, split); lane l holds dims
-// l, l + 32, ... of q and of the running output (d <= 512, d % 32 == 0); online softmax in float.
-//   part_ml[(t*H + h)*NS + s] = (running max m, running sum l), part_o[...*d + i] = unnormalised output.
-// grid = (ceil(H / HPB), NS, S), block = HPB * 32.
 // attn_combine: merges the splits with the sink (sink logit in the denominator, zero value), then applies the inverse
 // rope on the last n_rot dims at the query position. out: [S, H, d]. grid = (H, S), block = 128, smem d floats.
+//
+// attn_partial: flash-decoding style split over the key list. A block serves HPB heads (one warp each) of one query;
+// split s covers key-list entries [s*rps, min(R, (s+1)*rps)). The block stages its keys in shared memory, ATT_TR rows
+// at a time (each row read from memory once for all HPB heads: MQA, K = V), and each warp walks the tile four rows at
+// a time (four independent dot products and warp reductions in flight). Lane l holds dims l, l + 32, ... of q and of
+// the running output (d <= 512, d % 32 == 0); online softmax in float.
+//   part_ml[(t*H + h)*NS + s] = (running max m, running sum l), part_o[...*d + i] = unnormalised output.
+// A split with no valid key writes m = -inf, l = 0. grid = (ceil(H / HPB), NS, S), block = HPB * 32. The caller sizes
+// NS * rps from the session's ctx (the longest key list any position can have), so a decode graph captured at one
+// depth is right at every depth; splits past the current list end at once.
 #include "common.cuh"
 
 #define ATT_MAXC 16    // d / 32 <= 16
+#define ATT_TR 16
 
 extern "C" __global__ void attn_partial(const float* q, const float* ring, const float* cur, const float* comp,
                                         const int* idx, int K, const int* d_pos, int H, int d, int W, int ratio,
-                                        int mode, float scale, float* part_ml, float* part_o) {
+                                        int mode, float scale, int rps, float* part_ml, float* part_o) {
+    __shared__ __align__(16) float ks[ATT_TR * 512];
+    __shared__ long long row_off[ATT_TR];   // element offset of the row in its buffer, or -1 (skipped key)
+    __shared__ int row_src[ATT_TR];         // 0 ring, 1 cur, 2 comp
     const int HPB = blockDim.x >> 5;
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.x * HPB + (threadIdx.x >> 5);
     const int s = blockIdx.y, NS = gridDim.y, t = blockIdx.z;
-    if (h >= H) return;
     const long long pos0 = d_pos[0];
     const long long P = pos0 + t;
     const long long lo = P - W + 1 > 0 ? P - W + 1 : 0;
@@ -35,52 +44,90 @@ extern "C" __global__ void attn_partial(const float* q, const float* ring, const
     if (mode == 1) ncomp = nvis;
     else if (mode == 2) ncomp = K;
     const int R = nwin + ncomp;
-    const int per = (R + NS - 1) / NS;
-    const int j0 = s * per, j1 = min(R, j0 + per);
-    const int nc = d >> 5;
+    const int j0 = s * rps, j1 = min(R, j0 + rps);
+    const int nc = d >> 5, d4 = d >> 2;
 
     float qv[ATT_MAXC], acc[ATT_MAXC];
-    const float* qr = q + ((long long)t * H + h) * d;
+    const float* qr = q + ((long long)t * H + (h < H ? h : 0)) * d;
 #pragma unroll
     for (int c = 0; c < ATT_MAXC; ++c) {
         qv[c] = c < nc ? qr[lane + 32 * c] : 0.0f;
         acc[c] = 0.0f;
     }
     float m = -DS4_INF, l = 0.0f;
-    for (int j = j0; j < j1; ++j) {
-        const float* kr;
-        if (j < nwin) {
-            long long p = lo + j;
-            kr = p >= pos0 ? cur + (p - pos0) * d : ring + (p % W) * d;
-        } else {
-            int w = j - nwin;
-            if (mode == 2) {
-                w = idx[(long long)t * K + w];
-                if (w < 0 || w >= nvis) continue;
+    for (int jt = j0; jt < j1; jt += ATT_TR) {
+        const int n = min(ATT_TR, j1 - jt);
+        __syncthreads();                                   // the previous tile is consumed
+        if (threadIdx.x < ATT_TR) {
+            const int j = jt + threadIdx.x;
+            long long off = -1;
+            int src = 2;
+            if (threadIdx.x < n) {
+                if (j < nwin) {
+                    const long long p = lo + j;
+                    src = p >= pos0 ? 1 : 0;
+                    off = (p >= pos0 ? p - pos0 : p % W) * d;
+                } else {
+                    int w = j - nwin;
+                    if (mode == 2) w = idx[(long long)t * K + w];
+                    if (w >= 0 && w < nvis) off = (long long)w * d;
+                }
             }
-            kr = comp + (long long)w * d;
+            row_off[threadIdx.x] = off;
+            row_src[threadIdx.x] = src;
         }
-        float kv[ATT_MAXC];
-        float dot = 0.0f;
-#pragma unroll
-        for (int c = 0; c < ATT_MAXC; ++c) {
-            kv[c] = c < nc ? kr[lane + 32 * c] : 0.0f;
-            dot += qv[c] * kv[c];
+        __syncthreads();
+        for (int i = threadIdx.x; i < n * d4; i += blockDim.x) {
+            const int r = i / d4, f = i % d4;
+            const long long off = row_off[r];
+            const float* base = row_src[r] == 0 ? ring : (row_src[r] == 1 ? cur : comp);
+            reinterpret_cast<float4*>(ks)[r * d4 + f] =          // a skipped key is zeros: weight 0, no NaN
+                off < 0 ? make_float4(0.f, 0.f, 0.f, 0.f) : reinterpret_cast<const float4*>(base + off)[f];
         }
-        const float sc = warp_sum(dot) * scale;
-        if (sc > m) {
-            const float corr = __expf(m - sc);      // m = -inf -> 0
-            l = l * corr + 1.0f;
+        __syncthreads();
+        if (h >= H) continue;
+        for (int r0 = 0; r0 < n; r0 += 4) {
+            float sc[4];
 #pragma unroll
-            for (int c = 0; c < ATT_MAXC; ++c) acc[c] = acc[c] * corr + kv[c];
-            m = sc;
-        } else {
-            const float p = __expf(sc - m);
-            l += p;
+            for (int u = 0; u < 4; ++u) {
+                float dot = 0.0f;
+                if (r0 + u < n) {
+                    const float* kr = ks + (r0 + u) * d;
 #pragma unroll
-            for (int c = 0; c < ATT_MAXC; ++c) acc[c] += p * kv[c];
+                    for (int c = 0; c < ATT_MAXC; ++c)
+                        if (c < nc) dot = fmaf(qv[c], kr[lane + 32 * c], dot);
+                }
+                sc[u] = dot;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int u = 0; u < 4; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+            float mn = m;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                sc[u] = (r0 + u < n && row_off[r0 + u] >= 0) ? sc[u] * scale : -DS4_INF;
+                mn = fmaxf(mn, sc[u]);
+            }
+            if (mn == -DS4_INF) continue;                  // no valid key yet
+            const float corr = __expf(m - mn);             // m = -inf -> 0
+            float pu[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) pu[u] = __expf(sc[u] - mn);   // skipped keys -> 0
+            l = l * corr + (pu[0] + pu[1]) + (pu[2] + pu[3]);
+#pragma unroll
+            for (int c = 0; c < ATT_MAXC; ++c) {
+                if (c >= nc) continue;
+                float a = acc[c] * corr;
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    if (r0 + u < n) a = fmaf(pu[u], ks[(r0 + u) * d + lane + 32 * c], a);
+                acc[c] = a;
+            }
+            m = mn;
         }
     }
+    if (h >= H) return;
     const long long slot = ((long long)t * H + h) * NS + s;
     if (lane == 0) {
         part_ml[slot * 2] = m;

@@ -10,6 +10,8 @@ ds4cupy/kernels/<family>.cu. CuPy is imported lazily (this module imports on CPU
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .compile import get_kernel
@@ -162,22 +164,33 @@ def router_select(logits, bias, tid2eid, ids, k: int, norm: bool, scale: float, 
 
 # ---- attention.cu ----------------------------------------------------------------------------------------------------
 def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int, sinks, n_rot: int, freqs,
-              part_ml, part_o, out, nsplit: int = 1) -> None:
+              part_ml, part_o, out, nsplit: int = 1, rows_per_split: int | None = None) -> None:
     """Sparse attention with sinks + inverse rope (attention.cu). q [S, H, d]; ring [W, d]; cur [S, d]; comp [N, d]
     or None; idx int32 [S, K] or None; mode 0 window only, 1 dense compressed, 2 indexed. part_ml [S, H, nsplit, 2],
-    part_o [S, H, nsplit, d] scratch; out [S, H, d]."""
+    part_o [S, H, nsplit, d] scratch; out [S, H, d]. Split s takes key-list entries [s*rows_per_split, ...);
+    nsplit * rows_per_split must cover the longest key list of any position (attention_rows): by default the rows
+    are divided evenly over nsplit splits for the key lists of this call's positions up to len(ring) + len(comp)."""
     S, H, d = q.shape
     if d % 32 or d > 512:
         raise ValueError(f"head_dim {d} must be a multiple of 32 and <= 512")
     hpb = 8 if H % 8 == 0 else (4 if H % 4 == 0 else 1)
     K = idx.shape[1] if idx is not None else 0
+    if rows_per_split is None:
+        longest = ring.shape[0] + (K if mode == 2 else (comp.shape[0] if mode == 1 else 0))
+        rows_per_split = -(-longest // nsplit)
     get_kernel("attention", "attn_partial")(
         ((H + hpb - 1) // hpb, nsplit, S), (hpb * 32,),
         (q, ring, cur, _p(comp), _p(idx), _i32(K), d_pos, _i32(H), _i32(d), _i32(window), _i32(ratio), _i32(mode),
-         _f32(d ** -0.5), part_ml, part_o))
+         _f32(d ** -0.5), _i32(rows_per_split), part_ml, part_o))
     get_kernel("attention", "attn_combine")(
         (H, S), (128,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos, out),
         shared_mem=4 * d)
+
+
+def attention_rows(window: int, ratio: int, mode: int, top_k: int, ctx: int) -> int:
+    """The longest key list any position < ctx can have: window rows plus compressed rows (all visible ones for
+    mode 1, the top-k for mode 2)."""
+    return window + (ctx // ratio if mode == 1 else (top_k if mode == 2 else 0))
 
 
 def kv_ring_store(cur, ring, d_pos) -> None:
@@ -209,19 +222,35 @@ def compressor_step(C, Z, ape, st_kv, st_sc, d_pos, ratio: int, norm_w, n_rot: i
 # ---- indexer.cu ------------------------------------------------------------------------------------------------------
 def indexer_scores(q, wts, k, d_pos, ratio: int, scores, nblk: int) -> None:
     """scores[t, s] = sum_h wts[t,h] c^-1/2 HI^-1/2 relu(q[t,h] . k[s]) for s < (P+1)//ratio. q [S, HI, c],
-    wts [S, HI], k [N, c], scores [S, stride]."""
+    wts [S, HI], k [N, c], scores [S, stride]. `nblk` blocks per query share the row tiles of 32 (indexer.cu); size it
+    from the session's ctx (indexer_blocks), never from the position, so a captured decode graph serves any depth."""
     S, HI, c = q.shape
-    smem = 4 * (HI * (c + 1) + HI + 8 * c)
+    if HI > 64 or c > 128 or c % 32:
+        raise ValueError(f"indexer_scores takes HI <= 64 heads of c <= 128 dims with c % 32 == 0, got HI={HI}, c={c}")
     get_kernel("indexer", "indexer_scores")(
         (nblk, S), (256,), (q, wts, k, d_pos, _i32(HI), _i32(c), _i32(ratio), _f32(c ** -0.5 * HI ** -0.5), scores,
-                            _i64(scores.shape[1])), shared_mem=smem)
+                            _i64(scores.shape[1])))
+
+
+def indexer_blocks(max_rows: int, S: int) -> int:
+    """Blocks per query for indexer_scores: every 32-row tile of `max_rows` (the most rows any position of the
+    session can see) gets a block, up to two waves of the GPU over all S queries."""
+    import cupy
+    sms = _sm_count(cupy.cuda.Device().id)
+    return max(1, min((max_rows + 31) // 32, (2 * sms + S - 1) // S))
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    import cupy
+    return int(cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id))
 
 
 def indexer_topk(scores, d_pos, ratio: int, out) -> None:
     """out[t] = the top-K rows of scores[t, :(P+1)//ratio] (ascending row order, -1 padding). out int32 [S, K]."""
     S, K = out.shape
-    get_kernel("indexer", "indexer_topk")((S,), (256,), (scores, _i64(scores.shape[1]), d_pos, _i32(ratio), _i32(K),
-                                                         out))
+    get_kernel("indexer", "indexer_topk")((S,), (1024,), (scores, _i64(scores.shape[1]), d_pos, _i32(ratio), _i32(K),
+                                                          out))
 
 
 def pos_advance(d_pos, n: int) -> None:

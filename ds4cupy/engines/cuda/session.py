@@ -33,7 +33,7 @@ from . import ops
 from . import quant_ops as qo
 
 DEFAULT_CHUNK = 2048
-DECODE_SPLITS = 16        # attention key-list splits for one query (fills the GPU with H/8 * 16 blocks)
+DECODE_ROWS_PER_SPLIT = 32   # decode attention: key-list entries per split (splits = longest list / 32, from ctx)
 
 
 def _vector_name(name: str) -> bool:
@@ -174,7 +174,10 @@ class CudaSession:
         HI, ci = c.indexer_n_head, c.indexer_head_dim
         has_csa = any(c.ratio(il) == 4 for il in range(c.n_layer))
         self.hc_split = max(ops.hc_nsplit(n * D, 1), ops.hc_nsplit(n * D, S))
-        ns = max(DECODE_SPLITS, 1)
+        # decode attention splits: enough for the longest key list any position of this session can have
+        self.att_rows = [ops.attention_rows(c.sliding_window, c.ratio(il), self._att_mode(il), c.indexer_top_k, self.ctx)
+                         for il in range(c.n_layer)]
+        ns = max(-(-r // DECODE_ROWS_PER_SPLIT) for r in self.att_rows)
         sizes = {
             "X": S * n * D, "u": S * D, "xn": S * D, "coef": S * (n + n * n), "hcpart": S * self.hc_split * 32,
             "qa": S * c.q_lora_rank, "qr": S * c.q_lora_rank, "kvp": S * hd, "kvcur": S * hd,
@@ -190,6 +193,11 @@ class CudaSession:
         self._eids = m.mem.alloc("scratch", (S * k,), np.int32)
         self._topk = m.mem.alloc("scratch", (S * max(c.indexer_top_k, 1),), np.int32) if has_csa else None
         self._ring = {il: self.kv[(il, "raw")][: c.sliding_window] for il in range(c.n_layer)}
+
+    def _att_mode(self, il: int) -> int:
+        """Attention key-list mode of layer il: 0 window only, 1 every compressed row (HCA), 2 indexed (CSA)."""
+        ratio = self.model.config.ratio(il)
+        return 0 if not ratio else (2 if ratio == 4 else 1)
 
     def _b(self, name: str, *shape):
         """A C-contiguous view of scratch buffer `name` with `shape` (no allocation)."""
@@ -216,6 +224,21 @@ class CudaSession:
             cp.copyto(self.kv[key], a)
         self.tokens = list(tokens)
         self.d_pos[...] = len(self.tokens)
+
+    def fill_random_state(self, n_tokens: int, seed: int = 0) -> None:
+        """Benchmarks only: put the session at depth n_tokens without prefilling. Every KV buffer (window ring,
+        compressed and indexer rows, compressor rings) gets standard-normal values (the scale of RMS-normalised rows)
+        and the position becomes n_tokens, so the next step reads exactly the rows a real context of that depth
+        makes visible. The values are not a real context's: logits after this are meaningless, speed is not."""
+        import cupy as cp
+        if not 0 <= n_tokens < self.ctx:
+            raise ValueError(f"n_tokens must be in [0, {self.ctx}), got {n_tokens}")
+        gen = cp.random.default_rng(seed)
+        with cp.cuda.Device(self.model.device):
+            for a in self.kv.values():
+                a[...] = gen.standard_normal(a.shape, dtype=cp.float32)
+            self.d_pos.fill(n_tokens)
+        self.tokens = [int(t) for t in np.random.default_rng(seed).integers(0, self.model.config.n_vocab, n_tokens)]
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         import cupy as cp
@@ -307,10 +330,12 @@ class CudaSession:
                 idx = self._indexer(xn, qr, S, il)
                 mode = 2
         att = self._b("att", S, H, hd)
-        ns = DECODE_SPLITS if S == 1 else 1
+        rows = self.att_rows[il]
+        rps = DECODE_ROWS_PER_SPLIT if S == 1 else rows       # sized from ctx: the decode graph fits any depth
+        ns = -(-rows // rps)
         ops.attention(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio, mode,
                       m.v[p + "attn_sinks.weight"], r, fr, self._b("part_ml", S, H, ns, 2),
-                      self._b("part_o", S, H, ns, hd), att, ns)
+                      self._b("part_o", S, H, ns, hd), att, ns, rps)
         ops.kv_ring_store(kvcur, self._ring[il], self.d_pos)
 
         # grouped output projection: group g = heads [g*H/G, (g+1)*H/G) through rows [g*R, (g+1)*R) of wo_a
@@ -347,7 +372,7 @@ class CudaSession:
         wts = self._proj(p + "indexer.proj.weight", xn, self._b("wts", S, HI))
         stride = self.ctx // 4 + 2
         scores = self._b("scores", S, stride)
-        nblk = max(1, min(256, (self.n_tokens + S) // 4 // 8 + 1))
+        nblk = ops.indexer_blocks(self.ctx // 4, S)          # from ctx, never the position (graph capture)
         ops.indexer_scores(qi, wts, index, self.d_pos, 4, scores, nblk)
         K = c.indexer_top_k
         topk = self._topk[: S * K].reshape(S, K)

@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode lengths (default 128)")
     p.add_argument("--depth", type=int_list, default=list(DEFAULT_DEPTH), metavar="D,..",
                    help="context depths for decode (default 0,4096,16384)")
+    p.add_argument("--depth-fill", choices=("prefill", "random"), default="prefill",
+                   help="how decode tests reach their depth: prefill the prompt (default), or random = fill the KV "
+                        "state of depth-1 tokens with random rows and prefill one token (cuda backend only; decode "
+                        "speed at depths whose prefill would take minutes; TTFT is then not the prompt's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids and synthetic weights")
     p.add_argument("--page-cache", choices=("drop", "fadvise", "keep"), default="drop",
                    help="before each run: drop = /proc/sys/vm/drop_caches when permitted, else posix_fadvise "
@@ -83,6 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the summary as CSV (to stdout when no FILE is given)")
 
 
+def _gpu() -> bool:
+    from ...engines import gpu_available
+    return gpu_available()
+
+
 def main(args: argparse.Namespace) -> int:
     if not (args.model or args.synthetic or args.server):
         print("error: give -m MODEL, --synthetic flash or --server URL", file=sys.stderr)
@@ -94,19 +103,23 @@ def main(args: argparse.Namespace) -> int:
         print("error: --pp and --tg values must be >= 1", file=sys.stderr)
         return 2
     if args.synthetic:
-        from ...engines import gpu_available
-        if not gpu_available():
+        if not _gpu():
             print("error: --synthetic generates its weights on the GPU; no CUDA device found", file=sys.stderr)
             return 2
         if args.backend == "reference":
             print("error: --synthetic runs on the cuda backend only", file=sys.stderr)
             return 2
+    if args.depth_fill == "random" and (args.server or args.backend == "reference" or not _gpu()):
+        print("error: --depth-fill random needs the cuda backend (not --server, not --backend reference)",
+              file=sys.stderr)
+        return 2
     started = _dt.datetime.now(_dt.timezone.utc)
     runs: list[dict] = []
     meta: dict = {"argv": list(sys.argv), "date": started.isoformat(timespec="seconds"), "host": platform.node(),
                   "python": platform.python_version(), "commit": args.commit or git_commit(), "gpu": None,
                   "settings": {"runs": args.runs, "pp": args.pp, "tg": args.tg, "depth": args.depth,
-                               "seed": args.seed, "warmup": not args.no_warmup}}
+                               "seed": args.seed, "warmup": not args.no_warmup,
+                               "depth_fill": args.depth_fill}}
     from ... import __version__
     meta["ds4cupy"] = __version__
     from ...memory.budget import kv_bytes_per_token

@@ -270,6 +270,9 @@ def engine_run(target: EngineTarget, args, ctx: int, run: int) -> dict:
             for n in args.tg:
                 session.reset()
                 prompt = ids[:max(depth, 1)]
+                if args.depth_fill == "random":     # the state of depth - 1 tokens, then one real prefill token
+                    session.fill_random_state(len(prompt) - 1, args.seed)
+                    prompt = prompt[-1:]
                 gpu_sync(on_gpu)
                 t_req = time.perf_counter()
                 lg = session.prefill(prompt)
@@ -283,7 +286,7 @@ def engine_run(target: EngineTarget, args, ctx: int, run: int) -> dict:
                     gpu_sync(on_gpu)
                     stamps.append(time.perf_counter())
                 mem.sample()
-                out["decode"].append(decode_record(target, depth, len(prompt), n, t_req, t_first, stamps,
+                out["decode"].append(decode_record(target, depth, max(depth, 1), n, t_req, t_first, stamps,
                                                    out["bandwidth"]))
         del session
     finally:
