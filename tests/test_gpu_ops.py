@@ -212,6 +212,14 @@ def test_hc_pre_post_head(rng, size, fn_type, T):
     np.testing.assert_allclose(c[:, :n], post_ref, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(c[:, n:].reshape(T, n, n), comb_ref, rtol=2e-5, atol=2e-6)
     rel_close(host(u), u_ref, 2e-5)
+    # the fused block norm: bit-identical to rms_norm_rows of the collapse's u, for both the pre and head modes
+    w = rng.uniform(0.5, 1.5, D).astype(F32)
+    u2, xn = cp.empty((T, D), cp.float32), cp.full((T, D), np.nan, cp.float32)
+    ops.hc_split_collapse(gX, part, nsplit, rows, dev(scale), dev(base), 20, 1e-6, 1e-6, False, u2, coef, dev(w), xn)
+    xn_ref = cp.empty((T, D), cp.float32)
+    ops.rms_norm_rows(u2, dev(w), xn_ref, 1e-6)
+    np.testing.assert_array_equal(host(u2), host(u))
+    np.testing.assert_array_equal(host(xn), host(xn_ref))
 
     y = rng.standard_normal((T, D)).astype(F32)
     ops.hc_post(gX, dev(y), coef)
@@ -232,6 +240,10 @@ def test_hc_pre_post_head(rng, size, fn_type, T):
     ops.hc_mix(gX, dev(fnh), ops.DT_F32, n, parth, nsplit)
     ops.hc_split_collapse(gX, parth, nsplit, n, dev(sh), dev(bh), 0, 1e-6, 1e-6, True, u, None)
     rel_close(host(u), yh_ref, 2e-5)
+    yn = cp.empty((T, D), cp.float32)
+    ops.rms_norm_rows(u, dev(w), yn, 1e-6)
+    ops.hc_split_collapse(gX, parth, nsplit, n, dev(sh), dev(bh), 0, 1e-6, 1e-6, True, u, None, dev(w), u)  # in place
+    np.testing.assert_array_equal(host(u), host(yn))
 
 
 # ---- embedding -------------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@
 //   compressed (mode 2, indexed / CSA): rows idx[t, j], j < K, skipping -1 and any w >= (P + 1) / ratio
 // Decode is S = 1; prefill any S (a chunk), causal by construction.
 //
-// attn_combine: merges the splits with the sink (sink logit in the denominator, zero value), then applies the inverse
-// rope on the last n_rot dims at the query position. out: [S, H, d]. grid = (H, S), block = 128, smem d floats.
+// attn_combine: merges the splits that hold keys at the query's position with the sink (sink logit in the denominator,
+// zero value), then applies the inverse rope on the last n_rot dims at the query position. out: [S, H, d].
+// grid = (H, S), block = 128, smem d floats.
 //
 // attn_partial: flash-decoding style split over the key list. A block serves HPB heads (one warp each) of one query;
 // split s covers key-list entries [s*rps, min(R, (s+1)*rps)). The block stages its keys in shared memory, ATT_TR rows
@@ -24,6 +25,14 @@
 
 #define ATT_MAXC 16    // d / 32 <= 16
 #define ATT_TR 16
+
+// Length of query t's key list (window rows, then compressed rows) at absolute position P.
+__device__ __forceinline__ int att_list_len(long long P, int W, int ratio, int mode, int K) {
+    const long long lo = P - W + 1 > 0 ? P - W + 1 : 0;
+    const int nwin = (int)(P - lo + 1);
+    const int nvis = ratio > 0 ? (int)((P + 1) / ratio) : 0;
+    return nwin + (mode == 1 ? nvis : (mode == 2 ? K : 0));
+}
 
 extern "C" __global__ void attn_partial(const float* q, const float* ring, const float* cur, const float* comp,
                                         const int* idx, int K, const int* d_pos, int H, int d, int W, int ratio,
@@ -45,6 +54,7 @@ extern "C" __global__ void attn_partial(const float* q, const float* ring, const
     else if (mode == 2) ncomp = K;
     const int R = nwin + ncomp;
     const int j0 = s * rps, j1 = min(R, j0 + rps);
+    if (s > 0 && j0 >= R) return;     // past the list end: attn_combine reads only the splits that hold keys
     const int nc = d >> 5, d4 = d >> 2;
 
     float qv[ATT_MAXC], acc[ATT_MAXC];
@@ -139,10 +149,14 @@ extern "C" __global__ void attn_partial(const float* q, const float* ring, const
 }
 
 extern "C" __global__ void attn_combine(const float* part_ml, const float* part_o, const float* sinks, int H, int d,
-                                        int NS, int n_rot, const double* freqs, const int* d_pos, float* out) {
+                                        int NS_alloc, int n_rot, const double* freqs, const int* d_pos, int W,
+                                        int ratio, int mode, int K, int rps, float* out) {
     extern __shared__ float o_s[];
     const int h = blockIdx.x, t = blockIdx.y;
-    const long long base = ((long long)t * H + h) * NS;
+    const long long P0 = (long long)d_pos[0] + t;
+    // splits that hold keys at this position (attn_partial wrote those; split 0 always)
+    const int NS = max(1, min(NS_alloc, (att_list_len(P0, W, ratio, mode, K) + rps - 1) / rps));
+    const long long base = ((long long)t * H + h) * NS_alloc;
     const float sink = sinks[h];
     float M = sink;
     for (int s = 0; s < NS; ++s) M = fmaxf(M, part_ml[(base + s) * 2]);

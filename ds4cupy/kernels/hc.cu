@@ -52,10 +52,14 @@ extern "C" __global__ void hc_mix(const float* X, long long K, const void* fn, i
 // The split sums are warp-parallel (fixed order). The coefficients are computed in double (as the reference) by warp 0
 // of every block, one lane per comb entry (n*n <= 32), each lane summing its row / column in the serial order, so the
 // result does not depend on the launch shape; block (0, t) writes coef. The collapse is spread over grid.x blocks. grid = (nblk, T), block = 256.
+// With xn != nullptr (grid.x must be 1) the block then writes xn[t] = rms_norm(u[t], norm_w) (norm_w may be null), the
+// rms_norm_rows that follows every collapse, with eps_rms as its epsilon and bit-identical results.
 extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
                                              const float* scale, const float* base, int iters, float eps_hc,
-                                             float eps_rms, int mode, float* u, float* coef) {
+                                             float eps_rms, int mode, float* u, float* coef,
+                                             const float* norm_w, float* xn) {
     __shared__ double sums[HC_MAX_ROWS + 1];
+    __shared__ double redd[32];
     __shared__ double c[32];
     __shared__ float pre_s[8];
     const int t = blockIdx.y, i = threadIdx.x;
@@ -122,6 +126,18 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
         float acc = 0.0f;
         for (int q = 0; q < n; ++q) acc += pre_s[q] * x[(long long)q * D + d];
         u[(long long)t * D + d] = acc;
+    }
+    if (xn == nullptr) return;
+    // fused rms_norm_rows (norm_rope.cu) of u[t] into xn[t], same arithmetic and order: needs grid.x == 1
+    __syncthreads();
+    const float* ur = u + (long long)t * D;
+    double ss = 0.0;
+    for (int d = i; d < D; d += blockDim.x) ss += (double)ur[d] * (double)ur[d];
+    ss = block_sum_d(ss, redd);
+    const double inv = 1.0 / sqrt(ss / D + (double)eps_rms);
+    for (int d = i; d < D; d += blockDim.x) {
+        const float v = (float)((double)ur[d] * inv);
+        xn[(long long)t * D + d] = norm_w ? __fmul_rn(v, norm_w[d]) : v;
     }
 }
 

@@ -124,16 +124,18 @@ def hc_mix(X, fn, fn_dtype: int, rows: int, part, nsplit: int) -> None:
 
 
 def hc_split_collapse(X, part, nsplit: int, rows: int, scale, base, iters: int, eps_hc: float, eps_rms: float,
-                      head: bool, u, coef) -> None:
+                      head: bool, u, coef, norm_w=None, xn=None) -> None:
     """hc_pre (head=False: Sinkhorn split, coef [T, n + n*n] = post, comb) or hc_head (head=True) collapse into
-    u [T, D]."""
+    u [T, D]. With xn [T, D] also xn = rms_norm(u, norm_w) (eps_rms) in the same launch, bit-identical to
+    rms_norm_rows."""
     T, n, D = X.shape
     if n * n > 32:
         raise ValueError(f"hc_split_collapse supports at most 5 hyper-connection streams, got {n}")
-    nblk = max(1, min(8, (D + 1023) // 1024)) if T < 64 else 1      # spread the decode collapse over a few SMs
+    # spread the decode collapse over a few SMs, unless the fused norm needs the whole row in one block
+    nblk = max(1, min(8, (D + 1023) // 1024)) if T < 64 and xn is None else 1
     get_kernel("hc", "hc_split_collapse")(
         (nblk, T), (256,), (X, part, _i32(n), _i32(D), _i32(rows), _i32(nsplit), scale, base, _i32(iters), _f32(eps_hc),
-                       _f32(eps_rms), _i32(1 if head else 0), u, _p(coef)))
+                       _f32(eps_rms), _i32(1 if head else 0), u, _p(coef), _p(norm_w), _p(xn)))
 
 
 def hc_post(X, y, coef) -> None:
@@ -183,7 +185,8 @@ def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int
         (q, ring, cur, _p(comp), _p(idx), _i32(K), d_pos, _i32(H), _i32(d), _i32(window), _i32(ratio), _i32(mode),
          _f32(d ** -0.5), _i32(rows_per_split), part_ml, part_o))
     get_kernel("attention", "attn_combine")(
-        (H, S), (128,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos, out),
+        (H, S), (128,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos,
+                         _i32(window), _i32(ratio), _i32(mode), _i32(K), _i32(rows_per_split), out),
         shared_mem=4 * d)
 
 

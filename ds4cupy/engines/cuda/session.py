@@ -289,7 +289,9 @@ class CudaSession:
             qo.matmul(m.w[name], m.qtype[name], x, out=out)
         return out
 
-    def _hc_pre(self, X, name: str, S: int):
+    def _hc_pre(self, X, name: str, S: int, norm: str, xn):
+        """mHC pre (mix, Sinkhorn split, collapse) and the block's RMS norm in two launches: xn = rms_norm(u, norm).
+        Returns coef (post, comb) for hc_post."""
         c, m = self.model.config, self.model
         n, D = c.hc_mult, c.n_embd
         rows = c.hc_mix
@@ -299,8 +301,8 @@ class CudaSession:
         ops.hc_mix(X, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, part, ns)
         u, coef = self._b("u", S, D), self._b("coef", S, n + n * n)
         ops.hc_split_collapse(X, part, ns, rows, m.v[f"{name}scale.weight"], m.v[f"{name}base.weight"],
-                              c.hc_sinkhorn_iters, c.hc_eps, c.rms_eps, False, u, coef)
-        return u, coef
+                              c.hc_sinkhorn_iters, c.hc_eps, c.rms_eps, False, u, coef, m.v[norm], xn)
+        return coef
 
     def _attention(self, xn, S: int, il: int):
         c, m = self.model.config, self.model
@@ -413,12 +415,10 @@ class CudaSession:
         xn = self._b("xn", S, D)
         for il in range(c.n_layer):
             p = f"blk.{il}."
-            u, coef = self._hc_pre(X, p + "hc_attn_", S)
-            ops.rms_norm_rows(u, m.v[p + "attn_norm.weight"], xn, c.rms_eps)
+            coef = self._hc_pre(X, p + "hc_attn_", S, p + "attn_norm.weight", xn)
             y = self._attention(xn, S, il)
             ops.hc_post(X, y, coef)
-            u, coef = self._hc_pre(X, p + "hc_ffn_", S)
-            ops.rms_norm_rows(u, m.v[p + "ffn_norm.weight"], xn, c.rms_eps)
+            coef = self._hc_pre(X, p + "hc_ffn_", S, p + "ffn_norm.weight", xn)
             y = self._moe(xn, S, il)
             ops.hc_post(X, y, coef)
         logits = None
@@ -431,8 +431,7 @@ class CudaSession:
             ops.hc_mix(Xh, m.w[fn], ops.dtype_code(m.qtype[fn]), n, part, ns)
             yh = self._b("u", rows, D)
             ops.hc_split_collapse(Xh, part, ns, n, m.v["output_hc_scale.weight"], m.v["output_hc_base.weight"], 0,
-                                  c.hc_eps, c.rms_eps, True, yh, None)
-            ops.rms_norm_rows(yh, m.v["output_norm.weight"], yh, c.rms_eps)
+                                  c.hc_eps, c.rms_eps, True, yh, None, m.v["output_norm.weight"], yh)
             if rows == 1:
                 logits = self._b("logits", 1, c.n_vocab)
             else:
