@@ -121,10 +121,10 @@ def test_unknown_block_type_names_the_tensor(tmp_path):
 @pytest.mark.parametrize("change,expect", [
     ({"deepseek4.attention.head_count_kv": ("u32", 2)}, "head_count_kv: expected 1, found 2"),
     ({"deepseek4.attention.output_group_count": ("u32", 5)}, "output_group_count"),
-    ({"deepseek4.attention.compress_ratios": ("u32s", [0, 4])}, "compress_ratios: expected at least"),
+    ({"deepseek4.attention.compress_ratios": ("u32s", [0, 4])}, "compress_ratios: expected block_count (5) to"),
     ({"deepseek4.rope.dimension_count": ("u32", 48)}, "multiple of 64"),
     ({"deepseek4.expert_used_count": ("u32", 99)}, "expert_used_count: expected <= expert_count (8), found 99"),
-    ({"deepseek4.embedding_length": ("str", "wide")}, "embedding_length: expected a int value, found 'wide'"),
+    ({"deepseek4.embedding_length": ("str", "wide")}, "embedding_length: expected an integer value, found 'wide'"),
 ])
 def test_bad_metadata_names_key_expected_and_found(tmp_path, change, expect):
     path = _write(tmp_path / "meta.gguf", meta_changes=change)
