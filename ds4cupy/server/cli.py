@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -83,9 +84,16 @@ async def serve_forever(app, host: str, port: int, header_timeout_s: float = DEF
     print(f"ds4cupy: listening on http://{shown_host}:{bound_port}/v1  (Ctrl-C stops)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():                    # a second Ctrl-C / SIGTERM while draining: leave now
+            print("ds4cupy: stopped without draining", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):
             pass
     try:
