@@ -16,7 +16,6 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -270,15 +269,17 @@ def _parse(mm: mmap.mmap, size: int):
     return metadata, types, tensors, alignment, data_start
 
 
-def file_changed(path: Path, contents: GGUFContents) -> str | None:
-    """Why the mapped file no longer holds what was loaded (size or mtime of the open file changed), or None."""
+def file_changed(contents: GGUFContents) -> str | None:
+    """Why the mapped file no longer holds what was loaded (size or mtime of the open file changed), or None. The
+    message does not name the file (servers pass it to clients)."""
     try:
         now = os.fstat(contents.fd)
     except OSError as e:
-        return f"the model file {str(path)!r} can no longer be read ({e})"
+        return f"the model file can no longer be read ({e.strerror or e}); restart the server"
     then = contents.stat
     if now.st_size != then.st_size:
-        return f"the model file {str(path)!r} changed size since it was loaded ({then.st_size} -> {now.st_size} bytes)"
+        return (f"the model file changed size since it was loaded ({then.st_size} -> {now.st_size} bytes); restart "
+                f"the server")
     if now.st_mtime_ns != then.st_mtime_ns:
-        return f"the model file {str(path)!r} was modified since it was loaded"
+        return "the model file was modified since it was loaded; restart the server"
     return None

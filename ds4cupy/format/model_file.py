@@ -125,8 +125,9 @@ class ModelFile:
         return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
 
     def changed(self) -> str | None:
-        """Why the file under the mapping no longer holds what was loaded (its size or mtime changed), else None."""
-        return file_changed(self.path, self._gguf)
+        """Why the file under the mapping no longer holds what was loaded (its size or mtime changed), else None.
+        The reason does not name the file (it may go to clients)."""
+        return file_changed(self._gguf)
 
     def close(self) -> None:
         self._gguf.close()
