@@ -7,6 +7,13 @@ import os
 import sys
 
 from . import __version__
+from .format.config import ConfigError
+from .format.model_file import ModelFileError
+from .text.tokenizer import TokenizerError
+
+# errors that mean "this input cannot be used", reported as one line: the message already names the file and the
+# key, tensor or value at fault
+USER_ERRORS = (ModelFileError, ConfigError, TokenizerError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -61,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(command_main(args) or 0)
+    except USER_ERRORS as e:            # a bad file or argument: one line, no traceback (DS4CUPY_TRACEBACK=1 shows it)
+        if os.environ.get("DS4CUPY_TRACEBACK"):
+            raise
+        print(f"ds4cupy {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -121,10 +121,23 @@ def test_unknown_block_type_names_the_tensor(tmp_path):
 @pytest.mark.parametrize("change,expect", [
     ({"deepseek4.attention.head_count_kv": ("u32", 2)}, "head_count_kv: expected 1, found 2"),
     ({"deepseek4.attention.output_group_count": ("u32", 5)}, "output_group_count"),
-    ({"deepseek4.attention.compress_ratios": ("u32s", [0, 4])}, "compress_ratios: expected at least"),
+    ({"deepseek4.attention.compress_ratios": ("u32s", [0, 4])}, "compress_ratios: expected block_count (5) to"),
     ({"deepseek4.rope.dimension_count": ("u32", 48)}, "multiple of 64"),
     ({"deepseek4.expert_used_count": ("u32", 99)}, "expert_used_count: expected <= expert_count (8), found 99"),
-    ({"deepseek4.embedding_length": ("str", "wide")}, "embedding_length: expected a int value, found 'wide'"),
+    ({"deepseek4.embedding_length": ("str", "wide")}, "embedding_length: expected an integer value, found 'wide'"),
+    # the absurd values the issue found accepted
+    ({"deepseek4.rope.freq_base": ("f32", -1.0)}, "rope.freq_base: expected a value in (1, 1e+10], found -1.0"),
+    ({"deepseek4.hyper_connection.sinkhorn_iterations": ("u32", 130_000_000)},
+     "sinkhorn_iterations: expected an integer in [1, 1000], found 130000000"),
+    ({"deepseek4.context_length": ("u32", 1)}, "context_length: expected an integer in [64, 16777216], found 1"),
+    ({"deepseek4.attention.sliding_window": ("u32", 1)}, "sliding_window: expected an integer in [4, 1048576]"),
+    ({"deepseek4.attention.layer_norm_rms_epsilon": ("f32", float("nan"))}, "rms_epsilon: expected a finite number"),
+    ({"deepseek4.expert_weights_scale": ("f32", float("inf"))}, "expert_weights_scale: expected a finite number"),
+    ({"deepseek4.hyper_connection.epsilon": ("f32", 0.0)}, "hyper_connection.epsilon: expected a value in (0, 0.1]"),
+    ({"deepseek4.swiglu_clamp_exp": ("f32s", [10.0, 10.0, -1.0, 10.0, 10.0])}, "swiglu_clamp_exp[2]: expected"),
+    ({"deepseek4.attention.compress_ratios": ("u32s", [0, 4, 1, 4, 16, 0])}, "compress_ratios[2]: expected 0"),
+    ({"deepseek4.block_count": ("f32", 5.0)}, "block_count: expected an integer value, found 5.0"),
+    ({"tokenizer.ggml.bos_token_id": ("u32", 10**6)}, "bos_token_id': expected a token id in [0, 832)"),
 ])
 def test_bad_metadata_names_key_expected_and_found(tmp_path, change, expect):
     path = _write(tmp_path / "meta.gguf", meta_changes=change)
@@ -137,3 +150,37 @@ def test_missing_metadata_key(tmp_path):
     path = _write(tmp_path / "nokey.gguf", drop_keys=["deepseek4.attention.sliding_window"])
     with pytest.raises(ModelFileError, match="deepseek4.attention.sliding_window: .*key missing"):
         ModelFile(path)
+
+
+def test_header_counts_are_checked_against_the_file_before_use(tmp_path):
+    """A huge array count, a wrapping tensor offset and a misaligned one are refused by name, at once."""
+    import struct
+    path = _write(tmp_path / "ok.gguf")
+    data = bytearray(path.read_bytes())
+    key = b"tokenizer.ggml.merges"
+    at = data.index(len(key).to_bytes(8, "little") + key) + 8 + len(key) + 4 + 4     # the array's element count
+    for count, expect in ((2**60, "more than the 4194304 allowed"), (2**21, "needs 16777216 bytes")):
+        huge = bytearray(data)
+        huge[at:at + 8] = struct.pack("<Q", count)
+        (tmp_path / "huge.gguf").write_bytes(huge)
+        with pytest.raises(ModelFileError, match=rf"'tokenizer\.ggml\.merges'.*{expect}"):
+            ModelFile(tmp_path / "huge.gguf")
+    name = b"blk.0.attn_norm.weight"
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    off_at = at + 4 + 8 * int.from_bytes(data[at:at + 4], "little") + 4
+    offset = int.from_bytes(data[off_at:off_at + 8], "little")
+    for new, expect in ((2**64 - 32, "data runs to byte"), (offset + 4, "not a multiple of general.alignment")):
+        bad = bytearray(data)
+        bad[off_at:off_at + 8] = struct.pack("<Q", new)
+        (tmp_path / "bad.gguf").write_bytes(bad)
+        with pytest.raises(ModelFileError, match=rf"blk\.0\.attn_norm\.weight.*{expect}"):
+            ModelFile(tmp_path / "bad.gguf")
+
+
+def test_changed_reports_size_and_mtime(tmp_path):
+    path = _write(tmp_path / "m.gguf")
+    with ModelFile(path) as mf:
+        assert mf.changed() is None
+        with open(path, "ab") as f:
+            f.write(b"x")
+        assert "changed size" in mf.changed()

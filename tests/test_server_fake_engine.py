@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -245,10 +246,16 @@ def test_non_stream_disconnect_cancels(server):
     assert json.loads(data)["model"] == "deepseek-chat"        # a known alias is echoed
 
 
-def test_engine_failure_is_reported_and_survived(server, client):
-    status, data = raw_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "\x00"}]})
+def test_engine_failure_is_reported_and_survived(server, client, caplog):
+    """The client gets a generic message naming the request id; the exception itself goes to the log only."""
+    with caplog.at_level("ERROR", logger="ds4cupy.server"):
+        status, data = raw_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "\x00"}]})
     err = json.loads(data)["error"]
-    assert status == 500 and err["type"] == "server_error" and "engine exploded" in err["message"]
+    assert status == 500 and err["type"] == "server_error" and err["code"] == "engine_error"
+    assert "engine exploded" not in err["message"] and "RuntimeError" not in err["message"]
+    rid = re.search(r"request (chatcmpl-\w+)", err["message"]).group(1)
+    logged = [r for r in caplog.records if rid in r.getMessage()]
+    assert logged and "engine exploded" in "".join(str(r.exc_info[1]) for r in logged if r.exc_info)
     status, data = raw_post(server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "FAILDECODE"}], "stream": True, "max_tokens": 5})
     events = [e for e in data.decode().split("\n\n") if e]

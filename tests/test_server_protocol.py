@@ -456,7 +456,8 @@ def test_worker_survives_engine_failure():
     worker = EngineWorker(session, lambda job: FakeGenerator(job)).start()
     try:
         bad, good = run_jobs(worker, [make_job("bad", [1, 666, 2]), make_job("good", [1, 2, 3])])
-        assert isinstance(bad[-1], JobFailed) and "boom" in bad[-1].message
+        assert isinstance(bad[-1], JobFailed) and bad[-1].status == 500 and bad[-1].code == "engine_error"
+        assert "bad" in bad[-1].message and "boom" not in bad[-1].message     # the request id, not the exception
         assert isinstance(good[-1], JobFinished) and good[0].cached_tokens == 0
     finally:
         worker.stop()

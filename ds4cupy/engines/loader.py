@@ -11,7 +11,7 @@ from functools import cached_property
 
 
 from ..format.config import ModelConfig
-from ..format.model_file import ModelFile
+from ..format.model_file import ModelFile, ModelFileError
 
 BACKENDS = ("auto", "reference", "cuda")
 
@@ -47,11 +47,26 @@ class Model:
 
     @cached_property
     def tokenizer(self):
-        from ..text.tokenizer import Tokenizer
+        """The tokenizer stored in the file; ModelFileError (naming the key) when it is missing or unusable."""
+        from ..text.tokenizer import Tokenizer, TokenizerError
         fields = self.file.tokenizer_fields
         if not fields:
-            raise ValueError(f"{self.file.path}: the file carries no tokenizer (tokenizer.ggml.* metadata)")
-        return Tokenizer.from_gguf_fields(fields)
+            raise ModelFileError(f"{self.file.path}: the file carries no tokenizer (tokenizer.ggml.* metadata)")
+        try:
+            return Tokenizer.from_gguf_fields(fields)
+        except TokenizerError as e:
+            raise ModelFileError(f"{self.file.path}: {e}") from None
+
+    @property
+    def reads_file(self) -> bool:
+        """True when the weights are read from the mmap'd file while serving (the reference backend); the CUDA
+        backend copies every weight to the GPU at load and never touches the file again."""
+        return self.backend == "reference"
+
+    def file_problem(self) -> str | None:
+        """Why this model can no longer serve from its file (the file changed under the mapping), or None. Always
+        None when the weights were copied at load (`reads_file` False)."""
+        return self.file.changed() if self.reads_file else None
 
     def new_session(self, ctx: int | None = None):
         ctx = int(ctx or min(self.config.n_ctx_train, 65536))

@@ -7,6 +7,7 @@ model go through the same code. `ModelConfig.flash()` and `ModelConfig.tiny()` a
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -15,7 +16,12 @@ ARCH = "deepseek4"
 
 
 def _f32(v: float) -> float:
-    return float(struct.unpack("<f", struct.pack("<f", float(v)))[0])
+    """The float32 value nearest v (inf beyond float32's range, NaN stays NaN)."""
+    v = float(v)
+    try:
+        return float(struct.unpack("<f", struct.pack("<f", v))[0])
+    except OverflowError:
+        return math.copysign(math.inf, v)
 
 
 class ConfigError(ValueError):
@@ -62,6 +68,56 @@ _KEYS: list[tuple[str, str, str, bool]] = [
     ("compress_ratios", "attention.compress_ratios", "ints", True),
     ("swiglu_clamp", "swiglu_clamp_exp", "floats", True),
 ]
+
+# Accepted ranges, (low, high) inclusive for integers; for floats the low end is open (value > low). The maxima are
+# sane bounds 10-1000x above DeepSeek-V4-Flash (43 layers, 4096 wide, 256 experts, 1M context): they keep a corrupt
+# or hostile file from asking for absurd work or memory, never a real model out.
+_RANGES: dict[str, tuple[Any, Any]] = {
+    "n_layer": (1, 1024), "n_ctx_train": (64, 1 << 24), "n_embd": (1, 1 << 16), "n_vocab": (2, 1 << 22),
+    "n_head": (1, 1024), "n_head_kv": (1, 1024), "head_dim": (1, 1 << 13), "value_dim": (1, 1 << 13),
+    "n_rot": (2, 1 << 13), "q_lora_rank": (1, 1 << 16), "o_lora_rank": (1, 1 << 16), "o_groups": (1, 1024),
+    "n_expert": (1, 1 << 12), "n_expert_used": (1, 1 << 12), "n_ff_exp": (1, 1 << 17), "n_expert_shared": (0, 1),
+    "n_hash_layer": (0, 1024), "n_expert_groups": (0, 1 << 12), "n_expert_groups_used": (0, 1 << 12),
+    "sliding_window": (4, 1 << 20), "indexer_n_head": (0, 1024), "indexer_head_dim": (0, 1 << 13),
+    "indexer_top_k": (0, 1 << 16), "hc_mult": (1, 16), "hc_sinkhorn_iters": (1, 1000), "rope_orig_ctx": (0, 1 << 24),
+    # floats: (exclusive low, inclusive high)
+    "hc_eps": (0.0, 0.1), "rms_eps": (0.0, 0.1), "rope_freq_base": (1.0, 1e10), "compress_rope_freq_base": (1.0, 1e10),
+    "rope_scaling_factor": (0.0, 1024.0), "yarn_beta_fast": (0.0, 1e4), "yarn_beta_slow": (0.0, 1e4),
+    "expert_weights_scale": (0.0, 1e3),
+}
+MIN_RATIO, MAX_RATIO = 2, 1 << 16      # compression ratios: 0 (none) or at least 2 tokens per compressed row
+MAX_SWIGLU_CLAMP = 1e4
+MAX_EXTRA_LAYERS = 16                   # per-layer arrays may carry a few entries past block_count (ds4: the MTP layer)
+
+
+_KIND_TEXT = {"int": "an integer value", "float": "a number", "bool": "a bool", "ints": "an array of integers",
+              "floats": "an array of numbers"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _convert(v: Any, kind: str) -> Any:
+    """A GGUF metadata value as the Python type `kind` asks for, or None when its type does not fit (a float for an
+    integer key, a string for a number, ...). Range checks come later (validate)."""
+    if kind == "int":
+        return v if _is_int(v) else None
+    if kind == "float":
+        return float(v) if _is_int(v) or isinstance(v, float) else None
+    if kind == "bool":
+        return v if isinstance(v, bool) else (bool(v) if _is_int(v) and v in (0, 1) else None)
+    if not isinstance(v, list):
+        return None
+    if kind == "ints":
+        return list(v) if all(_is_int(x) for x in v) else None
+    return [float(x) for x in v] if all(_is_int(x) or isinstance(x, float) for x in v) else None
+
+
+def _range_text(low, high, open_low: bool = False) -> str:
+    if high is None:
+        return f">= {low}"
+    return f"a value in ({low:g}, {high:g}]" if open_low else f"an integer in [{low}, {high}]"
 
 
 @dataclass
@@ -159,18 +215,22 @@ class ModelConfig:
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Every value in its range (_RANGES: finite, positive where it must be, below sane maxima) and consistent with
+        the others; raises ConfigError naming the key, the expected and the found value."""
         def need(cond: bool, key: str, expected: Any, found: Any) -> None:
             if not cond:
                 raise ConfigError(f"{ARCH}.{key}: expected {expected}, found {found!r}")
 
         for attr, key, kind, _ in _KEYS:
+            v = getattr(self, attr)
+            low, high = _RANGES.get(attr, (None, None))
             if kind == "int":
-                v = getattr(self, attr)
-                need(isinstance(v, int) and v >= 0, key, "a non-negative integer", v)
-        for attr in ("n_layer", "n_embd", "n_vocab", "n_head", "head_dim", "q_lora_rank", "o_lora_rank", "o_groups",
-                     "n_expert", "n_expert_used", "n_ff_exp", "sliding_window", "hc_mult", "hc_sinkhorn_iters"):
-            key = next(k for a, k, _, _ in _KEYS if a == attr)
-            need(getattr(self, attr) > 0, key, "> 0", getattr(self, attr))
+                need(isinstance(v, int) and not isinstance(v, bool), key, "an integer", v)
+                need(v >= (0 if low is None else low) and (high is None or v <= high), key,
+                     _range_text(0 if low is None else low, high), v)
+            elif kind == "float":
+                need(isinstance(v, float) and math.isfinite(v), key, "a finite number", v)
+                need(v > low and v <= high, key, _range_text(low, high, open_low=True), v)
         need(self.n_head_kv == 1, "attention.head_count_kv", 1, self.n_head_kv)
         need(self.value_dim == self.head_dim, "attention.value_length",
              f"attention.key_length ({self.head_dim}); K and V share one row", self.value_dim)
@@ -187,14 +247,23 @@ class ModelConfig:
         need(self.n_expert_groups_used == 0, "expert_group_used_count", 0, self.n_expert_groups_used)
         need(self.n_hash_layer <= self.n_layer, "hash_layer_count", f"<= block_count ({self.n_layer})",
              self.n_hash_layer)
-        need(len(self.compress_ratios) >= self.n_layer, "attention.compress_ratios",
-             f"at least block_count ({self.n_layer}) entries", len(self.compress_ratios))
+        need(self.sliding_window <= self.n_ctx_train, "attention.sliding_window",
+             f"<= context_length ({self.n_ctx_train})", self.sliding_window)
+        need(self.rope_orig_ctx <= self.n_ctx_train, "rope.scaling.original_context_length",
+             f"<= context_length ({self.n_ctx_train})", self.rope_orig_ctx)
+        need(self.yarn_beta_fast >= self.yarn_beta_slow, "rope.scaling.yarn_beta_fast",
+             f">= rope.scaling.yarn_beta_slow ({self.yarn_beta_slow})", self.yarn_beta_fast)
+        need(isinstance(self.expert_weights_norm, bool), "expert_weights_norm", "a bool", self.expert_weights_norm)
+        need(self.n_layer <= len(self.compress_ratios) <= self.n_layer + MAX_EXTRA_LAYERS, "attention.compress_ratios",
+             f"block_count ({self.n_layer}) to block_count + {MAX_EXTRA_LAYERS} entries", len(self.compress_ratios))
         for i, r in enumerate(self.compress_ratios):
-            need(r >= 0, f"attention.compress_ratios[{i}]", ">= 0", r)
-        need(len(self.swiglu_clamp) >= self.n_layer, "swiglu_clamp_exp",
-             f"at least block_count ({self.n_layer}) entries", len(self.swiglu_clamp))
-        for i, c in enumerate(self.swiglu_clamp[: self.n_layer]):
-            need(c > 0, f"swiglu_clamp_exp[{i}]", "> 0", c)
+            need(isinstance(r, int) and (r == 0 or MIN_RATIO <= r <= MAX_RATIO), f"attention.compress_ratios[{i}]",
+                 f"0 (no compression) or an integer in [{MIN_RATIO}, {MAX_RATIO}]", r)
+        need(self.n_layer <= len(self.swiglu_clamp) <= self.n_layer + MAX_EXTRA_LAYERS, "swiglu_clamp_exp",
+             f"block_count ({self.n_layer}) to block_count + {MAX_EXTRA_LAYERS} entries", len(self.swiglu_clamp))
+        for i, c in enumerate(self.swiglu_clamp):
+            need(isinstance(c, float) and math.isfinite(c) and 0 < c <= MAX_SWIGLU_CLAMP, f"swiglu_clamp_exp[{i}]",
+                 _range_text(0.0, MAX_SWIGLU_CLAMP, open_low=True), c)
         if any(self.ratio(i) == 4 for i in range(self.n_layer)):
             d = self.indexer_head_dim
             need(d >= 32 and d % 32 == 0 and d & (d - 1) == 0, "attention.indexer.key_length",
@@ -202,8 +271,6 @@ class ModelConfig:
             need(d >= self.n_rot, "attention.indexer.key_length", f">= rope.dimension_count ({self.n_rot})", d)
             need(self.indexer_n_head > 0, "attention.indexer.head_count", "> 0", self.indexer_n_head)
             need(self.indexer_top_k > 0, "attention.indexer.top_k", "> 0", self.indexer_top_k)
-        need(self.hc_eps > 0, "hyper_connection.epsilon", "> 0", self.hc_eps)
-        need(self.rms_eps > 0, "attention.layer_norm_rms_epsilon", "> 0", self.rms_eps)
 
     # ---- GGUF metadata -------------------------------------------------------------------------------------------
     @classmethod
@@ -217,28 +284,16 @@ class ModelConfig:
             full = f"{ARCH}.{key}"
             if full not in meta:
                 if required:
-                    raise ConfigError(f"{full}: expected a {kind} value, found nothing (key missing)")
+                    raise ConfigError(f"{full}: expected {_KIND_TEXT[kind]}, found nothing (key missing)")
                 continue
             v = meta[full]
-            try:
-                if kind == "int":
-                    if isinstance(v, bool) or int(v) != v:
-                        raise TypeError
-                    v = int(v)
-                elif kind == "float":
-                    v = float(v)
-                elif kind == "bool":
-                    if not isinstance(v, (bool, int)):
-                        raise TypeError
-                    v = bool(v)
-                elif kind == "ints":
-                    v = [int(x) for x in v]
-                elif kind == "floats":
-                    v = [float(x) for x in v]
-            except (TypeError, ValueError):
-                raise ConfigError(f"{full}: expected a {kind} value, found {v!r}") from None
-            kwargs[attr] = v
-        kwargs["name"] = str(meta.get("general.name", "deepseek-v4"))
+            converted = _convert(v, kind)
+            if converted is None:
+                shown = v if not isinstance(v, (list, str)) or len(v) <= 8 else f"{type(v).__name__} of {len(v)}"
+                raise ConfigError(f"{full}: expected {_KIND_TEXT[kind]}, found {shown!r}")
+            kwargs[attr] = converted
+        name = meta.get("general.name", "deepseek-v4")
+        kwargs["name"] = name if isinstance(name, str) else "deepseek-v4"
         return cls(**kwargs)
 
     def metadata(self) -> dict[str, tuple[str, Any]]:

@@ -1,23 +1,27 @@
-"""ModelFile: a ds4-layout GGUF opened through gguf.GGUFReader (mmap), its tensor table, and layout validation.
+"""ModelFile: a ds4-layout GGUF opened through `gguf_read.read_gguf` (checked header, mmap), its tensor table, and
+layout validation.
 
 Validation follows antirez/ds4 (`config_validate_model`, `weights_bind`, `weights_validate_layout`) generalised to any
-dimensions: every metadata value is checked by ModelConfig, every tensor the config implies must be present with the
-right shape and an accepted block type, routed gate/up experts share one type, rows are whole blocks, tid2eid holds
-valid expert ids, and every tensor's bytes lie inside the file. Each failure is a ModelFileError that names the tensor
-(or key), what was expected and what was found.
+dimensions: the header is read with every count, length and offset checked against the file (gguf_read), every
+metadata value is range-checked by ModelConfig, every tensor the config implies must be present with the right shape
+and an accepted block type, routed gate/up experts share one type, rows are whole blocks, tid2eid holds valid expert
+ids, the tokenizer fits the vocabulary, and every tensor's bytes lie inside the file. Each failure is a ModelFileError
+that names the file and the tensor (or key), what was expected and what was found.
+
+Weights are read through the mmap on demand; `changed()` says when the file under the mapping was modified since load.
 """
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .config import ConfigError, ModelConfig
+from .gguf_read import GGUFError, file_changed, read_gguf
 from .layout import TensorSpec, model_specs
 
 
@@ -60,17 +64,6 @@ def tensor_nbytes(qtype: T, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64)) // block * size
 
 
-def _field_value(field):
-    """A GGUF metadata field as a plain Python value (str, int, float, bool, or a list of those)."""
-    main = field.types[0]
-    if main == GGUFValueType.ARRAY:
-        return list(field.contents())
-    v = field.contents()
-    if main == GGUFValueType.BOOL:
-        return bool(v)
-    return v
-
-
 class ModelFile:
     """An open ds4-layout GGUF. `raw(name)` is a zero-copy view of the tensor's bytes; nothing is read eagerly."""
 
@@ -78,27 +71,27 @@ class ModelFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such model file")
-        self.file_size = self.path.stat().st_size
         try:
-            self._reader = GGUFReader(self.path, "r")
-        except Exception as e:  # the reader fails deep inside NumPy on malformed files: say what is wrong instead
-            raise ModelFileError(f"{self.path}: {_diagnose(self.path, self.file_size) or f'not a valid GGUF v3 file ({e})'}"
-                                 ) from None
-        self.metadata: dict[str, object] = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            self.metadata[key] = _field_value(field)
-        self.tensors: dict[str, TensorInfo] = {}
-        for t in self._reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self.tensors[t.name] = TensorInfo(t.name, T(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
+            self._gguf = read_gguf(self.path)
+        except GGUFError as e:
+            raise ModelFileError(f"{self.path}: {e}") from None
+        except OSError as e:
+            raise ModelFileError(f"{self.path}: cannot read the file ({e.strerror or e})") from None
+        self.file_size = self._gguf.stat.st_size
+        self.metadata: dict[str, object] = dict(self._gguf.metadata)
+        self.tensors: dict[str, TensorInfo] = {
+            t.name: TensorInfo(t.name, t.qtype, t.shape, t.offset, t.nbytes) for t in self._gguf.tensors.values()}
         try:
             self.config = ModelConfig.from_metadata(self.metadata)
         except ConfigError as e:
+            self.close()
             raise ModelFileError(f"{self.path}: {e}") from None
         if validate:
-            self.validate()
+            try:
+                self.validate()
+            except ModelFileError:
+                self.close()
+                raise
 
     # ---- access --------------------------------------------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
@@ -114,7 +107,7 @@ class ModelFile:
         """The tensor's bytes (zero-copy over the mmap): typed for F32/F16/I32 (BF16 as uint16 bits), else uint8
         [*shape[:-1], row_bytes]."""
         t = self.info(name)
-        buf = self._reader.data[t.offset: t.offset + t.nbytes]
+        buf = self._gguf.data[t.offset: t.offset + t.nbytes]
         return buf.view(t.raw_dtype).reshape(t.raw_shape)
 
     def dequantize(self, name: str, index: int | None = None) -> np.ndarray:
@@ -131,10 +124,13 @@ class ModelFile:
     def tokenizer_fields(self) -> dict[str, object]:
         return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
 
+    def changed(self) -> str | None:
+        """Why the file under the mapping no longer holds what was loaded (its size or mtime changed), else None.
+        The reason does not name the file (it may go to clients)."""
+        return file_changed(self._gguf)
+
     def close(self) -> None:
-        mm = getattr(self._reader, "data", None)
-        if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:
-            mm._mmap.close()
+        self._gguf.close()
 
     def __enter__(self) -> "ModelFile":
         return self
@@ -165,6 +161,40 @@ class ModelFile:
                 if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= cfg.n_expert):
                     raise ModelFileError(f"{self.path}: tensor {name!r} holds expert ids outside [0, {cfg.n_expert}) "
                                          f"(found {int(ids.min())}..{int(ids.max())})")
+        self._check_tokenizer_fields()
+
+    def _check_tokenizer_fields(self) -> None:
+        """The stored tokenizer (when there is one) must fit the vocabulary: every id it can produce indexes the
+        embedding. Its finer structure (merges, token text) is checked when the Tokenizer is built."""
+        meta, n_vocab = self.metadata, self.config.n_vocab
+
+        def bad(key: str, expected: str, found) -> ModelFileError:
+            return ModelFileError(f"{self.path}: metadata key {key!r}: expected {expected}, found {found}")
+
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise bad("tokenizer.ggml.tokens", "an array of strings", type(tokens).__name__)
+            if not 0 < len(tokens) <= n_vocab:
+                raise bad("tokenizer.ggml.tokens", f"1 to deepseek4.vocab_size ({n_vocab}) entries",
+                          f"{len(tokens)} entries")
+        types = meta.get("tokenizer.ggml.token_type")
+        if types is not None:
+            if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+                raise bad("tokenizer.ggml.token_type", "an array of integers", type(types).__name__)
+            if tokens is not None and len(types) != len(tokens):
+                raise bad("tokenizer.ggml.token_type", f"one entry per token ({len(tokens)})", f"{len(types)} entries")
+        merges = meta.get("tokenizer.ggml.merges")
+        if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+            raise bad("tokenizer.ggml.merges", "an array of strings", type(merges).__name__)
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id"):
+            v = meta.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n_vocab):
+                raise bad(key, f"a token id in [0, {n_vocab})", repr(v))
+        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "general.name", "general.architecture"):
+            v = meta.get(key)
+            if v is not None and not isinstance(v, str):
+                raise bad(key, "a string", repr(v))
 
     def _check_tensor(self, spec: TensorSpec, t: TensorInfo) -> None:
         where = f"{self.path}: tensor {spec.name!r}"
@@ -185,69 +215,3 @@ class ModelFile:
 
 def _type_names(types) -> str:
     return "|".join(sorted(t.name for t in types))
-
-
-def _diagnose(path: Path, file_size: int) -> str | None:
-    """Walk the GGUF header by hand to say precisely why GGUFReader refused the file (None if nothing found)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(min(file_size, 64 << 20))
-    except OSError as e:
-        return f"cannot read the file ({e})"
-    if len(data) < 24:
-        return f"file too short for a GGUF header ({len(data)} bytes)"
-    if data[:4] != b"GGUF":
-        return f"not a GGUF file (magic {data[:4]!r}, expected b'GGUF')"
-    version = struct.unpack_from("<I", data, 4)[0]
-    if version != 3:
-        return f"GGUF version {version} is not supported (expected 3)"
-    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
-    pos = 24
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-    def read_str(p: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", data, p)
-        if p + 8 + n > len(data):
-            raise IndexError
-        return data[p + 8: p + 8 + n].decode("utf-8", "replace"), p + 8 + n
-
-    def skip_value(p: int, vt: int) -> int:
-        if vt in scalar:
-            return p + scalar[vt]
-        if vt == 8:
-            return read_str(p)[1]
-        if vt == 9:
-            st, n = struct.unpack_from("<IQ", data, p)
-            p += 12
-            for _ in range(n):
-                p = skip_value(p, st)
-            return p
-        raise ValueError(f"unknown metadata value type {vt}")
-
-    key = "?"
-    try:
-        for _ in range(n_kv):
-            key, pos = read_str(pos)
-            (vt,) = struct.unpack_from("<I", data, pos)
-            pos = skip_value(pos + 4, vt)
-        alignment = 32
-        infos = []
-        for _ in range(n_tensors):
-            name, pos = read_str(pos)
-            (nd,) = struct.unpack_from("<I", data, pos)
-            dims = struct.unpack_from(f"<{nd}Q", data, pos + 4)
-            qt, off = struct.unpack_from("<IQ", data, pos + 4 + 8 * nd)
-            pos += 4 + 8 * nd + 12
-            if qt not in T._value2member_map_:
-                return f"tensor {name!r} has unknown block type {qt}"
-            infos.append((name, dims, T(qt), off))
-    except (struct.error, IndexError):
-        return f"header truncated or corrupt (while reading metadata key {key!r} or the tensor table)"
-    except ValueError as e:
-        return f"metadata key {key!r}: {e}"
-    start = (pos + alignment - 1) // alignment * alignment
-    for name, dims, qt, off in infos:
-        end = start + off + tensor_nbytes(qt, tuple(reversed(dims)))
-        if end > file_size:
-            return f"tensor {name!r}: data runs to byte {end} but the file has {file_size} bytes (truncated file?)"
-    return None

@@ -5,6 +5,12 @@ GET /metrics. Handlers validate with `protocol`, render and tokenize the prompt 
 arrival order is kept and the event loop never blocks on a long prompt), submit a `GenerationJob` to the
 `EngineWorker`, then turn its events into a JSON response or an SSE stream. While a job waits or prefills, the stream
 gets `: keepalive` comments; a client that goes away cancels its job.
+
+Every route goes through the same middlewares (outermost first): OpenAI error objects for every failure (405 with
+`Allow`; 500s with a generic message and a request id, details in the log), CORS preflights (guards.cors), the API key
+(/v1/* and /metrics unless metrics_public), refusal while draining or when the model file changed (503), and the body
+guard (JSON only, size and time limits: guards.body_guard). Prompts longer than ctx x the tokenizer's longest token in
+bytes are refused before tokenizing; message text is tokenized as plain text (text.chat.render_prompt).
 """
 from __future__ import annotations
 
@@ -22,25 +28,32 @@ import orjson
 from aiohttp import web
 
 from . import protocol
+from .guards import DEFAULT_BODY_TIMEOUT_S, body_guard, cors
 from .metrics import ServerMetrics
 from .protocol import ProtocolError
-from .worker import (EngineWorker, EventChannel, GenerationJob, JobCancelled, JobFailed, JobFinished, JobStarted,
-                     PrefillProgress, TokenDelta, real_generator_factory)
+from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
+from .worker import (MODEL_FILE_CHANGED, SHUTTING_DOWN, EngineWorker, EventChannel, GenerationJob, JobCancelled,
+                     JobFailed, JobFinished, JobStarted, PrefillProgress, TokenDelta, real_generator_factory)
 
 log = logging.getLogger("ds4cupy.server")
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
+FALLBACK_MAX_TOKEN_BYTES = 256      # for tokenizers that do not say how long their longest token is
 DEFAULT_KEEPALIVE_S = 5.0
 DISCONNECT_POLL_S = 0.25
 
-PromptRenderer = Callable[[list, list, protocol.ThinkingChoice], str]   # (messages, tools, thinking) -> prompt text
+# (messages, tools, thinking) -> the prompt: text (tokenized with tokenizer.encode) or (text, is_template) parts
+# (tokenized with tokenizer.encode_parts: added-token strings are control tokens only in template parts)
+PromptRenderer = Callable[[list, list, protocol.ThinkingChoice], Any]
 
 
-def render_chat_prompt(messages: list[dict], tools: list[dict], thinking: protocol.ThinkingChoice) -> str:
-    """The DeepSeek-V4 prompt text for validated messages (ds4cupy.text.chat.encode_messages; BOS is in the text)."""
-    from ..text.chat import encode_messages
-    return encode_messages(messages, thinking_mode=thinking.thinking_mode, reasoning_effort=thinking.reasoning_effort,
-                           tools=tools or None)
+def render_chat_prompt(messages: list[dict], tools: list[dict], thinking: protocol.ThinkingChoice) -> list:
+    """The DeepSeek-V4 prompt for validated messages as PromptParts (ds4cupy.text.chat.render_prompt; BOS included):
+    message text stays plain text when tokenized."""
+    from ..text.chat import render_prompt
+    return render_prompt(messages, thinking_mode=thinking.thinking_mode, reasoning_effort=thinking.reasoning_effort,
+                         tools=tools or None)
 
 
 @dataclass
@@ -52,6 +65,11 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     demo: bool = False                   # the built-in random-weights model: said in /v1/models and /health
+    metrics_public: bool = False         # /metrics without the API key
+    cors_origins: tuple[str, ...] = ()   # origins allowed to call from a browser ("*": any)
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     aliases: tuple[str, ...] = (protocol.NON_THINKING_ALIAS, protocol.THINKING_ALIAS)
     created: int = field(default_factory=protocol.now)
 
@@ -67,6 +85,9 @@ class ServerState:
     prep: concurrent.futures.ThreadPoolExecutor
     turn_ids: frozenset[int] = frozenset()
     request_counter: int = 0
+    file_problem: Callable[[], str | None] = lambda: None    # why the model cannot serve from its file, or None
+    draining: bool = False               # shutting down: new requests get 503
+    in_flight: int = 0                   # requests inside the handlers
 
     def next_request_id(self, prefix: str) -> str:
         self.request_counter += 1
@@ -106,6 +127,7 @@ def _endpoint_label(request: web.Request) -> str:
 async def openai_errors_middleware(request: web.Request, handler):
     """Every failure leaves as an OpenAI error object; every request is counted by endpoint and status."""
     state = request.app[STATE]
+    state.in_flight += 1
     try:
         response = await handler(request)
     except ProtocolError as err:
@@ -116,28 +138,50 @@ async def openai_errors_middleware(request: web.Request, handler):
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         response = error_response(http_error(exc.status, exc.reason if exc.status != 404 else
                                              f"no route for {request.method} {request.path}", code))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
     except ConnectionResetError:            # the client left before a non-streaming answer was ready
         log.info("%s %s: client disconnected", request.method, request.path)
         response = web.Response(status=499)  # nginx's "client closed request", for the metrics only
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("unhandled error for %s %s", request.method, request.path)
-        response = error_response(http_error(500, "internal server error", "internal_error"))
+        rid = f"req-{uuid.uuid4().hex[:16]}"
+        log.exception("unhandled error for %s %s (request id %s)", request.method, request.path, rid)
+        response = error_response(http_error(500, f"internal server error (request id {rid}; the details are in "
+                                                  f"the server log)", "internal_error"))
+    finally:
+        state.in_flight -= 1
     state.metrics.record_request(_endpoint_label(request), response.status)
     return response
 
 
 @web.middleware
 async def api_key_middleware(request: web.Request, handler):
-    """With --api-key, /v1/* needs `Authorization: Bearer <key>` (401 otherwise). /health and /metrics stay open."""
-    key = request.app[STATE].settings.api_key
-    if key and request.path.startswith("/v1/"):
+    """With --api-key, /v1/* and /metrics (unless metrics_public) need `Authorization: Bearer <key>` (401 otherwise).
+    /health stays open."""
+    settings = request.app[STATE].settings
+    key = settings.api_key
+    if key and (request.path.startswith("/v1/") or (request.path == "/metrics" and not settings.metrics_public)):
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise http_error(401, "Incorrect API key provided." if header else
                              "You didn't provide an API key (Authorization: Bearer <key>).", "invalid_api_key")
+    return await handler(request)
+
+
+@web.middleware
+async def availability_middleware(request: web.Request, handler):
+    """503 for work the server cannot do now: any /v1/ POST while draining, or while the model file has changed
+    under an mmap'd model (checked before the body is read, let alone tokenized)."""
+    state = request.app[STATE]
+    if request.method == "POST" and request.path.startswith("/v1/"):
+        if state.draining:
+            raise http_error(503, "the server is shutting down", SHUTTING_DOWN)
+        problem = state.file_problem()
+        if problem is not None:
+            raise http_error(503, problem, MODEL_FILE_CHANGED)
     return await handler(request)
 
 
@@ -192,13 +236,34 @@ def last_turn_checkpoint(ids: list[int], turn_ids: frozenset[int]) -> list[int]:
     return []
 
 
+def prompt_byte_bound(state: ServerState) -> int:
+    """The most UTF-8 bytes a prompt that fits the context can have: ctx tokens of at most max_token_bytes each."""
+    per_token = getattr(state.tokenizer, "max_token_bytes", None) or FALLBACK_MAX_TOKEN_BYTES
+    return state.settings.ctx * int(per_token)
+
+
+def tokenize_prompt(state: ServerState, rendered: Any) -> list[int]:
+    """Token ids of a rendered prompt (text or PromptParts), refused by byte length before any tokenizing when it
+    cannot fit the context."""
+    texts = [rendered] if isinstance(rendered, str) else [part[0] for part in rendered]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    bound = prompt_byte_bound(state)
+    if n_bytes > bound:
+        raise ProtocolError(400, f"This model's maximum context length is {state.settings.ctx} tokens. However, your "
+                                 f"prompt has {n_bytes} bytes, more than {state.settings.ctx} tokens can hold "
+                                 f"({bound} bytes).", param="messages", code="context_length_exceeded")
+    if isinstance(rendered, str):
+        return list(state.tokenizer.encode(rendered))
+    return list(state.tokenizer.encode_parts(rendered))
+
+
 async def prepare_prompt(state: ServerState, messages: list[dict], tools: list[dict],
                          thinking: protocol.ThinkingChoice, max_tokens: int | None) -> PreparedPrompt:
-    """Render + tokenize on the prep thread; refuse prompts that leave no room in the context. The reply budget is
-    max_tokens clamped to the room left (generation ends with finish_reason "length" when the context is full)."""
+    """Render + tokenize on the prep thread; refuse prompts that leave no room in the context (by byte length before
+    tokenizing, then by token count). The reply budget is max_tokens clamped to the room left (generation ends with
+    finish_reason "length" when the context is full)."""
     def work() -> list[int]:
-        text = state.render(messages, tools, thinking)
-        return list(state.tokenizer.encode(text))
+        return tokenize_prompt(state, state.render(messages, tools, thinking))
 
     loop = asyncio.get_running_loop()
     try:
@@ -324,7 +389,7 @@ async def stream_sse(run: JobRun, opening: list[dict], delta_chunk: Callable[[An
                 await response.write(protocol.SSE_DONE)
             elif isinstance(event, JobFailed):
                 done = True
-                await response.write(protocol.sse_event(http_error(500, event.message, "engine_error").body()))
+                await response.write(protocol.sse_event(job_error(event).body()))
                 await response.write(protocol.SSE_DONE)
             elif isinstance(event, JobCancelled):
                 done = True
@@ -358,6 +423,11 @@ async def stream_chat(run: JobRun, chat: protocol.ChatRequest) -> web.StreamResp
     return await stream_sse(run, [chunk({"role": "assistant", "content": ""})], delta_chunk, closing)
 
 
+def job_error(event: JobFailed) -> ProtocolError:
+    """The OpenAI error for a failed job (500 engine error, 503 shutting down / model file changed)."""
+    return http_error(getattr(event, "status", 500), event.message, getattr(event, "code", "engine_error"))
+
+
 async def collect(run: JobRun, on_delta: Callable[[Any], None]) -> JobFinished:
     """Wait for a non-streaming job: every token delta goes to on_delta; the JobFinished event is returned. An engine
     failure becomes a 500; the job is cancelled if the client leaves."""
@@ -369,7 +439,7 @@ async def collect(run: JobRun, on_delta: Callable[[Any], None]) -> JobFinished:
             elif isinstance(event, JobFinished):
                 finished = event
             elif isinstance(event, JobFailed):
-                raise http_error(500, event.message, "engine_error")
+                raise job_error(event)
             elif isinstance(event, JobCancelled):
                 raise ConnectionResetError("cancelled")
     finally:
@@ -456,10 +526,14 @@ async def handle_model(request: web.Request) -> web.Response:
 async def handle_health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     s = state.settings
-    ok = state.worker.alive
-    return json_response({"status": "ok" if ok else "engine stopped", "model": s.model_name, "ctx": s.ctx,
-                          "demo_model_random_weights": s.demo, "queue_depth": state.worker.queue_depth,
-                          "engine_busy": state.worker.busy}, status=200 if ok else 503)
+    problem = state.file_problem()
+    status = ("model file changed" if problem else "engine stopped" if not state.worker.alive
+              else "shutting down" if state.draining else "ok")
+    body = {"status": status, "model": s.model_name, "ctx": s.ctx, "demo_model_random_weights": s.demo,
+            "queue_depth": state.worker.queue_depth, "engine_busy": state.worker.busy}
+    if problem:
+        body["model_file"] = problem
+    return json_response(body, status=200 if status == "ok" else 503)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -471,25 +545,33 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRenderer | None = None,
                make_generator=None, prefill_chunk: int | None = None,
-               max_snapshots: int | None = None) -> web.Application:
-    """Build the application around one session. `render` (messages, tools, thinking) -> text and `make_generator`
+               max_snapshots: int | None = None, file_problem: Callable[[], str | None] | None = None
+               ) -> web.Application:
+    """Build the application around one session. `render` (messages, tools, thinking) -> prompt and `make_generator`
     (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `max_snapshots` session
-    copies are kept for prefix reuse (default 2; each holds the whole KV)."""
+    copies are kept for prefix reuse (default 2; each holds the whole KV). `file_problem` () -> reason or None says
+    when the model can no longer serve from its file (loader.Model.file_problem): /health and requests then say 503."""
     metrics = ServerMetrics()
     worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     if max_snapshots is not None:
         worker_kwargs["max_snapshots"] = max_snapshots
     worker = EngineWorker(session, make_generator or real_generator_factory(tokenizer), metrics=metrics,
-                          **worker_kwargs)
+                          precheck=file_problem, **worker_kwargs)
     metrics.queue_depth = lambda: worker.queue_depth
     metrics.engine_busy = lambda: worker.busy
     state = ServerState(settings=settings, tokenizer=tokenizer, worker=worker, metrics=metrics,
                         render=render or render_chat_prompt,
                         prep=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds4cupy-prep"),
                         turn_ids=turn_start_ids(tokenizer))
+    if file_problem is not None:
+        state.file_problem = file_problem
+    cors_preflight, cors_headers = cors(settings.cors_origins)
     # aiohttp's own limit sits just above ours so that we answer 413 in OpenAI's schema ourselves
-    app = web.Application(middlewares=[openai_errors_middleware, api_key_middleware],
+    app = web.Application(middlewares=[openai_errors_middleware, cors_preflight, api_key_middleware,
+                                       availability_middleware,
+                                       body_guard(settings.max_body_bytes, settings.body_timeout_s)],
                           client_max_size=settings.max_body_bytes + 1)
+    app.on_response_prepare.append(cors_headers)
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_post("/v1/completions", handle_completions)
@@ -538,7 +620,7 @@ class BackgroundServer:
         self._loop.close()
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = GuardedRunner(self.app, header_timeout_s=self.app[STATE].settings.header_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from . import protocol
-from .app import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, ServerSettings, create_app, new_event_loop
+from .app import (DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE_S, ServerSettings, create_app,
+                  new_event_loop)
+from .guards import DEFAULT_BODY_TIMEOUT_S
+from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
 
 DEFAULT_CTX = 32768
 RANDOM_WEIGHTS_NOTE = ("*** NOTE: no -m given: serving the built-in DEMO model. Its weights are RANDOM: the API works, "
@@ -35,7 +39,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the model id reported by the API (default {protocol.DEFAULT_MODEL_NAME}; the aliases "
                         f"{protocol.NON_THINKING_ALIAS} / {protocol.THINKING_ALIAS} select thinking off / on)")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="largest request body in bytes (413 beyond it)")
+                   help=f"largest request body in bytes (413 beyond it; default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   help=f"seconds a new connection may take to send its request headers (default "
+                        f"{DEFAULT_HEADER_TIMEOUT_S:g})")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help=f"seconds a request body may take to arrive (408 beyond; default {DEFAULT_BODY_TIMEOUT_S:g})")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. http://localhost:3000; repeatable; * for any) to call "
+                        "the API; without it no CORS headers are sent")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key (by default --api-key guards it too)")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help=f"on SIGTERM/SIGINT, seconds the running request may take to finish before it is ended with "
+                        f"an error (default {DEFAULT_SHUTDOWN_GRACE_S:g}); queued requests get 503 at once")
     p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
                    help="seconds of silence before an SSE `: keepalive` comment while a request waits or prefills")
     p.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill call (default 512)")
@@ -52,10 +69,13 @@ def pick_ctx(requested: int | None, n_ctx_train: int) -> int:
     return ctx
 
 
-async def serve_forever(app, host: str, port: int) -> None:
-    """Listen, print the URL, and run until SIGINT/SIGTERM."""
+async def serve_forever(app, host: str, port: int, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                        shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> None:
+    """Listen, print the URL, and run until SIGINT/SIGTERM; then stop listening and drain (server.shutdown)."""
     from aiohttp import web
-    runner = web.AppRunner(app, access_log=None)
+
+    from .shutdown import drain
+    runner = GuardedRunner(app, header_timeout_s=header_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -64,21 +84,37 @@ async def serve_forever(app, host: str, port: int) -> None:
     print(f"ds4cupy: listening on http://{shown_host}:{bound_port}/v1  (Ctrl-C stops)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():                    # a second Ctrl-C / SIGTERM while draining: leave now
+            print("ds4cupy: stopped without draining", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):
             pass
     try:
         await stop.wait()
+        print(f"ds4cupy: shutting down (grace {shutdown_grace_s:g} s)", flush=True)
+        for s in list(runner.sites):
+            await s.stop()                   # stop accepting; open connections stay until drained
+        await drain(app, shutdown_grace_s)
     finally:
-        print("ds4cupy: shutting down", flush=True)
         await runner.cleanup()
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in (("--max-body", args.max_body), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise SystemExit(f"ds4cupy serve: {name} must be positive, got {value:g}")
+    if not args.shutdown_grace >= 0:
+        raise SystemExit(f"ds4cupy serve: --shutdown-grace must be >= 0, got {args.shutdown_grace:g}")
     import ds4cupy
     demo = args.model is None
     if demo:
@@ -93,13 +129,19 @@ def main(args: argparse.Namespace) -> int:
     print(f"ds4cupy: model {path} ({model.backend} backend), ctx {ctx}, served as '{args.model_name}'"
           + ("  [DEMO MODEL: RANDOM WEIGHTS]" if demo else ""), file=sys.stderr, flush=True)
     settings = ServerSettings(model_name=args.model_name, ctx=ctx, api_key=args.api_key,
-                              max_body_bytes=args.max_body, keepalive_s=args.keepalive, demo=demo)
+                              max_body_bytes=args.max_body, keepalive_s=args.keepalive, demo=demo,
+                              metrics_public=args.metrics_public, cors_origins=tuple(args.cors),
+                              header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              shutdown_grace_s=args.shutdown_grace)
     app = create_app(model.tokenizer, session, settings, prefill_chunk=args.prefill_chunk,
-                     max_snapshots=args.max_snapshots)
+                     max_snapshots=args.max_snapshots, file_problem=model.file_problem)
+    if model.reads_file:
+        print(f"ds4cupy: the {model.backend} backend reads weights from {path} while serving: do not change the "
+              f"file (requests get 503 if it changes)", file=sys.stderr, flush=True)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve_forever(app, args.host, args.port))
+        loop.run_until_complete(serve_forever(app, args.host, args.port, args.header_timeout, args.shutdown_grace))
     except OSError as exc:
         print(f"ds4cupy: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,12 @@ limits) and `EngineWorker.submit`s it; the worker thread takes jobs strictly in 
 
 Events go back to the request's asyncio loop through `EventChannel` (loop.call_soon_threadsafe into an asyncio.Queue).
 A client that goes away sets `job.cancel`; a job cancelled while still queued is skipped without touching the session.
+
+The server can also refuse or cut off jobs with a 503 `JobFailed`: `refuse_new` (shutting down: jobs submitted from then
+on fail at once), `fail_pending` (queued jobs), `abort_running` (the running job stops within a token), and the
+`precheck` callable, asked before each job and between prefill chunks and tokens (the model file changed under an
+mmap'd session). An engine exception is a 500 `JobFailed` with a generic message naming the request id; the details go
+to the log.
 """
 from __future__ import annotations
 
@@ -71,8 +77,16 @@ class JobCancelled:
 
 @dataclass
 class JobFailed:
-    """The engine raised; the session was reset and the server keeps serving."""
+    """The job did not complete. status 500 (code engine_error): the engine raised; the session was reset and the
+    server keeps serving. status 503: the job was refused or cut off (server shutting down, model file changed).
+    `message` is what the client is told."""
     message: str
+    status: int = 500
+    code: str = "engine_error"
+
+
+SHUTTING_DOWN = "server_shutting_down"
+MODEL_FILE_CHANGED = "model_file_changed"
 
 
 class EventChannel:
@@ -117,6 +131,7 @@ class GenerationJob:
     channel: EventChannel | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    abort: tuple[str, str] | None = None     # (message, code) when the server, not the client, cancelled the job
 
     def emit(self, event: Any) -> None:
         if self.channel is not None:
@@ -217,8 +232,10 @@ class EngineWorker:
     """The single engine session thread and its FIFO queue."""
 
     def __init__(self, session: SessionLike, make_generator: GeneratorFactory, *, metrics=None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_snapshots: int = 2, name: str = "ds4cupy-engine"):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_snapshots: int = 2, name: str = "ds4cupy-engine",
+                 precheck: Callable[[], str | None] | None = None):
         self.session = session
+        self.precheck = precheck              # () -> why the engine cannot serve now (503), or None
         self.make_generator = make_generator
         self.metrics = metrics
         self.prefill_chunk = max(1, int(prefill_chunk))
@@ -226,6 +243,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._running_job: GenerationJob | None = None
         self._stopping = False
+        self._refusal: tuple[str, str] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         # session states right after earlier prompts' checkpoints (their last user turn start, all but their last
         # token), for requests that share those prefixes but not the live session's tokens
@@ -252,10 +270,37 @@ class EngineWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def refuse_new(self, message: str, code: str = SHUTTING_DOWN) -> None:
+        """From now on every submitted job fails at once with a 503 JobFailed(message, code)."""
+        with self._cond:
+            self._refusal = (message, code)
+
+    def fail_pending(self, message: str, code: str = SHUTTING_DOWN) -> int:
+        """Every queued job fails with a 503 JobFailed(message, code); returns how many there were."""
+        with self._cond:
+            jobs = list(self._pending)
+            self._pending.clear()
+        for job in jobs:
+            job.emit(JobFailed(message, 503, code))
+        return len(jobs)
+
+    def abort_running(self, message: str, code: str = SHUTTING_DOWN) -> bool:
+        """Stop the running job within a token; it ends with a 503 JobFailed(message, code). False if none runs."""
+        with self._cond:
+            job = self._running_job
+            if job is None:
+                return False
+            job.abort = (message, code)
+            job.cancel.set()
+            return True
+
     def submit(self, job: GenerationJob) -> int:
         """Queue a job; returns its queue position (0 = runs next when the engine is idle, else the number of jobs
-        ahead of it, the running one included)."""
+        ahead of it, the running one included). After `refuse_new` the job fails at once instead (position 0)."""
         with self._cond:
+            if self._refusal is not None:
+                job.emit(JobFailed(self._refusal[0], 503, self._refusal[1]))
+                return 0
             if self._stopping:
                 raise RuntimeError("the engine worker is stopping")
             position = len(self._pending) + (1 if self._running_job is not None else 0)
@@ -307,19 +352,55 @@ class EngineWorker:
             if job is None:
                 return
             try:
+                problem = self._problem()
                 if job.cancel.is_set():
                     log.info("request %s cancelled while queued", job.request_id)
-                    job.emit(JobCancelled(completion_tokens=0))
+                    self._emit_cancelled(job, 0)
+                elif problem is not None:
+                    log.warning("request %s refused: %s", job.request_id, problem)
+                    self._forget_session_state()
+                    job.emit(JobFailed(problem, 503, MODEL_FILE_CHANGED))
                 else:
                     self._serve(job)
-            except Exception as exc:     # the engine failed: report it, start from a clean session, keep serving
+            except Exception:            # the engine failed: report it, start from a clean session, keep serving
                 log.exception("request %s failed in the engine", job.request_id)
                 self._forget_session_state()
-                job.emit(JobFailed(f"{type(exc).__name__}: {exc}"))
+                job.emit(JobFailed(f"the engine failed while serving request {job.request_id}; the details are in "
+                                   f"the server log"))
             finally:
                 with self._cond:
                     self._running_job = None
                     self.jobs_served += 1
+
+    def _problem(self) -> str | None:
+        """The precheck's answer (a precheck that raises counts as a problem)."""
+        if self.precheck is None:
+            return None
+        try:
+            return self.precheck()
+        except Exception as exc:     # noqa: BLE001
+            return f"the engine cannot serve ({type(exc).__name__})"
+
+    def _should_stop(self, job: GenerationJob) -> bool:
+        """True when the job must stop now: the client left, the server aborted it, or the precheck fails (which
+        turns into an abort)."""
+        if job.cancel.is_set():
+            return True
+        problem = self._problem()
+        if problem is not None:
+            job.abort = (problem, MODEL_FILE_CHANGED)
+            job.cancel.set()
+            return True
+        return False
+
+    def _emit_cancelled(self, job: GenerationJob, completion_tokens: int) -> None:
+        """A stopped job's last event: JobCancelled (the client left) or a 503 JobFailed (the server stopped it)."""
+        if job.abort is not None:
+            if job.abort[1] == MODEL_FILE_CHANGED:
+                self._forget_session_state()
+            job.emit(JobFailed(job.abort[0], 503, job.abort[1]))
+        else:
+            job.emit(JobCancelled(completion_tokens=completion_tokens))
 
     def _forget_session_state(self) -> None:
         self.snapshots.clear()
@@ -332,7 +413,7 @@ class EngineWorker:
         """Prefill `ids` in chunks; returns (last logits, cancelled)."""
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
-            if job.cancel.is_set():
+            if self._should_stop(job):
                 return logits, True
             logits = self.session.prefill(ids[start:start + self.prefill_chunk])
             job.emit(PrefillProgress(done_before + min(start + self.prefill_chunk, len(ids)), total))
@@ -372,7 +453,7 @@ class EngineWorker:
             self.metrics.record_prefill(to_prefill, prefill_s, cached)
         if cancelled:
             log.info("request %s cancelled during prefill", job.request_id)
-            job.emit(JobCancelled(completion_tokens=0))
+            self._emit_cancelled(job, 0)
             return
 
         generator = self.make_generator(job)
@@ -390,7 +471,7 @@ class EngineWorker:
                 if getattr(delta, "finish_reason", None):
                     finish_reason = delta.finish_reason
                     break
-                if job.cancel.is_set():
+                if self._should_stop(job):
                     break
         finally:
             close = getattr(stream, "close", None)
@@ -404,7 +485,7 @@ class EngineWorker:
         if finish_reason is None:
             if job.cancel.is_set():
                 log.info("request %s cancelled after %d tokens", job.request_id, completion_tokens)
-                job.emit(JobCancelled(completion_tokens=completion_tokens))
+                self._emit_cancelled(job, completion_tokens)
                 return
             finish_reason = "stop"          # a generator that ended without saying why
         log.info("request %s finished (%s): %d tokens in %.3f s", job.request_id, finish_reason, completion_tokens,

@@ -19,12 +19,16 @@ DeepSeek-V4-Flash; written here from its behaviour, not copied):
 OpenAI-style inputs are accepted too: content given as a list of parts, `tool_calls` with {"function": {"name",
 "arguments"}} where arguments is a JSON string (or an object), a request-level `tools=` list, and "reasoning" as an
 alias of "reasoning_content".
+
+`render_prompt()` gives the same prompt as `PromptPart`s that keep the template's own text apart from the text that
+came with the messages; `Tokenizer.encode_parts` turns added-token strings into control tokens only in the former, so
+a message (or a fetched page inside one) that writes `<｜Assistant｜>` cannot forge a turn.
 """
 from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -208,33 +212,72 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 # --- rendering ----------------------------------------------------------------------------------------------------
 
+class PromptPart(NamedTuple):
+    """A piece of a rendered prompt. template=True: written by the template itself, so the added-token strings in it
+    (`<｜User｜>`, `</think>`, `｜DSML｜`, ...) are control tokens. template=False: text that came with the request
+    (message content, reasoning, tool schemas, tool names and arguments), always tokenized as plain text."""
+    text: str
+    template: bool
+
+
+def _t(text: str) -> PromptPart:
+    return PromptPart(text, True)
+
+
+def _u(text: str) -> PromptPart:
+    return PromptPart(text, False)
+
+
+def _join(parts: Iterable[PromptPart]) -> str:
+    return "".join(p.text for p in parts)
+
+
+_TOOLS_HEAD, _TOOLS_TAIL = TOOLS_TEMPLATE.split("{schemas}")
+_FORMAT_HEAD, _FORMAT_TAIL = RESPONSE_FORMAT_TEMPLATE.split("{schema}")
+
+
+def _tools_parts(tools: Iterable[Mapping]) -> list[PromptPart]:
+    head = _TOOLS_HEAD.format(dsml=DSML, think_start=THINK_START, think_end=THINK_END)
+    return [_t(head), _u("\n".join(to_json(t) for t in tools)), _t(_TOOLS_TAIL)]
+
+
 def render_tools(tools: Iterable[Mapping]) -> str:
     """The `## Tools` block (DSML call syntax and one JSON schema per line)."""
-    return TOOLS_TEMPLATE.format(dsml=DSML, think_start=THINK_START, think_end=THINK_END,
-                                 schemas="\n".join(to_json(t) for t in tools))
+    return _join(_tools_parts(tools))
 
 
-def render_dsml_arguments(arguments: str) -> str:
-    """A tool call's JSON arguments as DSML parameter lines: strings raw with string="true", the rest as JSON."""
+def _dsml_argument_parts(arguments: str) -> list[PromptPart]:
     try:
         parsed = json.loads(arguments)
     except (TypeError, ValueError):
         parsed = {"arguments": arguments}
     if not isinstance(parsed, dict):
         parsed = {"arguments": parsed}
-    lines = []
-    for key, value in parsed.items():
+    out: list[PromptPart] = []
+    for k, (key, value) in enumerate(parsed.items()):
         is_str = isinstance(value, str)
-        lines.append(f'<{DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
-                     f'{value if is_str else to_json(value)}</{DSML}parameter>')
-    return "\n".join(lines)
+        out += [_t(("\n" if k else "") + f'<{DSML}parameter name="'), _u(str(key)),
+                _t(f'" string="{"true" if is_str else "false"}">'), _u(value if is_str else to_json(value)),
+                _t(f"</{DSML}parameter>")]
+    return out
+
+
+def render_dsml_arguments(arguments: str) -> str:
+    """A tool call's JSON arguments as DSML parameter lines: strings raw with string="true", the rest as JSON."""
+    return _join(_dsml_argument_parts(arguments))
+
+
+def _tool_call_parts(tool_calls: Sequence[Mapping]) -> list[PromptPart]:
+    out = [_t(f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n")]
+    for k, tc in enumerate(tool_calls):
+        out += [_t(("\n" if k else "") + f'<{DSML}invoke name="'), _u(tc["name"]), _t('">\n'),
+                *_dsml_argument_parts(tc["arguments"]), _t(f"\n</{DSML}invoke>")]
+    return out + [_t(f"\n</{DSML}{TOOL_CALLS_BLOCK}>")]
 
 
 def render_tool_calls(tool_calls: Sequence[Mapping]) -> str:
     """`\\n\\n<｜DSML｜tool_calls>...</｜DSML｜tool_calls>` for normalized tool calls."""
-    invokes = [f'<{DSML}invoke name="{tc["name"]}">\n{render_dsml_arguments(tc["arguments"])}\n</{DSML}invoke>'
-               for tc in tool_calls]
-    return f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n" + "\n".join(invokes) + f"\n</{DSML}{TOOL_CALLS_BLOCK}>"
+    return _join(_tool_call_parts(tool_calls))
 
 
 def _last_user_index(messages: Sequence[Mapping]) -> int:
@@ -304,58 +347,60 @@ def _drop_thinking(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _render_user_body(msg: Mapping) -> str:
+def _render_user_body(msg: Mapping) -> list[PromptPart]:
     blocks = msg.get("content_blocks")
     if not blocks:
-        return msg.get("content") or ""
-    parts = []
-    for block in blocks:
+        return [_u(msg.get("content") or "")]
+    parts: list[PromptPart] = []
+    for k, block in enumerate(blocks):
+        if k:
+            parts.append(_t("\n\n"))
         kind = block.get("type")
         if kind == "text":
-            parts.append(block.get("text") or "")
+            parts.append(_u(block.get("text") or ""))
         elif kind == "tool_result":
-            parts.append(f"<tool_result>{_tool_result_text(block.get('content', ''))}</tool_result>")
+            parts += [_t("<tool_result>"), _u(_tool_result_text(block.get("content", ""))), _t("</tool_result>")]
         else:
-            parts.append(f"[Unsupported {kind}]")
-    return "\n\n".join(parts)
+            parts.append(_u(f"[Unsupported {kind}]"))
+    return parts
 
 
 def _render_message(index: int, messages: Sequence[dict], thinking_mode: str, drop_thinking: bool,
-                    reasoning_effort: str | None) -> str:
+                    reasoning_effort: str | None) -> list[PromptPart]:
     msg = messages[index]
     role = msg.get("role")
     last_user = _last_user_index(messages)
-    out = ""
+    out: list[PromptPart] = []
     if index == 0 and thinking_mode == "thinking" and reasoning_effort == "max":
-        out += THINK_MAX_PREAMBLE
+        out.append(_t(THINK_MAX_PREAMBLE))
 
-    def tools_and_format() -> str:
-        extra = ""
+    def tools_and_format() -> list[PromptPart]:
+        extra: list[PromptPart] = []
         if msg.get("tools"):
-            extra += "\n\n" + render_tools(msg["tools"])
+            extra += [_t("\n\n"), *_tools_parts(msg["tools"])]
         if msg.get("response_format"):
-            extra += "\n\n" + RESPONSE_FORMAT_TEMPLATE.format(schema=to_json(msg["response_format"]))
+            extra += [_t("\n\n" + _FORMAT_HEAD), _u(to_json(msg["response_format"])), _t(_FORMAT_TAIL)]
         return extra
 
     if role == "system":
-        out += (msg.get("content") or "") + tools_and_format()
+        out += [_u(msg.get("content") or ""), *tools_and_format()]
     elif role == "developer":
         if not msg.get("content"):
             raise ChatFormatError(f"messages[{index}] (developer) has empty content")
-        out += USER_TOKEN + msg["content"] + tools_and_format()
+        out += [_t(USER_TOKEN), _u(msg["content"]), *tools_and_format()]
     elif role == "user":
-        out += USER_TOKEN + _render_user_body(msg)
+        out += [_t(USER_TOKEN), *_render_user_body(msg)]
     elif role == "latest_reminder":
-        out += LATEST_REMINDER_TOKEN + (msg.get("content") or "")
+        out += [_t(LATEST_REMINDER_TOKEN), _u(msg.get("content") or "")]
     elif role == "assistant":
-        tool_calls = render_tool_calls(msg["tool_calls"]) if msg.get("tool_calls") else ""
-        reasoning = ""
         prev_has_task = index > 0 and messages[index - 1].get("task") is not None
         if thinking_mode == "thinking" and not prev_has_task and (not drop_thinking or index > last_user):
-            reasoning = (msg.get("reasoning_content") or "") + THINK_END
-        out += reasoning + (msg.get("content") or "") + tool_calls
+            out += [_u(msg.get("reasoning_content") or ""), _t(THINK_END)]
+        out.append(_u(msg.get("content") or ""))
+        if msg.get("tool_calls"):
+            out += _tool_call_parts(msg["tool_calls"])
         if not msg.get("wo_eos", False):
-            out += EOS_TOKEN
+            out.append(_t(EOS_TOKEN))
     else:
         raise ChatFormatError(f"messages[{index}].role {role!r} cannot be rendered here")
 
@@ -365,15 +410,16 @@ def _render_message(index: int, messages: Sequence[dict], thinking_mode: str, dr
     task = msg.get("task")
     if task is not None:
         if task == "action":
-            out += ASSISTANT_TOKEN + (THINK_START if thinking_mode == "thinking" else THINK_END) + TASK_TOKENS[task]
+            out.append(_t(ASSISTANT_TOKEN + (THINK_START if thinking_mode == "thinking" else THINK_END)
+                          + TASK_TOKENS[task]))
         else:
-            out += TASK_TOKENS[task]
+            out.append(_t(TASK_TOKENS[task]))
     elif role in ("user", "developer"):
-        out += ASSISTANT_TOKEN
+        out.append(_t(ASSISTANT_TOKEN))
         if thinking_mode == "thinking" and (not drop_thinking or index >= last_user):
-            out += THINK_START
+            out.append(_t(THINK_START))
         else:
-            out += THINK_END
+            out.append(_t(THINK_END))
     return out
 
 
@@ -381,7 +427,20 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], thinking_mode: str = 
                     context: Sequence[Mapping[str, Any]] | None = None, drop_thinking: bool = True,
                     add_default_bos_token: bool = True, reasoning_effort: str | None = None,
                     tools: Sequence[Mapping] | None = None, response_format: Any = None) -> str:
-    """Render `messages` as DeepSeek-V4's prompt text (tokenize it with Tokenizer.encode; BOS is in the text).
+    """The prompt text of `render_prompt` (same arguments) as one string; BOS is in the text. Tokenizing this string
+    with Tokenizer.encode treats added-token strings inside message text as control tokens: for requests from
+    anyone but yourself, tokenize `render_prompt(...)` with Tokenizer.encode_parts instead."""
+    return _join(render_prompt(messages, thinking_mode, context=context, drop_thinking=drop_thinking,
+                               add_default_bos_token=add_default_bos_token, reasoning_effort=reasoning_effort,
+                               tools=tools, response_format=response_format))
+
+
+def render_prompt(messages: Sequence[Mapping[str, Any]], thinking_mode: str = "chat", *,
+                  context: Sequence[Mapping[str, Any]] | None = None, drop_thinking: bool = True,
+                  add_default_bos_token: bool = True, reasoning_effort: str | None = None,
+                  tools: Sequence[Mapping] | None = None, response_format: Any = None) -> list[PromptPart]:
+    """Render `messages` as DeepSeek-V4's prompt, as PromptParts: template text (control tokens allowed) and message
+    text (plain text only). Tokenize with Tokenizer.encode_parts; `"".join` of the texts is `encode_messages`.
 
     thinking_mode: "chat" (answer after `</think>`) or "thinking" (reason after `<think>`).
     context: earlier messages already in the KV cache: they shape the rendering but are not rendered, and no BOS
@@ -414,7 +473,7 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], thinking_mode: str = 
     if context_msgs:
         context_msgs = _sort_tool_results(_merge_tool_messages(context_msgs))
     full = context_msgs + msgs
-    prompt = BOS_TOKEN if add_default_bos_token and not context_msgs else ""
+    prompt = [_t(BOS_TOKEN)] if add_default_bos_token and not context_msgs else []
 
     effective_drop = drop_thinking and not any(m.get("tools") for m in full)
     if thinking_mode == "thinking" and effective_drop:
@@ -426,7 +485,7 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], thinking_mode: str = 
         first = len(context_msgs)
     for i in range(first, first + n_render):
         prompt += _render_message(i, full, thinking_mode, effective_drop, reasoning_effort)
-    return prompt
+    return [p for p in prompt if p.text]
 
 
 def generation_prefix(thinking: bool) -> str:

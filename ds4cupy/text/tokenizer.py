@@ -16,9 +16,11 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
@@ -272,19 +274,16 @@ class Tokenizer:
             if not sep or not a or not b:
                 raise TokenizerError(f"tokenizer.ggml.merges[{k}] = {m!r} is not of the form 'a b'")
             pairs.append((a, b))
-        self._hf = _HFTokenizer(BPE(vocab, pairs, unk_token=None, fuse_unk=False, byte_fallback=False))
-        self._hf.pre_tokenizer = deepseek_pre_tokenizer()
-        self._hf.decoder = decoders.ByteLevel()
+        self._vocab, self._pairs = vocab, pairs      # kept for the plain-text encoder (built on first use)
+        self._hf = _bpe_tokenizer(vocab, pairs)
         control = [AddedToken(t, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False)
-                   for t, ty in zip(self.tokens, token_types) if ty == TOKEN_CONTROL]
+                   for t, ty in zip(self.tokens, token_types) if ty == TOKEN_CONTROL and t]
         user = [AddedToken(t, special=False, normalized=False, single_word=False, lstrip=False, rstrip=False)
-                for t, ty in zip(self.tokens, token_types) if ty == TOKEN_USER_DEFINED]
-        if control:
-            self._hf.add_special_tokens(control)
-        if user:
-            self._hf.add_tokens(user)
+                for t, ty in zip(self.tokens, token_types) if ty == TOKEN_USER_DEFINED and t]
+        _hf_call("tokenizer.ggml.tokens", lambda: control and self._hf.add_special_tokens(control))
+        _hf_call("tokenizer.ggml.tokens", lambda: user and self._hf.add_tokens(user))
         self._special_ids = {t: i for i, (t, ty) in enumerate(zip(self.tokens, token_types))
-                             if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+                             if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and t}
         self._is_control = [ty == TOKEN_CONTROL for ty in token_types]
         self._bytes: list[bytes] | None = None
         self.n_vocab = n
@@ -338,13 +337,71 @@ class Tokenizer:
     # -- encoding / decoding --
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; added tokens written in the text are matched as single tokens. No BOS is added."""
+        """Token ids of `text`; added tokens written in the text are matched as single tokens. No BOS is added.
+        (Runs through `encode_batch`, which releases the GIL: a long text does not stall other threads.)"""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
-        return self._hf.encode(text, add_special_tokens=False).ids
+        return self._hf.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: added-token strings in it (`<｜User｜>`, `<think>`, ...) are split into
+        ordinary byte-level tokens like any other text, so the result never holds an added/control token."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode_plain() takes a str, got {type(text).__name__}")
+        if not text:
+            return []
+        ids = self._plain_hf.encode_batch([text], add_special_tokens=False)[0].ids
+        if ids and self._added_mask[np.asarray(ids)].any():     # the BPE merges themselves reached an added token
+            bad = sorted({self.tokens[i] for i in ids if self._added_mask[i]})
+            raise TokenizerError(f"plain-text encoding produced the added token(s) {bad}: the vocabulary's merges "
+                                 f"build them, so text cannot be kept apart from control tokens")
+        return ids
+
+    def encode_parts(self, parts: Iterable[tuple[str, bool]]) -> list[int]:
+        """Token ids of a prompt given as (text, is_template) parts (ds4cupy.text.chat.render_prompt). Added-token
+        strings become added tokens only inside template parts; message text is always plain text. The text between
+        two added tokens is encoded in one piece, so a prompt whose message text holds no added-token string gives
+        exactly `encode("".join(texts))`."""
+        ids: list[int] = []
+        run: list[str] = []
+        for text, is_template in parts:
+            if not is_template:
+                run.append(text)
+                continue
+            pos = 0
+            for m in self._added_pattern.finditer(text):
+                run.append(text[pos:m.start()])
+                ids.extend(self.encode_plain("".join(run)))
+                run = []
+                ids.append(self._special_ids[m.group(0)])
+                pos = m.end()
+            run.append(text[pos:])
+        ids.extend(self.encode_plain("".join(run)))
+        return ids
+
+    @functools.cached_property
+    def _plain_hf(self) -> _HFTokenizer:
+        return _bpe_tokenizer(self._vocab, self._pairs)
+
+    @functools.cached_property
+    def _added_pattern(self) -> re.Pattern:
+        """Every added token's text, longest first: at each position the longest match wins (as in `tokenizers`)."""
+        texts = sorted(self._special_ids, key=len, reverse=True)
+        return re.compile("|".join(re.escape(t) for t in texts)) if texts else re.compile(r"(?!x)x")
+
+    @functools.cached_property
+    def _added_mask(self) -> np.ndarray:
+        mask = np.zeros(self.n_vocab, bool)
+        mask[list(self._special_ids.values())] = True
+        return mask
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of B bytes has at least B / max_token_bytes tokens."""
+        return max(len(token_text_to_bytes(t)) for t in self.tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one id stands for (may be part of a UTF-8 character)."""
@@ -381,6 +438,27 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+def _hf_call(key: str, build):
+    """Run a `tokenizers` call on file-provided data; any refusal (including a Rust panic) becomes a TokenizerError
+    naming the metadata key."""
+    try:
+        return build()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:      # noqa: BLE001 - pyo3 panics derive from BaseException
+        raise TokenizerError(f"{key}: the tokenizers library refused the vocabulary ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+
+
+def _bpe_tokenizer(vocab: dict[str, int], pairs: list[tuple[str, str]]) -> _HFTokenizer:
+    """A byte-level BPE with the DeepSeek pre-tokenizer and no added tokens."""
+    hf = _hf_call("tokenizer.ggml.merges", lambda: _HFTokenizer(BPE(vocab, pairs, unk_token=None, fuse_unk=False,
+                                                                     byte_fallback=False)))
+    hf.pre_tokenizer = deepseek_pre_tokenizer()
+    hf.decoder = decoders.ByteLevel()
+    return hf
 
 
 @functools.lru_cache(maxsize=1)
