@@ -19,6 +19,11 @@ token but the last is in the session as well).
 
 finish_reason (on the last delta only): "stop" (EOS or a stop string), "tool_calls" (EOS or stop after at least one
 complete tool call), "length" (max_tokens or the context is full).
+
+Before each sample the logits go through, in this order: the LogitAdjustments (logit_bias, penalties, min_tokens;
+text.logit_processors), then the grammar Constraint's mask (text.constraints). The Sampler, and the logprobs
+(text.logprobs, when `logprobs` is set: the sampled token's and the `logprobs` most likely), see the result.
+`ignore_eos` (vLLM's): EOS does not end generation; it is generated, releases no text, and decoding goes on.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .logit_processors import LogitAdjustments, LogitProcessor
+from .logprobs import TokenLogprob, token_logprob
 from .output_parser import OutputParser, new_tool_call_id
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -42,6 +49,7 @@ class GenerationDelta:
     content: str = ""
     tool_calls: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None     # with Generator(logprobs=N)
 
 
 class StopMatcher:
@@ -89,14 +97,24 @@ class Generator:
 
     tokenizer: the model's Tokenizer; params: SamplingParams; max_tokens >= 1; stop: stop strings (not included in
     the output); thinking: the prompt ended with `<think>` (text up to `</think>` is reasoning); parse_tools: turn
-    DSML blocks into tool calls; stop_token_ids: extra ids that end generation like EOS.
+    DSML blocks into tool calls; stop_token_ids: extra ids that end generation like EOS; adjust: LogitAdjustments;
+    constraint: a text.constraints.Constraint (fresh, one per Generator); logprobs: None, or how many top
+    alternatives each delta's `logprob` lists (0..20); ignore_eos: see the module docstring.
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams | None = None, max_tokens: int = 256,
                  stop: Sequence[str] | None = None, thinking: bool = False, parse_tools: bool = True,
-                 stop_token_ids: Sequence[int] = (), tool_call_id: Callable[[], str] = new_tool_call_id):
+                 stop_token_ids: Sequence[int] = (), tool_call_id: Callable[[], str] = new_tool_call_id,
+                 adjust: LogitAdjustments | None = None, constraint=None, logprobs: int | None = None,
+                 ignore_eos: bool = False):
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r}: must be an integer >= 1")
+        self.adjust = adjust or LogitAdjustments()
+        if constraint is not None and (ignore_eos or self.adjust.min_tokens):
+            raise ValueError("a grammar constraint ends with EOS: it cannot be combined with ignore_eos or min_tokens")
+        self.constraint = constraint
+        self.logprobs = logprobs
+        self.ignore_eos = bool(ignore_eos)
         self.tokenizer = tokenizer
         self.params = params or SamplingParams()
         self.sampler = Sampler(self.params)
@@ -137,18 +155,30 @@ class Generator:
             raise RuntimeError("a Generator streams once; make a new one for the next request")
         self._used = True
         ctx = getattr(session, "ctx", None) or getattr(session, "n_ctx", None)
+        processor = (LogitProcessor(self.adjust, getattr(session, "tokens", ()), self.end_ids)
+                     if self.adjust.active else None)
         while True:
+            if processor is not None:
+                logits = processor.apply(logits)
+            if self.constraint is not None:
+                logits = self.constraint.apply(logits)
             token = self.sampler.sample(logits)
+            logprob = None if self.logprobs is None else token_logprob(logits, token, self.logprobs)
+            if processor is not None:
+                processor.record(token)
+            if self.constraint is not None:
+                self.constraint.advance(token)
             self.completion_tokens.append(token)
             finish = None
-            if token in self.end_ids:
+            ended = token in self.end_ids
+            if ended and not self.ignore_eos:
                 piece = self._decoder.flush()
                 released = self._stop.feed(piece)
                 finish = "stop"
                 if self._stop.matched is None:
                     released += self._stop.flush()
             else:
-                released = self._stop.feed(self._decoder.feed(token))
+                released = "" if ended else self._stop.feed(self._decoder.feed(token))
                 if self._stop.matched is not None:
                     finish = "stop"
                 elif len(self.completion_tokens) >= self.max_tokens or (
@@ -160,6 +190,7 @@ class Generator:
                     else:
                         released += self._stop.flush()
             delta = self._parse(token, released, final=finish is not None)
+            delta.logprob = logprob
             if finish is not None:
                 if finish == "stop" and self.parser.tool_calls:
                     finish = "tool_calls"
