@@ -110,7 +110,9 @@ def render(messages, tools, thinking):
 
 @pytest.fixture(scope="module")
 def server():
-    app = create_app(CharTokenizer(), FakeSession(), ServerSettings(ctx=2000, keepalive_s=KEEPALIVE_S),
+    # "m": an extra served name (--served-model-name deepseek-v4-flash m)
+    settings = ServerSettings(ctx=2000, keepalive_s=KEEPALIVE_S, aliases=("m", "deepseek-chat", "deepseek-reasoner"))
+    app = create_app(CharTokenizer(), FakeSession(), settings,
                      render=render, make_generator=ScriptedGenerator, prefill_chunk=16)
     with BackgroundServer(app) as srv:
         yield srv

@@ -73,7 +73,8 @@ def test_chat_fields_parsed():
     ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ({"model": 3}, "model"),
     ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"frobnicate": 1}, "frobnicate"),              # not an OpenAI field: refused, never ignored
+    ({"store": True}, "store"),                      # a field the server cannot honour, other than at its default
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"reasoning_effort": 1}, "reasoning_effort"),
     ({"thinking": "on"}, "thinking"),
@@ -83,7 +84,7 @@ def test_chat_fields_parsed():
     ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"functions": [{"name": "f"}]}, "functions"),
 ])
 def test_chat_field_errors(fields, param):
     err = refused(chat, **fields)

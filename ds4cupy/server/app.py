@@ -4,13 +4,17 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (+ /v1/m
 GET /metrics. Handlers validate with `protocol`, render and tokenize the prompt on a one-thread "prep" executor (so
 arrival order is kept and the event loop never blocks on a long prompt), submit a `GenerationJob` to the
 `EngineWorker`, then turn its events into a JSON response or an SSE stream. While a job waits or prefills, the stream
-gets `: keepalive` comments; a client that goes away cancels its job.
+gets `: keepalive` comments; its first chunk (the assistant role) leaves together with the first generated token, so a
+client's time to first chunk is the queue wait plus the prefill. A client that goes away cancels its job.
 
 Every route goes through the same middlewares (outermost first): OpenAI error objects for every failure (405 with
 `Allow`; 500s with a generic message and a request id, details in the log), CORS preflights (guards.cors), the API key
 (/v1/* and /metrics unless metrics_public), refusal while draining or when the model file changed (503), and the body
 guard (JSON only, size and time limits: guards.body_guard). Prompts longer than ctx x the tokenizer's longest token in
 bytes are refused before tokenizing; message text is tokenized as plain text (text.chat.render_prompt).
+
+Model names: the served name (--served-model-name, default deepseek-v4-flash), its extra aliases, and the thinking
+aliases deepseek-chat (thinking off) and deepseek-reasoner (on); any other name is a 404 model_not_found.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
+from ..text.constraints import GrammarError, check_grammar
+from . import controls as ctl
 from . import protocol
 from .guards import DEFAULT_BODY_TIMEOUT_S, body_guard, cors
 from .metrics import ServerMetrics
@@ -72,6 +78,11 @@ class ServerSettings:
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     aliases: tuple[str, ...] = (protocol.NON_THINKING_ALIAS, protocol.THINKING_ALIAS)
     created: int = field(default_factory=protocol.now)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request may give as `model` (the served name first)."""
+        return (self.model_name, *(a for a in self.aliases if a != self.model_name))
 
 
 @dataclass
@@ -258,11 +269,19 @@ def tokenize_prompt(state: ServerState, rendered: Any) -> list[int]:
 
 
 async def prepare_prompt(state: ServerState, messages: list[dict], tools: list[dict],
-                         thinking: protocol.ThinkingChoice, max_tokens: int | None) -> PreparedPrompt:
+                         thinking: protocol.ThinkingChoice, max_tokens: int | None,
+                         grammar: tuple[str, str] | None = None) -> PreparedPrompt:
     """Render + tokenize on the prep thread; refuse prompts that leave no room in the context (by byte length before
     tokenizing, then by token count). The reply budget is max_tokens clamped to the room left (generation ends with
-    finish_reason "length" when the context is full)."""
+    finish_reason "length" when the context is full). `grammar` (text, the field it comes from) is compiled there
+    too: one that does not compile is a 400."""
     def work() -> list[int]:
+        if grammar is not None:
+            try:
+                check_grammar(state.tokenizer, grammar[0])
+            except GrammarError as exc:
+                raise protocol.invalid(f"'{grammar[1]}' cannot be enforced: {exc}", grammar[1],
+                                       "invalid_schema") from None
         return tokenize_prompt(state, state.render(messages, tools, thinking))
 
     loop = asyncio.get_running_loop()
@@ -322,9 +341,33 @@ class JobRun:
 
 
 def reported_model(state: ServerState, requested: str | None) -> str:
-    """The `model` field of responses: the requested name when it is ours (or an alias), else the served name."""
-    s = state.settings
-    return requested if requested in (s.model_name, *s.aliases) else s.model_name
+    """The `model` field of responses: the requested name (one of ours: check_model ran), else the served name."""
+    return requested if requested is not None else state.settings.model_name
+
+
+def check_model(state: ServerState, requested: str | None) -> None:
+    """404 model_not_found for a name that is neither the served name nor an alias (no name: the served model)."""
+    names = state.settings.model_names
+    if requested is not None and requested not in names:
+        raise http_error(404, f"The model '{requested}' does not exist; this server serves {', '.join(names)}",
+                         "model_not_found", "model")
+
+
+def parse_controls(state: ServerState, body: dict, endpoint: str) -> ctl.GenerationControls:
+    controls = ctl.parse_controls(body, endpoint)
+    if controls.adjust.logit_bias:
+        ctl.check_token_ids(controls, int(getattr(state.tokenizer, "n_vocab", 0) or 0))
+    return controls
+
+
+def with_response_format(messages: list[dict], schema: dict | None) -> list[dict]:
+    """The messages with `response_format` on the first (system) message, where DeepSeek-V4's encoding renders it
+    (a new empty system message is put first when there is none), as text.chat.encode_messages does."""
+    if schema is None:
+        return messages
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "response_format": schema}] + messages[1:]
+    return [{"role": "system", "content": "", "response_format": schema}] + messages
 
 
 def usage_from(finished: JobFinished) -> dict:
@@ -337,16 +380,30 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json_body(request, state.settings.max_body_bytes)
     chat = protocol.parse_chat_request(body, ctx=state.settings.ctx)
-    prompt = await prepare_prompt(state, chat.messages, chat.offered_tools, chat.thinking, chat.max_tokens)
+    check_model(state, chat.model)
+    controls = parse_controls(state, body, "chat")
+    chat.thinking = ctl.template_thinking(body, chat.thinking)
+    try:
+        grammar = ctl.chat_grammar(chat, controls)
+    except GrammarError as exc:
+        param = "tool_choice" if chat.tool_choice not in ("auto", "none") else "response_format"
+        raise protocol.invalid(f"'{param}' cannot be enforced: {exc}", param, "invalid_schema") from None
+    if grammar is not None and (controls.ignore_eos or controls.adjust.min_tokens):
+        raise protocol.invalid(f"'{grammar[1]}' ends the answer with EOS: it cannot be combined with ignore_eos or "
+                               f"min_tokens", "ignore_eos" if controls.ignore_eos else "min_tokens", "invalid_value")
+    messages = with_response_format(chat.messages, ctl.response_format_prompt(controls.response_format))
+    prompt = await prepare_prompt(state, messages, chat.offered_tools, chat.thinking, chat.max_tokens, grammar)
     job = GenerationJob(request_id=state.next_request_id("chatcmpl"), prompt_ids=prompt.ids,
                         max_tokens=prompt.max_tokens, sampling=chat.sampling, stop=chat.stop,
                         thinking=chat.thinking.enabled, parse_tools=bool(chat.offered_tools),
-                        checkpoints=prompt.checkpoints, channel=EventChannel())
+                        checkpoints=prompt.checkpoints, controls=controls,
+                        grammar=None if grammar is None else grammar[0], channel=EventChannel())
     run = JobRun(state, request, job, model=reported_model(state, chat.model))
     run.queue_position = state.worker.submit(job)
+    extras = ctl.TokenExtras(controls, state.tokenizer)
     if chat.stream:
-        return await stream_chat(run, chat)
-    return await collect_chat(run, chat)
+        return await stream_chat(run, chat, extras)
+    return await collect_chat(run, chat, extras)
 
 
 def _chat_delta_fields(delta: Any, with_reasoning: bool = True) -> dict:
@@ -363,15 +420,23 @@ def _chat_delta_fields(delta: Any, with_reasoning: bool = True) -> dict:
 
 async def stream_sse(run: JobRun, opening: list[dict], delta_chunk: Callable[[Any], dict | None],
                      closing: Callable[[JobFinished], list[dict]]) -> web.StreamResponse:
-    """The SSE loop of every streaming endpoint: the `opening` chunks, one chunk per token delta (delta_chunk returns
-    None for a delta with nothing to send), keepalive comments while the engine is quiet, the `closing` chunks and
-    [DONE] when the job finishes, an error event on an engine failure; the job is cancelled if the client leaves."""
+    """The SSE loop of every streaming endpoint: the headers at once, keepalive comments while the engine is quiet,
+    the `opening` chunks together with the first token delta's chunk (so that no chunk leaves before the prefill
+    is done), one chunk per later delta (delta_chunk returns None for a delta with nothing to send), the `closing`
+    chunks and [DONE] when the job finishes, an error event on an engine failure; the job is cancelled if the
+    client leaves."""
     response = sse_response(run.headers)
     done = False
+    held = list(opening)
+
+    def events(chunks: list[dict]) -> bytes:
+        nonlocal held
+        out = b"".join(protocol.sse_event(c) for c in held + chunks)
+        held = []
+        return out
+
     try:
         await response.prepare(run.request)
-        for chunk in opening:
-            await response.write(protocol.sse_event(chunk))
         run.wrote()
         async for event in run.events():
             if event is None:
@@ -379,14 +444,13 @@ async def stream_sse(run: JobRun, opening: list[dict], delta_chunk: Callable[[An
                 run.wrote()
             elif isinstance(event, TokenDelta):
                 chunk = delta_chunk(event.delta)
-                if chunk is not None:
-                    await response.write(protocol.sse_event(chunk))
+                data = events([] if chunk is None else [chunk])
+                if data:
+                    await response.write(data)
                     run.wrote()
             elif isinstance(event, JobFinished):
                 done = True
-                for chunk in closing(event):
-                    await response.write(protocol.sse_event(chunk))
-                await response.write(protocol.SSE_DONE)
+                await response.write(events(closing(event)) + protocol.SSE_DONE)
             elif isinstance(event, JobFailed):
                 done = True
                 await response.write(protocol.sse_event(job_error(event).body()))
@@ -402,23 +466,25 @@ async def stream_sse(run: JobRun, opening: list[dict], delta_chunk: Callable[[An
     return response
 
 
-async def stream_chat(run: JobRun, chat: protocol.ChatRequest) -> web.StreamResponse:
+async def stream_chat(run: JobRun, chat: protocol.ChatRequest, extras: ctl.TokenExtras) -> web.StreamResponse:
     rid, model, created = run.job.request_id, run.model, protocol.now()
     saw_tool_calls = False
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return protocol.chat_chunk(rid, model, created, delta, finish, include_usage=chat.include_usage)
+    def chunk(delta: dict, finish: str | None = None, with_extras: bool = False) -> dict:
+        return protocol.chat_chunk(rid, model, created, delta, finish, include_usage=chat.include_usage,
+                                   extras=extras.chat() if with_extras and extras.active else None)
 
     def delta_chunk(delta) -> dict | None:
         nonlocal saw_tool_calls
+        extras.add(delta)
         fields = _chat_delta_fields(delta)
         saw_tool_calls = saw_tool_calls or "tool_calls" in fields
-        return chunk(fields) if fields else None
+        return chunk(fields, with_extras=True) if fields else None
 
     def closing(event: JobFinished) -> list[dict]:
         finish = "tool_calls" if saw_tool_calls and event.finish_reason == "stop" else event.finish_reason
         usage = [protocol.chat_usage_chunk(rid, model, created, usage_from(event))] if chat.include_usage else []
-        return [chunk({}, finish)] + usage
+        return [chunk({}, finish, with_extras=True)] + usage
 
     return await stream_sse(run, [chunk({"role": "assistant", "content": ""})], delta_chunk, closing)
 
@@ -448,11 +514,12 @@ async def collect(run: JobRun, on_delta: Callable[[Any], None]) -> JobFinished:
     return finished
 
 
-async def collect_chat(run: JobRun, chat: protocol.ChatRequest) -> web.Response:
+async def collect_chat(run: JobRun, chat: protocol.ChatRequest, extras: ctl.TokenExtras) -> web.Response:
     content, reasoning = [], []
     tools = protocol.ToolCallAccumulator()
 
     def on_delta(d) -> None:
+        extras.add(d)
         if getattr(d, "reasoning", None):
             reasoning.append(d.reasoning)
         if getattr(d, "content", None):
@@ -465,7 +532,8 @@ async def collect_chat(run: JobRun, chat: protocol.ChatRequest) -> web.Response:
     finish = "tool_calls" if calls and finished.finish_reason == "stop" else finished.finish_reason
     response = json_response(protocol.chat_completion(
         run.job.request_id, run.model, protocol.now(), content="".join(content),
-        reasoning="".join(reasoning), tool_calls=calls, finish_reason=finish, usage=usage_from(finished)))
+        reasoning="".join(reasoning), tool_calls=calls, finish_reason=finish, usage=usage_from(finished),
+        extras=extras.chat() if extras.active else None, **prompt_ids(run.job, extras)))
     response.headers.update(run.headers)
     return response
 
@@ -474,34 +542,56 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json_body(request, state.settings.max_body_bytes)
     comp = protocol.parse_completion_request(body, ctx=state.settings.ctx)
+    check_model(state, comp.model)
+    controls = parse_controls(state, body, "completions")
+    comp.thinking = ctl.template_thinking(body, comp.thinking)
     prompt = await prepare_prompt(state, comp.messages(), [], comp.thinking, comp.max_tokens)
     job = GenerationJob(request_id=state.next_request_id("cmpl"), prompt_ids=prompt.ids,
                         max_tokens=prompt.max_tokens, sampling=comp.sampling, stop=comp.stop,
                         thinking=comp.thinking.enabled, parse_tools=False, checkpoints=prompt.checkpoints,
-                        channel=EventChannel())
+                        controls=controls, channel=EventChannel())
     run = JobRun(state, request, job, model=reported_model(state, comp.model))
     run.queue_position = state.worker.submit(job)
     model, created = run.model, protocol.now()
+    extras = ctl.TokenExtras(controls, state.tokenizer)
+
+    def held() -> dict | None:
+        return extras.completion() if extras.active else None
+
     if not comp.stream:
         text: list[str] = []
-        finished = await collect(run, lambda d: text.append(d.content) if getattr(d, "content", None) else None)
+
+        def on_delta(d) -> None:
+            extras.add(d)
+            if getattr(d, "content", None):
+                text.append(d.content)
+
+        finished = await collect(run, on_delta)
         response = json_response(protocol.text_completion(job.request_id, model, created, text="".join(text),
                                                           finish_reason=finished.finish_reason,
-                                                          usage=usage_from(finished)))
+                                                          usage=usage_from(finished), extras=held(),
+                                                          **prompt_ids(job, extras)))
         response.headers.update(run.headers)
         return response
     rid = job.request_id
 
     def delta_chunk(delta) -> dict | None:
+        extras.add(delta)
         text = getattr(delta, "content", None)
-        return protocol.text_chunk(rid, model, created, text, include_usage=comp.include_usage) if text else None
+        return protocol.text_chunk(rid, model, created, text, include_usage=comp.include_usage,
+                                   extras=held()) if text else None
 
     def closing(event: JobFinished) -> list[dict]:
         usage = [protocol.text_usage_chunk(rid, model, created, usage_from(event))] if comp.include_usage else []
-        return [protocol.text_chunk(rid, model, created, "", event.finish_reason, include_usage=comp.include_usage)
-                ] + usage
+        return [protocol.text_chunk(rid, model, created, "", event.finish_reason, include_usage=comp.include_usage,
+                                    extras=held())] + usage
 
     return await stream_sse(run, [], delta_chunk, closing)
+
+
+def prompt_ids(job: GenerationJob, extras: ctl.TokenExtras) -> dict:
+    """vLLM's top-level `prompt_token_ids` of a non-streaming response with return_token_ids."""
+    return {"prompt_token_ids": list(job.prompt_ids)} if extras.return_ids else {}
 
 
 def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
@@ -512,13 +602,13 @@ def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
 
 async def handle_models(request: web.Request) -> web.Response:
     s = request.app[STATE].settings
-    return json_response(protocol.model_list([s.model_name, *s.aliases], s.created, s.ctx))
+    return json_response(protocol.model_list(list(s.model_names), s.created, s.ctx))
 
 
 async def handle_model(request: web.Request) -> web.Response:
     s = request.app[STATE].settings
     name = request.match_info["name"]
-    if name not in (s.model_name, *s.aliases):
+    if name not in s.model_names:
         raise http_error(404, f"The model '{name}' does not exist", "model_not_found", "model")
     return json_response(protocol.model_card(name, s.created, s.ctx))
 

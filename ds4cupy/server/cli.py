@@ -35,9 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", choices=("auto", "device", "managed"), default="auto",
                    help="GPU weight placement: auto (chosen from the GPU and the model size; the reason is printed), "
                         "device (cudaMalloc copy), managed (cudaMallocManaged + hints, one copy on unified memory)")
-    p.add_argument("--model-name", default=protocol.DEFAULT_MODEL_NAME,
-                   help=f"the model id reported by the API (default {protocol.DEFAULT_MODEL_NAME}; the aliases "
-                        f"{protocol.NON_THINKING_ALIAS} / {protocol.THINKING_ALIAS} select thinking off / on)")
+    p.add_argument("--served-model-name", "--model-name", dest="served_model_name", nargs="+",
+                   default=[protocol.DEFAULT_MODEL_NAME], metavar="NAME",
+                   help=f"the model id(s) requests may name: the first is reported by /v1/models and /health, the "
+                        f"others are aliases (default {protocol.DEFAULT_MODEL_NAME}). {protocol.NON_THINKING_ALIAS} "
+                        f"(thinking off) and {protocol.THINKING_ALIAS} (thinking on) are always accepted too; any "
+                        f"other name is a 404 model_not_found")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body in bytes (413 beyond it; default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
@@ -126,9 +129,11 @@ def main(args: argparse.Namespace) -> int:
     model = ds4cupy.load(path, backend=args.backend, memory=args.memory, ctx=args.ctx)
     ctx = pick_ctx(args.ctx, model.config.n_ctx_train)
     session = model.new_session(ctx=ctx)
-    print(f"ds4cupy: model {path} ({model.backend} backend), ctx {ctx}, served as '{args.model_name}'"
+    names = list(dict.fromkeys(args.served_model_name))
+    print(f"ds4cupy: model {path} ({model.backend} backend), ctx {ctx}, served as {', '.join(names)}"
           + ("  [DEMO MODEL: RANDOM WEIGHTS]" if demo else ""), file=sys.stderr, flush=True)
-    settings = ServerSettings(model_name=args.model_name, ctx=ctx, api_key=args.api_key,
+    aliases = tuple(dict.fromkeys([*names[1:], protocol.NON_THINKING_ALIAS, protocol.THINKING_ALIAS]))
+    settings = ServerSettings(model_name=names[0], ctx=ctx, api_key=args.api_key, aliases=aliases,
                               max_body_bytes=args.max_body, keepalive_s=args.keepalive, demo=demo,
                               metrics_public=args.metrics_public, cors_origins=tuple(args.cors),
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,

@@ -8,7 +8,9 @@ This module knows JSON bodies and nothing about sessions or threads:
 - response and chunk builders for chat and text completions, `usage` objects, the model list;
 - SSE framing (`sse_event`, `SSE_DONE`, `SSE_KEEPALIVE`).
 
-Bad input stops here: nothing that fails validation ever reaches the worker.
+Bad input stops here: nothing that fails validation ever reaches the worker. Every field a body may hold is in
+request_fields' table (honoured, no effect, or default only); anything else is refused. The generation controls
+(logprobs, penalties, structured output, ...) are parsed by controls.py.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import orjson
+
+from .request_fields import field_problems
 
 DEFAULT_MODEL_NAME = "deepseek-v4-flash"
 # Model aliases understood as in ds4: "deepseek-chat" selects the non-thinking mode, "deepseek-reasoner" thinking.
@@ -353,14 +357,15 @@ def parse_tools(value: Any) -> list[dict]:
         if parameters is not None and not isinstance(parameters, Mapping):
             raise invalid(f"'{where}.function.parameters' must be a JSON schema object",
                           f"{where}.function.parameters", "invalid_type")
+        if function.get("strict") is not None and not isinstance(function["strict"], bool):
+            raise invalid(f"'{where}.function.strict' must be a boolean", f"{where}.function.strict", "invalid_type")
         tools.append({"type": "function", "function": dict(function)})
     return tools
 
 
 def parse_tool_choice(value: Any, tools: list[dict]) -> str | dict:
     """"auto" (default with tools), "none", "required", or {"type": "function", "function": {"name"}} naming one of
-    the tools. Only "none" changes what the server does (no tools offered); the others are accepted and the model
-    decides, as in ds4."""
+    the tools. "none" offers no tools; "required" and a named function are enforced by a grammar (controls.py)."""
     if value is None:
         return "auto" if tools else "none"
     if isinstance(value, str):
@@ -439,22 +444,11 @@ def _parse_stream(body: Mapping) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _refuse_unsupported(body: Mapping) -> None:
-    """Fields whose meaning the server cannot honour are refused rather than silently ignored."""
+def _refuse_unsupported(body: Mapping, endpoint: str) -> None:
+    """Fields the server does not know, or cannot honour at the value given, are refused (request_fields)."""
     _parse_n(body)
-    if body.get("logprobs") not in (None, False, 0):
-        raise invalid("'logprobs' is not supported", "logprobs", "unsupported_parameter")
-    if body.get("echo") not in (None, False):
-        raise invalid("'echo' is not supported", "echo", "unsupported_parameter")
-    if body.get("best_of") not in (None, 1):
-        raise invalid("'best_of' is not supported", "best_of", "unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, Mapping):
-            raise invalid("'response_format' must be an object", "response_format", "invalid_type")
-        if response_format.get("type", "text") != "text":
-            raise invalid("only response_format {\"type\": \"text\"} is supported", "response_format",
-                          "unsupported_value")
+    for name, code, message in field_problems(body, endpoint):
+        raise invalid(message, name, code)
 
 
 def parse_chat_request(body: Any, *, ctx: int) -> ChatRequest:
@@ -463,7 +457,7 @@ def parse_chat_request(body: Any, *, ctx: int) -> ChatRequest:
     model = _parse_model(body)
     messages = parse_messages(body.get("messages"))
     stream, include_usage = _parse_stream(body)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, "chat")
     tools = parse_tools(body.get("tools"))
     return ChatRequest(
         messages=messages, model=model, stream=stream, include_usage=include_usage,
@@ -488,9 +482,7 @@ def parse_completion_request(body: Any, *, ctx: int) -> CompletionRequest:
     if prompt == "":
         raise invalid("'prompt' must not be empty", "prompt", "invalid_value")
     stream, include_usage = _parse_stream(body)
-    _refuse_unsupported(body)
-    if body.get("suffix") is not None:
-        raise invalid("'suffix' is not supported", "suffix", "unsupported_parameter")
+    _refuse_unsupported(body, "completions")
     return CompletionRequest(
         prompt=prompt, model=model, stream=stream, include_usage=include_usage,
         max_tokens=_parse_max_tokens(body), sampling=_parse_sampling(body), stop=_parse_stop(body),
@@ -570,22 +562,27 @@ def _chunk(kind: str, response_id: str, model: str, created: int, choice: dict, 
 
 
 def chat_completion(response_id: str, model: str, created: int, *, content: str, reasoning: str,
-                    tool_calls: list[dict], finish_reason: str, usage: dict) -> dict:
-    """A non-streaming chat.completion object."""
+                    tool_calls: list[dict], finish_reason: str, usage: dict, extras: Mapping | None = None,
+                    **top_level) -> dict:
+    """A non-streaming chat.completion object; `extras` are more choice fields (logprobs, token_ids), `top_level`
+    more response fields (prompt_token_ids)."""
     message: dict[str, Any] = {"role": "assistant", "content": content if (content or not tool_calls) else None}
     if reasoning:
         message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = tool_calls
     return _envelope("chat.completion", response_id, model, created,
-                     [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}], usage=usage)
+                     [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason,
+                       **(extras or {})}], usage=usage, **top_level)
 
 
 def chat_chunk(response_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               include_usage: bool = False) -> dict:
-    """One chat.completion.chunk carrying `delta` (role / content / reasoning_content / tool_calls)."""
+               include_usage: bool = False, extras: Mapping | None = None) -> dict:
+    """One chat.completion.chunk carrying `delta` (role / content / reasoning_content / tool_calls); `extras` are
+    more choice fields (logprobs, token_ids)."""
     return _chunk("chat.completion.chunk", response_id, model, created,
-                  {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}, include_usage)
+                  {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **(extras or {})},
+                  include_usage)
 
 
 def chat_usage_chunk(response_id: str, model: str, created: int, usage: dict) -> dict:
@@ -594,17 +591,19 @@ def chat_usage_chunk(response_id: str, model: str, created: int, usage: dict) ->
 
 
 def text_completion(response_id: str, model: str, created: int, *, text: str, finish_reason: str,
-                    usage: dict) -> dict:
-    """A non-streaming text_completion object."""
+                    usage: dict, extras: Mapping | None = None, **top_level) -> dict:
+    """A non-streaming text_completion object (`extras`, `top_level`: as for chat_completion)."""
     return _envelope("text_completion", response_id, model, created,
-                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], usage=usage)
+                     [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, **(extras or {})}],
+                     usage=usage, **top_level)
 
 
 def text_chunk(response_id: str, model: str, created: int, text: str, finish_reason: str | None = None,
-               include_usage: bool = False) -> dict:
-    """One streamed text_completion chunk."""
+               include_usage: bool = False, extras: Mapping | None = None) -> dict:
+    """One streamed text_completion chunk (`extras`: more choice fields)."""
     return _chunk("text_completion", response_id, model, created,
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, include_usage)
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, **(extras or {})},
+                  include_usage)
 
 
 def text_usage_chunk(response_id: str, model: str, created: int, usage: dict) -> dict:

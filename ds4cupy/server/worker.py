@@ -128,6 +128,8 @@ class GenerationJob:
     # prompt positions worth a snapshot besides the last one (e.g. where the last user turn starts: a retried or
     # edited last turn then reuses everything before it)
     checkpoints: list[int] = field(default_factory=list)
+    controls: Any = None                # controls.GenerationControls (logprobs, penalties, ...); None: defaults
+    grammar: str | None = None          # a grammar the output must follow (already checked to compile)
     channel: EventChannel | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -161,8 +163,13 @@ def real_generator_factory(tokenizer) -> GeneratorFactory:
     def make(job: GenerationJob):
         s = job.sampling
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=s.seed)
+        c = job.controls
+        extra = {} if c is None else {"adjust": c.adjust, "logprobs": c.logprobs, "ignore_eos": c.ignore_eos}
+        if job.grammar is not None:
+            from ..text.constraints import Constraint
+            extra["constraint"] = Constraint(tokenizer, job.grammar)
         return Generator(tokenizer, params, max_tokens=job.max_tokens, stop=list(job.stop), thinking=job.thinking,
-                         parse_tools=job.parse_tools)
+                         parse_tools=job.parse_tools, **extra)
     return make
 
 
@@ -422,7 +429,10 @@ class EngineWorker:
     def _serve(self, job: GenerationJob) -> None:
         started = time.perf_counter()
         prompt = list(job.prompt_ids)
-        plan = plan_prefix_reuse(list(self.session.tokens), self.snapshots.ids(), prompt)
+        if job.controls is not None and not job.controls.cache_prompt:
+            plan = ReusePlan("reset", 0)            # cache_prompt=false: prefill everything
+        else:
+            plan = plan_prefix_reuse(list(self.session.tokens), self.snapshots.ids(), prompt)
         if plan.action == "snapshot":
             self.session.restore(self.snapshots.take(plan.snapshot_index))
         elif plan.action == "reset":
