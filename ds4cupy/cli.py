@@ -24,6 +24,7 @@ COMMANDS = {
     "info": ("ds4cupy.tools.info", "show a model's config, tensor types and memory needs"),
     "bench": ("ds4cupy.tools.bench", "measure load, prefill and decode speed"),
     "verify": ("ds4cupy.tools.verify", "run the correctness checks and print a verdict per check"),
+    "export-tokenizer": ("ds4cupy.tools.export_tokenizer", "write a model's tokenizer as a Hugging Face tokenizer.json"),
 }
 
 

@@ -343,6 +343,11 @@ class Tokenizer:
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
         return self._hf.encode_batch([text], add_special_tokens=False)[0].ids
 
+    def to_tokenizer_json(self) -> str:
+        """This tokenizer as a Hugging Face tokenizer.json text: `tokenizers.Tokenizer.from_str` of it encodes and
+        decodes exactly as encode() / decode() (same vocabulary, merges, pre-tokenizer, added tokens)."""
+        return self._hf.to_str()
+
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
 

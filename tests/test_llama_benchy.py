@@ -1,0 +1,65 @@
+"""llama-benchy (from PyPI), the tool people compare local servers with, against `ds4cupy serve` on the tiny model:
+it loads the tokenizer `ds4cupy export-tokenizer` wrote, reads a local book file (put in its cache under the URL's
+MD5, so it never downloads), runs, and reports pp and tg rows whose prefill speed agrees with `ds4cupy bench` for
+the same prompt length (within 2x: the server adds HTTP, templating and tokenizing, and llama-benchy times the first
+chunk, which the server sends only once the prefill is done)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_benchy")
+
+import ds4cupy
+from ds4cupy.cli import main as cli_main
+from ds4cupy.server import BackgroundServer, ServerSettings, create_app
+
+BOOK = Path(ds4cupy.__file__).parent / "data" / "demo_corpus.txt"
+BOOK_URL = "http://book.invalid/ds4cupy-demo-corpus.txt"     # never fetched: the cache file below answers
+PP, TG = 96, 4
+
+
+def test_llama_benchy_reports_pp_and_tg_rows_consistent_with_bench(tiny_model_path, tmp_path):
+    tokenizer_json = tmp_path / "tokenizer.json"
+    assert cli_main(["export-tokenizer", str(tiny_model_path), "--out", str(tokenizer_json)]) == 0
+    home = tmp_path / "home"
+    cache = home / ".cache" / "llama-benchy"
+    cache.mkdir(parents=True)
+    (cache / f"{hashlib.md5(BOOK_URL.encode()).hexdigest()}.txt").write_text(BOOK.read_text(encoding="utf-8"),
+                                                                             encoding="utf-8")
+    results = tmp_path / "benchy.json"
+    model = ds4cupy.load(tiny_model_path, backend="reference")
+    try:
+        app = create_app(model.tokenizer, model.new_session(ctx=1024), ServerSettings(ctx=1024))
+        with BackgroundServer(app) as srv:
+            env = {**os.environ, "HOME": str(home), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+                   "HF_HUB_OFFLINE": "1"}
+            run = subprocess.run(
+                [sys.executable, "-m", "llama_benchy", "--base-url", srv.url + "/v1", "--model", "deepseek-v4-flash",
+                 "--tokenizer", str(tokenizer_json), "--book-url", BOOK_URL, "--pp", str(PP), "--tg", str(TG),
+                 "--runs", "2", "--no-warmup", "--no-cache", "--skip-coherence", "--format", "json",
+                 "--save-result", str(results)],
+                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        model.close()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Delta: 4 tokens" in run.stdout       # the exported tokenizer counts the text as the server does
+    (row,) = json.loads(results.read_text())["benchmarks"]
+    assert row["prompt_size"] == PP and row["response_size"] == TG
+    pp = row["pp_throughput"]["values"]
+    tg = row["tg_throughput"]["values"]
+    assert len(pp) == len(tg) == 2 and min(pp) > 0 and min(tg) > 0
+
+    bench_json = tmp_path / "bench.json"
+    assert cli_main(["bench", "-m", str(tiny_model_path), "--backend", "reference", "--pp", str(PP), "--tg", "1",
+                     "--depth", "0", "--runs", "2", "--page-cache", "fadvise", "--json-out", str(bench_json)]) == 0
+    bench_pp = json.loads(bench_json.read_text())["summary"][f"pp{PP}.tps"]["values"]
+    # the best of each (other load on the machine only ever slows a run down)
+    ratio = max(pp) / max(bench_pp)
+    assert 0.5 <= ratio <= 2.0, (pp, bench_pp)
