@@ -5,8 +5,9 @@ limits) and `EngineWorker.submit`s it; the worker thread takes jobs strictly in 
 
 1. reuses the live session's KV when possible (`plan_prefix_reuse`): the longest of the session's own token list
    and the stored snapshots (taken at earlier prompts' checkpoints: where their last user turn starts, and all of
-   the prompt but its last token) that is a prefix of the new prompt; otherwise the session is reset. The session
-   cannot be rewound to an arbitrary position, so these snapshots are the reusable points;
+   the prompt but its last token) that is a prefix of the new prompt; otherwise (and for a job whose controls say
+   cache_prompt=false) the session is reset. The session cannot be rewound to an arbitrary position, so these
+   snapshots are the reusable points;
 2. prefills the rest of the prompt in chunks, checking the job's cancel flag and reporting progress between chunks
    (the handler turns progress and silence into SSE keepalive comments), snapshotting at the checkpoints;
 3. streams the Generator's deltas, checking the cancel flag after every token.
