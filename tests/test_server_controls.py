@@ -233,6 +233,22 @@ def test_refusals_never_reach_the_engine(server, fields, status, param, code):
     assert worker.jobs_served == before
 
 
+@pytest.mark.parametrize("fields, param", [
+    ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),     # a chat field, not a completions one
+    ({"top_logprobs": 2}, "top_logprobs"), ({"guided_json": {}}, "guided_json"),
+])
+def test_completions_field_table(fields, param):
+    from ds4cupy.server import protocol
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.parse_completion_request({"prompt": "x", **fields}, ctx=CTX)
+    assert info.value.status == 400 and info.value.param == param
+    # bookkeeping fields are accepted (documented as without effect) and defaults of missing features too
+    protocol.parse_completion_request({"prompt": "x", "user": "u1", "echo": False, "best_of": 1, "n": 1}, ctx=CTX)
+    protocol.parse_chat_request({"messages": user("x"), "user": "u1", "metadata": {"k": "v"}, "store": False,
+                                 "service_tier": "auto", "modalities": ["text"]}, ctx=CTX)
+
+
 def test_model_names(server, client):
     assert [m.id for m in client.models.list().data] == ["deepseek-v4-flash", "tiny-alias", "deepseek-chat",
                                                          "deepseek-reasoner"]

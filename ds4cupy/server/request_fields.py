@@ -34,16 +34,16 @@ def _no_effect(*names: str) -> dict[str, FieldRule]:
     return {n: FieldRule(NO_EFFECT) for n in names}
 
 
-_SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-             "stop", "reasoning_effort", "thinking", "think", "chat_template_kwargs")
+_SAMPLING = ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+             "top_k", "min_p", "seed", "stop", "reasoning_effort", "thinking", "think", "chat_template_kwargs")
 _CONTROLS = ("logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
              "ignore_eos", "return_token_ids", "cache_prompt")
 _BOOKKEEPING = ("user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
 _ONE_CHOICE = {"n": FieldRule(DEFAULT_ONLY, (1,), "one choice per request (n=1)")}
 
 CHAT_FIELDS: dict[str, FieldRule] = {
-    **_honoured("messages", *_SAMPLING, *_CONTROLS, "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                "parallel_tool_calls", "response_format"),
+    **_honoured("messages", *_SAMPLING, *_CONTROLS, "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+                "response_format"),
     **_no_effect(*_BOOKKEEPING),
     **_ONE_CHOICE,
     "store": FieldRule(DEFAULT_ONLY, (False,), "completions are not stored"),
