@@ -217,6 +217,10 @@ def test_cache_prompt_false_prefills_everything(client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
         "type": "object", "dependentRequired": {"a": ["b"]}}}}}, 400, "response_format", "invalid_schema"),
     ({"tools": [TOOL], "tool_choice": "required", "ignore_eos": True}, 400, "ignore_eos", None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {}, "minProperties": 1}}}]}, 400, "tools", "invalid_schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+      "tool_choice": "required"}, 400, "tool_choice", "invalid_schema"),
     ({"chat_template_kwargs": {"add_generation_prompt": False}}, 400, "chat_template_kwargs.add_generation_prompt",
      None),
     ({"n": 2}, 400, "n", None),

@@ -383,11 +383,7 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     check_model(state, chat.model)
     controls = parse_controls(state, body, "chat")
     chat.thinking = ctl.template_thinking(body, chat.thinking)
-    try:
-        grammar = ctl.chat_grammar(chat, controls)
-    except GrammarError as exc:
-        param = "tool_choice" if chat.tool_choice not in ("auto", "none") else "response_format"
-        raise protocol.invalid(f"'{param}' cannot be enforced: {exc}", param, "invalid_schema") from None
+    grammar = ctl.chat_grammar(chat, controls)
     if grammar is not None and (controls.ignore_eos or controls.adjust.min_tokens):
         raise protocol.invalid(f"'{grammar[1]}' ends the answer with EOS: it cannot be combined with ignore_eos or "
                                f"min_tokens", "ignore_eos" if controls.ignore_eos else "min_tokens", "invalid_value")

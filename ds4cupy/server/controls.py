@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from ..text.constraints import GrammarError
 from ..text.grammars import json_grammar, tool_calls_grammar
 from ..text.logit_processors import LOGIT_BIAS_RANGE, PENALTY_RANGE, LogitAdjustments
 from ..text.logprobs import MAX_TOP_LOGPROBS
@@ -202,21 +203,27 @@ def chat_grammar(chat: ChatRequest, controls: GenerationControls) -> tuple[str, 
     """(grammar, the field it enforces) for a chat request, or None when nothing is constrained:
     tool_choice "required" / a function -> DSML tool calls; else response_format json_* -> JSON (or, with tools
     offered, a tool-call block instead); else tools with `strict: true` or parallel_tool_calls=false -> free text or
-    checked tool calls. Raises text.constraints.GrammarError for schemas that cannot be compiled."""
+    checked tool calls. A schema the grammar cannot be built from is a 400 naming that field (whether the grammar
+    compiles is checked later, with the tokenizer: text.constraints.check_grammar)."""
     tools = chat.offered_tools
     thinking = chat.thinking.enabled
     parallel = controls.parallel_tool_calls
     choice = chat.tool_choice
-    if tools and (choice == "required" or isinstance(choice, Mapping)):
-        name = choice if choice == "required" else choice["function"]["name"]
-        return tool_calls_grammar(tools, choice=name, parallel=parallel, thinking=thinking), "tool_choice"
     fmt = controls.response_format
-    if fmt.kind != "text":
-        grammar = json_grammar(fmt.schema, strict=fmt.strict, thinking=thinking, tools=tools or None,
-                               parallel=parallel)
-        return grammar, "response_format"
-    if tools and (not parallel or any((t.get("function") or {}).get("strict") is True for t in tools)):
-        return tool_calls_grammar(tools, choice="auto", parallel=parallel, thinking=thinking), "tools"
+    try:
+        if tools and (choice == "required" or isinstance(choice, Mapping)):
+            name = choice if choice == "required" else choice["function"]["name"]
+            return tool_calls_grammar(tools, choice=name, parallel=parallel, thinking=thinking), "tool_choice"
+        if fmt.kind != "text":
+            grammar = json_grammar(fmt.schema, strict=fmt.strict, thinking=thinking, tools=tools or None,
+                                   parallel=parallel)
+            return grammar, "response_format"
+        if tools and (not parallel or any((t.get("function") or {}).get("strict") is True for t in tools)):
+            return tool_calls_grammar(tools, choice="auto", parallel=parallel, thinking=thinking), "tools"
+    except GrammarError as exc:
+        field = "tool_choice" if tools and choice not in ("auto", "none") else (
+            "response_format" if fmt.kind != "text" else "tools")
+        raise invalid(f"'{field}' cannot be enforced: {exc}", field, "invalid_schema") from None
     return None
 
 
