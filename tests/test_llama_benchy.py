@@ -62,4 +62,5 @@ def test_llama_benchy_reports_pp_and_tg_rows_consistent_with_bench(tiny_model_pa
     bench_pp = json.loads(bench_json.read_text())["summary"][f"pp{PP}.tps"]["values"]
     # the best of each (other load on the machine only ever slows a run down)
     ratio = max(pp) / max(bench_pp)
+    print(f"llama-benchy pp{PP} t/s {pp}, tg{TG} t/s {tg}; ds4cupy bench pp{PP} t/s {bench_pp}; ratio {ratio:.2f}")
     assert 0.5 <= ratio <= 2.0, (pp, bench_pp)
