@@ -213,6 +213,13 @@ def get_module(family: str):
 
 
 @functools.cache
+def sm_count(device_id: int) -> int:
+    """Number of multiprocessors of a device (launch geometry of the kernels that fill the GPU)."""
+    import cupy
+    return int(cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id))
+
+
+@functools.cache
 def _kernel(family: str, name: str, device_id: int):
     return _module(family, device_id).get_function(name)
 
@@ -225,4 +232,4 @@ def get_kernel(family: str, name: str):
 
 __all__ = ["KERNEL_DIR", "COMPILE_OPTIONS", "KernelCompileError", "families", "arch_for_capability",
            "compile_options", "expanded_source", "compile_for_arch", "compiled_binary_path", "device_arch",
-           "get_module", "get_kernel", "nvrtc_version"]
+           "get_module", "get_kernel", "nvrtc_version", "sm_count"]

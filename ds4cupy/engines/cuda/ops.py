@@ -10,11 +10,9 @@ ds4cupy/kernels/<family>.cu. CuPy is imported lazily (this module imports on CPU
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from .compile import get_kernel
+from .compile import get_kernel, sm_count
 
 # dtype codes shared with the kernels (common.cuh load_w, embed.cu)
 DT_F32, DT_F16, DT_BF16, DT_Q8_0 = 0, 1, 2, 8
@@ -239,14 +237,9 @@ def indexer_blocks(max_rows: int, S: int) -> int:
     """Blocks per query for indexer_scores: every 32-row tile of `max_rows` (the most rows any position of the
     session can see) gets a block, up to two waves of the GPU over all S queries."""
     import cupy
-    sms = _sm_count(cupy.cuda.Device().id)
+    sms = sm_count(cupy.cuda.Device().id)
     return max(1, min((max_rows + 31) // 32, (2 * sms + S - 1) // S))
 
-
-@functools.cache
-def _sm_count(device_id: int) -> int:
-    import cupy
-    return int(cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id))
 
 
 def indexer_topk(scores, d_pos, ratio: int, out) -> None:
