@@ -108,15 +108,7 @@ DS4_FOR_EACH_QTYPE(DS4_MOE)
 //   sign masks from shared tables replicated per lane (bank-conflict-free lookups), signed bytes 0x80 + s*g built with
 //   two integer ops per 4 weights.
 
-// float value of byte k of w (0 <= k < 4, a compile-time constant after unrolling), exact
-__device__ __forceinline__ float byte_f32(u32 w, int k) {
-    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388608.f;
-}
-// byte k of w read as 0x80 + v with v a signed value in [-128, 127]: returns v, exact
-__device__ __forceinline__ float sbyte_f32(u32 w, int k) {
-    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388736.f;
-}
-__device__ __forceinline__ float small_f32(u32 v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }  // v < 2^23
+// byte_f32 / sbyte_f32 / small_f32 (exact byte -> float without I2F): quant_blocks.cuh
 
 #define IQ2_GRID_COPIES 16
 #define IQ2_SIGN_COPIES 8
