@@ -190,6 +190,82 @@ def test_matvec_group(common_slab):
         qo.MatvecGroup([made[0][0], made[1][2]], [made[0][1], T.Q8_0], cols)
 
 
+# ---- int8 activations (optional path, not exact) ---------------------------------------------------------------
+# quantize_q8x rounds each activation to its block's grid: |x - xq xd| <= (1/2 + 127 * 2^-24) xd. With those
+# activations the dp4a products are exact integers scaled in float32, so against dequant(W) @ (xq * xd) the bound is
+# the float path's RTOL; against the exact dequant(W) @ x each row carries at most sum_b sum_i |W_ri| * XQ_ERR * xd_b
+# more (llama.cpp's q8_1 error level; typically ~0.5 % of |y| for Gaussian activations, printed).
+XQ_ERR = 0.5 + 127 * 2.0 ** -24
+
+
+@pytest.mark.parametrize("shape", [(1056,), (3, 160), (8, 4096)])
+def test_quantize_q8x_bit_exact(shape):
+    import cupy
+    qo = ops()
+    rng, seed = fresh_rng()
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 10, shape[:-1] + (1,))).astype(np.float32)
+    x[..., 32:64] = 0                                    # an all-zero block: scale 0, quants 0
+    xa = qo.quantize_q8x(cupy.asarray(x))
+    xq, xd = qo.quantize_q8x_np(x)
+    assert np.array_equal(cupy.asnumpy(xa.xq), xq) and np.array_equal(cupy.asnumpy(xa.xd), xd), f"seed={seed}"
+    back = xq.astype(np.float64) * np.repeat(xd.astype(np.float64), 32, axis=-1)
+    assert np.all(np.abs(back - x) <= XQ_ERR * np.repeat(xd, 32, axis=-1)), f"seed={seed}"
+    assert np.abs(xq).max() <= 127 and (xd[..., 1] == 0).all() and (xq[..., 32:64] == 0).all()
+
+
+def _q8x_check(y, w_ref, x, xa, what):
+    """y (from int8 activations xa of x) against dequant(W) @ (xq xd) at RTOL and the exact product within the bound."""
+    import cupy
+    xq, xd = cupy.asnumpy(xa.xq), cupy.asnumpy(xa.xd).astype(np.float64)
+    xhat = xq.astype(np.float64) * np.repeat(xd, 32, axis=-1)
+    exact = np.einsum("grc,gc->gr", w_ref, x.astype(np.float64)).reshape(-1)
+    quant = np.einsum("grc,gc->gr", w_ref, xhat).reshape(-1)
+    assert rel_err(y, quant) <= RTOL, what
+    bound = np.einsum("grc,gc->gr", np.abs(w_ref), np.repeat(xd, 32, axis=-1) * XQ_ERR).reshape(-1)
+    assert np.all(np.abs(y - exact) <= bound + RTOL * np.linalg.norm(exact)), what
+    return rel_err(y, exact)
+
+
+@pytest.mark.parametrize("shape,slab", [((40, 1056), None), ((96, 160), 24), ((1000, 288), None)])
+def test_matvec_int8_activations(shape, slab):
+    import cupy
+    qo = ops()
+    rng, seed = fresh_rng()
+    w, qt, gguf, ref_w = q8r_weight(shape, rng, slab)
+    x = rng.standard_normal(shape[1]).astype(np.float32)
+    xa = qo.quantize_q8x(cupy.asarray(x))
+    for geometry in [None] + [g for g in GEOMETRIES if g[0] <= 2]:
+        y = cupy.asnumpy(qo.matvec(w, qt, xa, out=cupy.full(shape[0], np.nan, np.float32), geometry=geometry))
+        err = _q8x_check(y, ref_w[None], x[None], qo.Q8Activations(xa.xq[None], xa.xd[None]),
+                         f"{shape} {geometry} seed={seed}")
+    print(f"int8 activations {shape}: relative error vs the exact product {err:.1e}")
+    with pytest.raises(ValueError, match="Q8_0R weights"):
+        qo.matvec(gguf, T.Q8_0, xa)
+    with pytest.raises(ValueError, match="1 or 2 rows per warp"):
+        qo.matvec(w, qt, xa, geometry=(4, 1))
+
+
+def test_matvec_xgroup_and_group_int8_activations():
+    import cupy
+    qo = ops()
+    rng, seed = fresh_rng()
+    groups, rows_per, cols = 4, 24, 160
+    w, qt, _, ref_w = q8r_weight((groups * rows_per, cols), rng, rows_per)
+    x = rng.standard_normal((groups, cols)).astype(np.float32)
+    xa = qo.quantize_q8x(cupy.asarray(x))
+    for geometry in [None, (1, 1), (2, 2), (1, 8)]:
+        y = cupy.asnumpy(qo.matvec_xgroup(w, qt, xa, geometry=geometry))
+        _q8x_check(y, ref_w.reshape(groups, rows_per, cols), x, xa, f"xgroup {geometry} seed={seed}")
+    made = [q8r_weight((r, cols), rng) for r in (8, 136, 40)]
+    x1 = x[0]
+    xa1 = qo.quantize_q8x(cupy.asarray(x1))
+    for geometry in [None, (1, 2), (2, 1)]:
+        group = qo.MatvecGroup([m[0] for m in made], [m[1] for m in made], cols, geometry=geometry)
+        y = cupy.asnumpy(group.run(xa1))
+        ref = np.concatenate([m[3] for m in made])
+        _q8x_check(y, ref[None], x1[None], qo.Q8Activations(xa1.xq[None], xa1.xd[None]), f"group {geometry}")
+
+
 # ---- prefill -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 3, 17, 70])
 def test_matmul(n):

@@ -125,3 +125,18 @@ def test_launch_geometry_rejects_bad_values():
         qo.q8r_launch_geometry(24, 256, 0, nr=3, sm_count=132)
     with pytest.raises(ValueError, match="warps per row group"):
         qo.q8r_launch_geometry(24, 256, 0, nr=1, wpr=3, sm_count=132)
+
+
+def test_quantize_q8x_np_definition():
+    """The int8 activation blocks (optional dp4a path): |x - xq xd| <= (1/2 + 127 * 2^-24) xd, |xq| <= 127 with the
+    block's largest |x| at +-127, an all-zero block gives scale 0 and quants 0."""
+    rng, seed = fresh_rng()
+    x = (rng.standard_normal((5, 256)) * rng.uniform(1e-3, 1e3, (5, 1))).astype(np.float32)
+    x[2, 64:96] = 0
+    xq, xd = qo.quantize_q8x_np(x)
+    assert xq.dtype == np.int8 and xd.dtype == np.float32 and xq.shape == x.shape and xd.shape == (5, 8)
+    d = np.repeat(xd.astype(np.float64), 32, axis=-1)
+    assert np.all(np.abs(xq * d - x) <= (0.5 + 127 * 2.0 ** -24) * d), f"seed={seed}"
+    amax_q = np.abs(xq.astype(np.int32)).reshape(5, 8, 32).max(axis=2)
+    assert xd[2, 2] == 0 and not xq[2, 64:96].any()
+    assert np.all(amax_q[xd > 0] == 127), f"seed={seed}"

@@ -429,7 +429,7 @@ __device__ __forceinline__ void moe_gate_up_q8r_body(const u8* gate, const u8* u
             rr[r] = q8r_row(gate + (size_t)e * expert_stride, f, nblk, slab_rows);
             rr[RF + r] = q8r_row(up + (size_t)e * expert_stride, f, nblk, slab_rows);
         }
-        q8r_rows_dot<2 * RF>(rr, X + (size_t)tok * cols, 2 * nblk, t, wpr * 32, acc);
+        q8r_rows_dot<2 * RF>(rr, Q8RXf32{X + (size_t)tok * cols}, 2 * nblk, t, wpr * 32, acc);
     }
 #pragma unroll
     for (int r = 0; r < 2 * RF; ++r) acc[r] = group_sum(acc[r], wpr, s_red);
@@ -471,7 +471,7 @@ __device__ __forceinline__ void moe_down_q8r_body(const u8* down, long long expe
 #pragma unroll
             for (int r = 0; r < RD; ++r)
                 rr[r] = q8r_row(down + (size_t)e * expert_stride, min(d0 + r, D - 1), nblk, slab_rows);
-            q8r_rows_dot<RD>(rr, mid + ((size_t)tok * k + j) * ff, 2 * nblk, t, wpr * 32, acc);
+            q8r_rows_dot<RD>(rr, Q8RXf32{mid + ((size_t)tok * k + j) * ff}, 2 * nblk, t, wpr * 32, acc);
         }
     }
 #pragma unroll

@@ -16,10 +16,14 @@
 // Reference: ds4cupy.engines.cuda.q8_0r.repack_q8_0_np (the NumPy definition of the layout).
 //
 // Dot products. A qs row is 2 * nblk "chunks" of 16 int8 (chunk c = half c % 2 of block c / 2). The lanes of a warp
-// take consecutive chunks, so each 16-byte load instruction of a warp reads 512 contiguous bytes (LDG.E.128); a
-// lane converts int8 to float exactly with a byte permute + FADD (sbyte_f32, no I2F), multiplies with float32
-// activations in float32 FMAs (16 per chunk, in element order), and adds d * (chunk sum) into its row total:
-// the float32 math of BlockQ8_0::dot_slice with another summation order.
+// take consecutive chunks, so each 16-byte load instruction of a warp reads 512 contiguous bytes (LDG.E.128). Two
+// kinds of activations (Q8RXf32, Q8RXq8 below):
+//   float32 x (the exact path): a lane converts int8 to float exactly with a byte permute + FADD (sbyte_f32, no
+//     I2F), multiplies with x in float32 FMAs (16 per chunk, in element order) and adds d * (chunk sum) into its row
+//     total: the float32 math of BlockQ8_0::dot_slice with another summation order;
+//   int8 x blocks with a float32 scale each (quantize_q8x in matvec.cu; q8_1-like, no block sums): 4 dp4a per
+//     chunk give the exact integer sum, the lane adds (d * xd) * sum; the only error beyond float32 accumulation is
+//     the activations' own rounding, |x - xq xd| <= xd / 2.
 #pragma once
 #include "quant_blocks.cuh"
 
@@ -80,8 +84,74 @@ __device__ __forceinline__ float q8_dot16(uint4 q, const float4* x) {
     return q8_dot4(q.w, x[3], a);
 }
 
+__device__ __forceinline__ void ld_x16(const float* xc, float4* xv) {
+    xv[0] = ld_nc_f4(xc);
+    xv[1] = ld_nc_f4(xc + 4);
+    xv[2] = ld_nc_f4(xc + 8);
+    xv[3] = ld_nc_f4(xc + 12);
+}
+
+// c + the dot product of the 4 signed bytes of a and b (exact, int32)
+__device__ __forceinline__ int dp4a_s8(u32 a, u32 b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+__device__ __forceinline__ uint4 ld_nc_u4(const uint4* p) {  // activations: read-only path, cached in L1
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float ld_nc_f32(const float* p) {
+    float v;
+    asm("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// Activation policies of q8r_rows_dot: where the lane's chunk `off` chunks ahead lies (load), its dot with 16
+// weights (dot) and the factor on top of the weight scale (scale); advance / skip move by chunks / elements.
+struct Q8RXf32 {  // x: float32 [16 * nch], 16-byte aligned
+    const float* p;
+    struct Chunk {
+        float4 v[4];
+    };
+    __device__ __forceinline__ void load(int off, Chunk& a) const { ld_x16(p + 16 * (size_t)off, a.v); }
+    __device__ __forceinline__ void advance(int chunks) { p += 16 * (size_t)chunks; }
+    __device__ __forceinline__ void skip(size_t elems) { p += elems; }
+    static __device__ __forceinline__ float scale(const Chunk&) { return 1.f; }  // folded: d * 1 is d
+    static __device__ __forceinline__ float dot(uint4 q, const Chunk& a) { return q8_dot16(q, a.v); }
+};
+
+struct Q8RXq8 {  // x[i] ~ xq[i] * xd[i / 32]: xq int8 [16 * nch] (16-byte aligned), xd float32 [nch / 2]
+    const uint4* q;
+    const float* d;
+    struct Chunk {
+        uint4 v;
+        float s;
+    };
+    __device__ __forceinline__ void load(int off, Chunk& a) const {  // off even (a multiple of 32)
+        a.v = ld_nc_u4(q + off);
+        a.s = ld_nc_f32(d + (off >> 1));
+    }
+    __device__ __forceinline__ void advance(int chunks) {  // chunks even
+        q += chunks;
+        d += chunks >> 1;
+    }
+    __device__ __forceinline__ void skip(size_t elems) {  // elems a multiple of 32
+        q += elems >> 4;
+        d += elems >> 5;
+    }
+    static __device__ __forceinline__ float scale(const Chunk& a) { return a.s; }
+    static __device__ __forceinline__ float dot(uint4 w, const Chunk& a) {
+        int s = dp4a_s8(w.x, a.v.x, 0);
+        s = dp4a_s8(w.y, a.v.y, s);
+        s = dp4a_s8(w.z, a.v.z, s);
+        return (float)dp4a_s8(w.w, a.v.w, s);  // |s| <= 16 * 128 * 128 < 2^24: exact in float
+    }
+};
+
 // acc[r] += sum over the 16-byte chunks of row r (0 <= r < NR) times x, for the part of the rows that thread t of a
-// group of nt = 32 * wpr threads takes; all NR rows read the same x (float32 [16 * nch], 16-byte aligned).
+// group of nt = 32 * wpr threads takes; all NR rows read the same x (an activation policy at chunk 0 of the rows).
 //
 // Chunk order: stage k covers chunks [k U nt, (k + 1) U nt) (U = Q8R_INFLIGHT / NR chunks per row and lane); warp w
 // of the group takes U * 32 consecutive chunks of it, lane l the chunks w U 32 + u 32 + l (u < U), so every load
@@ -105,15 +175,8 @@ struct Q8RStage {
     }
 };
 
-__device__ __forceinline__ void ld_x16(const float* xc, float4* xv) {
-    xv[0] = ld_nc_f4(xc);
-    xv[1] = ld_nc_f4(xc + 4);
-    xv[2] = ld_nc_f4(xc + 8);
-    xv[3] = ld_nc_f4(xc + 12);
-}
-
-template <int NR>
-__device__ __forceinline__ void q8r_rows_dot(const Q8RRow* rows, const float* x, int nch, int t, int nt, float* acc) {
+template <int NR, class XA>
+__device__ __forceinline__ void q8r_rows_dot(const Q8RRow* rows, XA xa, int nch, int t, int nt, float* acc) {
     constexpr int U = NR >= Q8R_INFLIGHT ? 1 : Q8R_INFLIGHT / NR;
     const int step = U * nt;                     // chunks per stage
     const int full = nch / step;                 // full stages
@@ -125,7 +188,7 @@ __device__ __forceinline__ void q8r_rows_dot(const Q8RRow* rows, const float* x,
         qp[r] = rows[r].qs + c0;
         dp[r] = rows[r].d + (c0 >> 1);           // (c0 + 32 u) >> 1 = (c0 >> 1) + 16 u: c0's other terms are even
     }
-    const float* xp = x + 16 * (size_t)c0;
+    xa.advance(c0);
     if (full > 0) {
         Q8RStage<NR, U> cur;
         cur.load(qp, dp);
@@ -141,13 +204,13 @@ __device__ __forceinline__ void q8r_rows_dot(const Q8RRow* rows, const float* x,
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                float4 xv[4];
-                ld_x16(xp + 512 * u, xv);
+                typename XA::Chunk a;
+                xa.load(32 * u, a);
 #pragma unroll
                 for (int r = 0; r < NR; ++r)
-                    acc[r] = fmaf(f16_to_f32(cur.d[u][r]), q8_dot16(cur.q[u][r], xv), acc[r]);
+                    acc[r] = fmaf(f16_to_f32(cur.d[u][r]) * XA::scale(a), XA::dot(cur.q[u][r], a), acc[r]);
             }
-            xp += 16 * (size_t)step;
+            xa.advance(step);
             cur = nxt;
         }
 #pragma unroll
@@ -161,12 +224,12 @@ __device__ __forceinline__ void q8r_rows_dot(const Q8RRow* rows, const float* x,
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         if (ct + 32 * u < nch) {
-            float4 xv[4];
-            ld_x16(xp + 512 * u, xv);
+            typename XA::Chunk a;
+            xa.load(32 * u, a);
 #pragma unroll
             for (int r = 0; r < NR; ++r)
-                acc[r] = fmaf(f16_to_f32(ld_nc_u16(dp[r] + 16 * u)), q8_dot16(ld_stream_u4(qp[r] + 32 * u), xv),
-                              acc[r]);
+                acc[r] = fmaf(f16_to_f32(ld_nc_u16(dp[r] + 16 * u)) * XA::scale(a),
+                              XA::dot(ld_stream_u4(qp[r] + 32 * u), a), acc[r]);
         }
     }
 }

@@ -10,12 +10,15 @@ Expert ids (int32) and routing weights (float32) are read from device memory by 
 
 Q8_0 weights repacked into planes (q8_0r.py) carry the pseudo-qtype Q8_0R(slab_rows) instead of Q8_0; every function
 here takes them (same shapes, same values, other kernels: the _q8r launchers below, geometry from
-q8r_launch_geometry).
+q8r_launch_geometry). With Q8_0R weights, matvec / matvec_xgroup / MatvecGroup.run also take int8 activations
+(quantize_q8x -> Q8Activations, dp4a kernels): not exact, each activation carries its rounding |x - xq xd| <= xd / 2
+(llama.cpp's q8_1 level); the engine's default path stays float32.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -128,6 +131,70 @@ def _ptr(a) -> np.uint64:
     return np.uint64(a.data.ptr)
 
 
+# ---- int8 activations ------------------------------------------------------------------------------------------------
+class Q8Activations(NamedTuple):
+    """float32 activations quantized per block of 32 (quantize_q8x): x[.., i] ~ xq[.., i] * xd[.., i // 32].
+    xq: cupy int8 [..., cols], xd: cupy float32 [..., cols / 32]."""
+    xq: object
+    xd: object
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.xq.shape)
+
+
+def quantize_q8x_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy definition of quantize_q8x (kernels/matvec.cu): per block of 32, xd = max|x| / 127 (float32 division),
+    xq = rint(x / xd) (half to even; 0 where xd == 0)."""
+    x = np.asarray(x, np.float32)
+    b = x.reshape(-1, 32)
+    xd = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(xd[:, None] > 0, np.rint(b / xd[:, None]), 0).astype(np.int8)
+    return q.reshape(x.shape), xd.reshape(x.shape[:-1] + (x.shape[-1] // 32,))
+
+
+def quantize_q8x(x, out: Q8Activations | None = None, stream=None) -> Q8Activations:
+    """int8 activation blocks of x (float32 [..., cols], cols a multiple of 32), once per step for every Q8_0R matvec
+    that reads x. out: a Q8Activations of the same shape to write into (decode graphs)."""
+    import cupy
+    x = _f32(x, "x")
+    if x.ndim < 1 or x.shape[-1] % 32 or x.size == 0:
+        raise ValueError(f"x must be [..., cols] with cols a positive multiple of 32, got shape {x.shape}")
+    if out is None:
+        out = Q8Activations(cupy.empty(x.shape, np.int8), cupy.empty(x.shape[:-1] + (x.shape[-1] // 32,), np.float32))
+    _q8x(out, x.shape, "out")
+    n_blocks = x.size // 32
+    with _stream(stream):
+        get_kernel("matvec", "quantize_q8x")((max(1, min((n_blocks + 7) // 8, 4096)),), (_THREADS,),
+                                             (x, np.int64(n_blocks), out.xq, out.xd))
+    return out
+
+
+def _q8x(xa: Q8Activations, shape, what: str) -> Q8Activations:
+    """Check int8 activations of `shape` (aligned, contiguous, the right dtypes)."""
+    import cupy
+    xq, xd = xa
+    ok = (isinstance(xq, cupy.ndarray) and isinstance(xd, cupy.ndarray) and xq.dtype == np.int8
+          and xd.dtype == np.float32 and xq.flags.c_contiguous and xd.flags.c_contiguous
+          and tuple(xq.shape) == tuple(shape) and tuple(xd.shape) == tuple(shape[:-1]) + (shape[-1] // 32,))
+    if not ok:
+        raise ValueError(f"{what} must be Q8Activations(int8 {tuple(shape)}, float32 {tuple(shape[:-1])} + "
+                         f"({shape[-1] // 32},)), got {getattr(xq, 'dtype', '?')} {getattr(xq, 'shape', '?')}, "
+                         f"{getattr(xd, 'dtype', '?')} {getattr(xd, 'shape', '?')}")
+    _aligned16(xq, f"{what}.xq")
+    return xa
+
+
+def _x_args(x, t, what: str = "x"):
+    """(kernel name suffix, kernel arguments) of float32 x or int8 Q8Activations (Q8_0R weights only)."""
+    if isinstance(x, Q8Activations):
+        if not isinstance(t, Q8_0R):
+            raise ValueError(f"int8 activations (Q8Activations) need Q8_0R weights, got {t.name}")
+        return "_q8x", (x.xq, x.xd)
+    return "", (x,)
+
+
 # ---- matvec ----------------------------------------------------------------------------------------------------------
 def row_blocks(rows: int, wpr: int) -> int:
     """CTAs that cover `rows` rows summed by `wpr` warps each (a 256-thread CTA holds 8 / wpr rows)."""
@@ -184,12 +251,16 @@ def _launch_matvec(kernel: str, w, t, x, cols: int, out, stream, *extra, geometr
     y = _out(out, (rows,))
     if isinstance(t, Q8_0R):
         group_rows = int(extra[0]) if extra else 0
+        suffix, xargs = _x_args(x, t)
         nr, wpr = q8r_launch_geometry(rows, cols, group_rows, *(geometry or (None, None)))
+        if suffix and nr == 4:
+            raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
         with _stream(stream):
-            get_kernel("matvec", f"{kernel}_q8_0r_r{nr}")(
+            get_kernel("matvec", f"{kernel}_q8_0r{suffix}_r{nr}")(
                 (_q8r_grid(rows, nr, wpr),), (_THREADS,),
-                (w, np.int32(t.slab_rows), x, y, np.int32(rows), np.int32(cols), np.int32(wpr)) + extra)
+                (w, np.int32(t.slab_rows)) + xargs + (y, np.int32(rows), np.int32(cols), np.int32(wpr)) + extra)
         return y
+    _x_args(x, t)
     wpr = warps_per_row(rows)
     with _stream(stream):
         get_kernel("matvec", f"{kernel}_{_SUFFIX[t]}")(
@@ -200,7 +271,13 @@ def _launch_matvec(kernel: str, w, t, x, cols: int, out, stream, *extra, geometr
 
 def matvec(w, qtype, x, out=None, stream=None, geometry=None):
     """y[rows] = dequant(w)[rows, cols] @ x[cols] (float32). w: raw rows [rows, row_bytes] (plain types: [rows, cols]).
-    geometry: (rows per warp, warps per row group) for Q8_0R weights (benchmarks, tests); default chosen."""
+    x: float32 [cols], or Q8Activations of it (Q8_0R weights). geometry: (rows per warp, warps per row group) for
+    Q8_0R weights (benchmarks, tests); default chosen."""
+    if isinstance(x, Q8Activations):
+        if len(x.shape) != 1:
+            raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
+        _q8x(x, x.shape, "x")
+        return _launch_matvec("matvec", w, _qtype(qtype), x, x.shape[0], out, stream, geometry=geometry)
     x = _aligned16(_f32(x, "x"), "x")
     if x.ndim != 1:
         raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
@@ -209,9 +286,13 @@ def matvec(w, qtype, x, out=None, stream=None, geometry=None):
 
 def matvec_xgroup(w, qtype, x, out=None, stream=None, geometry=None):
     """Row block g of w times its own input: y[g*R + r] = dequant(w)[g*R + r] @ x[g], x: float32 [G, cols],
-    w: raw rows [G*R, row_bytes]. One launch for the grouped attention output projection (model.md §2.4)."""
-    x = _aligned16(_f32(x, "x"), "x")
-    if x.ndim != 2:
+    w: raw rows [G*R, row_bytes]. One launch for the grouped attention output projection (model.md §2.4).
+    x may be Q8Activations of it (Q8_0R weights)."""
+    if isinstance(x, Q8Activations):
+        _q8x(x, x.shape, "x")
+    else:
+        x = _aligned16(_f32(x, "x"), "x")
+    if len(x.shape) != 2:
         raise ValueError(f"x must be [groups, cols], got shape {x.shape}")
     groups, cols = x.shape
     if w.shape[0] % groups:
@@ -268,13 +349,21 @@ class MatvecGroup:
             self._kernel = get_kernel("matvec", f"matvec_group_{_SUFFIX[self.qtype]}")
 
     def run(self, x, out=None, stream=None):
-        x = _aligned16(_f32(x, "x", (self.cols,)), "x")
+        """y = the matrices' products with x: float32 [cols], or Q8Activations of it (Q8_0R weights)."""
+        if isinstance(x, Q8Activations):
+            _q8x(x, (self.cols,), "x")
+        else:
+            x = _aligned16(_f32(x, "x", (self.cols,)), "x")
+        suffix, xargs = _x_args(x, self.qtype)
+        if suffix and self._nr == 4:
+            raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
+        kernel = self._kernel if not suffix else get_kernel("matvec", f"matvec_group_q8_0r_q8x_r{self._nr}")
         y = _out(out, (self.total_rows,))
         stride = np.int32(self._slab_rows) if isinstance(self.qtype, Q8_0R) else np.int64(self.row_stride)
         with _stream(stream):
-            self._kernel((self._grid,), (_THREADS,),
-                         (self._ptrs, self._row_start, np.int32(len(self.weights)), stride, x, y,
-                          np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
+            kernel((self._grid,), (_THREADS,),
+                   (self._ptrs, self._row_start, np.int32(len(self.weights)), stride) + xargs
+                   + (y, np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
         return y
 
     def split(self, y):
@@ -494,5 +583,5 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
     return y
 
 
-__all__ = ["SUPPORTED_TYPES", "Q8_0R", "matvec", "matvec_xgroup", "MatvecGroup", "matmul", "dequantize",
+__all__ = ["SUPPORTED_TYPES", "Q8_0R", "Q8Activations", "quantize_q8x", "quantize_q8x_np", "matvec", "matvec_xgroup", "MatvecGroup", "matmul", "dequantize",
            "moe_gate_up", "moe_down", "warps_per_row", "q8r_launch_geometry", "repack_q8_0", "unpack_q8_0"]
