@@ -13,8 +13,14 @@
 //   Y[t, d] (+)= sum_j down[ids[t, j]][d] . mid[t, j]   (routing weights were applied in mid; no atomics)
 //   accumulate != 0 adds to Y (e.g. the shared expert onto the routed sum). ids nullptr: expert 0, k = 1.
 //   Launch: 256 threads, grid (ceil(D / (8 / wpr)), n).
+// moe_gate_up_q8_0r_r<RF>(gate, up, expert_stride, slab_rows, ids, weights, k, n_expert, X, cols, mid, ff, clamp, wpr)
+// moe_down_q8_0r_r<RD>(down, expert_stride, slab_rows, ids, k, n_expert, mid, ff, Y, D, accumulate, wpr)
+//   The same two steps on Q8_0 weights repacked into planes (q8_0r.cuh): each expert's matrix (expert_stride bytes
+//   apart) is made of slabs of slab_rows rows. A group of wpr warps takes RF rows f (gate and up rows: 2 RF dot
+//   products) or RD output rows d (all k experts) with the chunked, pipelined row dot of q8_0r.cuh; a CTA holds
+//   (8 / wpr) * RF (RD) rows: grid (ceil(ff / ((8 / wpr) RF)), n * k) or (ceil(D / ((8 / wpr) RD)), n).
 // Reference: the float64 NumPy expert of tests/test_gpu_quant_ops.py, following model.md §2.8.
-#include "quant_blocks.cuh"
+#include "q8_0r.cuh"
 
 __device__ __forceinline__ float silu_f32(float g) { return g / (1.f + expf(-g)); }
 
@@ -108,15 +114,7 @@ DS4_FOR_EACH_QTYPE(DS4_MOE)
 //   sign masks from shared tables replicated per lane (bank-conflict-free lookups), signed bytes 0x80 + s*g built with
 //   two integer ops per 4 weights.
 
-// float value of byte k of w (0 <= k < 4, a compile-time constant after unrolling), exact
-__device__ __forceinline__ float byte_f32(u32 w, int k) {
-    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388608.f;
-}
-// byte k of w read as 0x80 + v with v a signed value in [-128, 127]: returns v, exact
-__device__ __forceinline__ float sbyte_f32(u32 w, int k) {
-    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388736.f;
-}
-__device__ __forceinline__ float small_f32(u32 v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }  // v < 2^23
+// byte_f32 / sbyte_f32 / small_f32 (exact byte -> float without I2F): quant_blocks.cuh
 
 #define IQ2_GRID_COPIES 16
 #define IQ2_SIGN_COPIES 8
@@ -405,3 +403,105 @@ DS4_MOE_FAST_GATE_UP(iq2_xxs, MoeIQ2)
 DS4_MOE_FAST_GATE_UP(q4_k, MoeQ4K)
 DS4_MOE_FAST_DOWN(q2_k, MoeQ2K)
 DS4_MOE_FAST_DOWN(q4_k, MoeQ4K)
+
+// ---- Q8_0R (q8_0r.cuh) ----------------------------------------------------------------------------------------------
+template <int RF>
+__device__ __forceinline__ void moe_gate_up_q8r_body(const u8* gate, const u8* up, long long expert_stride,
+                                                     int slab_rows, const int* ids, const float* weights, int k,
+                                                     int n_expert, const float* X, int cols, float* mid, int ff,
+                                                     float clamp, int wpr) {
+    __shared__ float s_red[8];
+    const int pair = blockIdx.y, tok = pair / k;
+    const int warp = threadIdx.x >> 5;
+    const int f0 = (blockIdx.x * (8 / wpr) + warp / wpr) * RF;
+    const int t = (warp % wpr) * 32 + (threadIdx.x & 31);
+    const int e = ids ? ids[pair] : 0;
+    const bool bad = e < 0 || e >= n_expert;
+    const int nblk = cols >> 5;
+    float acc[2 * RF];
+#pragma unroll
+    for (int r = 0; r < 2 * RF; ++r) acc[r] = 0.f;
+    if (f0 < ff && !bad) {
+        Q8RRow rr[2 * RF];
+#pragma unroll
+        for (int r = 0; r < RF; ++r) {
+            const int f = min(f0 + r, ff - 1);
+            rr[r] = q8r_row(gate + (size_t)e * expert_stride, f, nblk, slab_rows);
+            rr[RF + r] = q8r_row(up + (size_t)e * expert_stride, f, nblk, slab_rows);
+        }
+        q8r_rows_dot<2 * RF>(rr, Q8RXf32{X + (size_t)tok * cols}, 2 * nblk, t, wpr * 32, acc);
+    }
+#pragma unroll
+    for (int r = 0; r < 2 * RF; ++r) acc[r] = group_sum(acc[r], wpr, s_red);
+    if (t == 0) {
+        const float w = (weights && !bad) ? weights[pair] : 1.f;
+#pragma unroll
+        for (int r = 0; r < RF; ++r) {
+            if (f0 + r < ff) {
+                const float g = fminf(acc[r], clamp);
+                const float u = fminf(fmaxf(acc[RF + r], -clamp), clamp);
+                mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * u * w;
+            }
+        }
+    }
+}
+
+template <int RD>
+__device__ __forceinline__ void moe_down_q8r_body(const u8* down, long long expert_stride, int slab_rows,
+                                                  const int* ids, int k, int n_expert, const float* mid, int ff,
+                                                  float* Y, int D, int accumulate, int wpr) {
+    __shared__ float s_red[8];
+    const int tok = blockIdx.y;
+    const int warp = threadIdx.x >> 5;
+    const int d0 = (blockIdx.x * (8 / wpr) + warp / wpr) * RD;
+    const int t = (warp % wpr) * 32 + (threadIdx.x & 31);
+    const int nblk = ff >> 5;
+    float acc[RD];
+#pragma unroll
+    for (int r = 0; r < RD; ++r) acc[r] = 0.f;
+    bool bad = false;
+    if (d0 < D) {
+        for (int j = 0; j < k; ++j) {
+            const int e = ids ? ids[tok * k + j] : 0;
+            if (e < 0 || e >= n_expert) {
+                bad = true;
+                continue;
+            }
+            Q8RRow rr[RD];
+#pragma unroll
+            for (int r = 0; r < RD; ++r)
+                rr[r] = q8r_row(down + (size_t)e * expert_stride, min(d0 + r, D - 1), nblk, slab_rows);
+            q8r_rows_dot<RD>(rr, Q8RXf32{mid + ((size_t)tok * k + j) * ff}, 2 * nblk, t, wpr * 32, acc);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RD; ++r) acc[r] = group_sum(acc[r], wpr, s_red);
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < RD; ++r) {
+            if (d0 + r < D) {
+                float* y = Y + (size_t)tok * D + d0 + r;
+                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
+                *y = accumulate ? *y + v : v;
+            }
+        }
+    }
+}
+
+// the second __launch_bounds__ argument: CTAs per SM the register allocation aims at (see matvec.cu)
+#define DS4_MOE_Q8R(R, MINB)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, MINB) moe_gate_up_q8_0r_r##R(                              \
+        const u8* gate, const u8* up, long long expert_stride, int slab_rows, const int* ids,                    \
+        const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,    \
+        int wpr) {                                                                                               \
+        moe_gate_up_q8r_body<R>(gate, up, expert_stride, slab_rows, ids, weights, k, n_expert, X, cols, mid, ff, \
+                                clamp, wpr);                                                                     \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, MINB) moe_down_q8_0r_r##R(                                 \
+        const u8* down, long long expert_stride, int slab_rows, const int* ids, int k, int n_expert,             \
+        const float* mid, int ff, float* Y, int D, int accumulate, int wpr) {                                    \
+        moe_down_q8r_body<R>(down, expert_stride, slab_rows, ids, k, n_expert, mid, ff, Y, D, accumulate, wpr);  \
+    }
+
+DS4_MOE_Q8R(1, 2)
+DS4_MOE_Q8R(2, 2)

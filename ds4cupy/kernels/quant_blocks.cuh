@@ -12,8 +12,9 @@
 //                                          block's first activation (16-byte aligned: QK is a multiple of 4 floats)
 // Weights are read as stored: 2-byte loads where the block size only guarantees 2-byte alignment (Q8_0 34,
 // IQ2_XXS 66), 4/8/16-byte loads where it allows more (Q2_K 84, NVFP4 36, Q4_K 144, plain types).
-// No host headers: f16 conversions are single PTX instructions.
+// No host headers: f16 conversions are single PTX instructions. Warp reductions come from common.cuh.
 #pragma once
+#include "common.cuh"
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -40,6 +41,18 @@ __device__ __forceinline__ u32 ld_u32(const u8* p) { return *reinterpret_cast<co
 __device__ __forceinline__ u32 ld_u32_a2(const u8* p) { return (u32)ld_u16(p) | ((u32)ld_u16(p + 2) << 16); }
 
 __device__ __forceinline__ float4 ld_x4(const float* x) { return *reinterpret_cast<const float4*>(x); }
+
+// Exact int -> float without I2F (a quarter-rate instruction on sm_90): a byte permute builds the float 2^23 + b,
+// one FADD removes 2^23. k (0..3) must be a compile-time constant after unrolling.
+// float value of byte k of w (unsigned)
+__device__ __forceinline__ float byte_f32(u32 w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388608.f;
+}
+// byte k of w read as 0x80 + v with v a signed value in [-128, 127]: returns v (int8 bytes: pass w ^ 0x80808080)
+__device__ __forceinline__ float sbyte_f32(u32 w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (u32)k)) - 8388736.f;
+}
+__device__ __forceinline__ float small_f32(u32 v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }  // v < 2^23
 
 // doubled E2M1 values of a nibble (MXFP4, NVFP4)
 __device__ __forceinline__ float fp4_kvalue(u32 nib) {
@@ -386,12 +399,6 @@ __device__ __forceinline__ float row_dot(const u8* row, const float* x, int nblo
         acc += BT::dot_slice(row + (size_t)blk * BT::BYTES, sl, x + (size_t)blk * BT::QK, grid);
     }
     return acc;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-    return v;
 }
 
 // Sum v over the `wpr` warps of each row group of a 256-thread CTA (groups = consecutive warps). Every thread calls;

@@ -7,17 +7,25 @@ types. Activations are float32, C-contiguous. Every call:
 - writes into `out=` when given (no allocation: the decode step is captured in a CUDA graph), else allocates;
 - launches on `stream` (a cupy.cuda.Stream) or on CuPy's current stream.
 Expert ids (int32) and routing weights (float32) are read from device memory by the kernels.
+
+Q8_0 weights repacked into planes (q8_0r.py) carry the pseudo-qtype Q8_0R(slab_rows) instead of Q8_0; every function
+here takes them (same shapes, same values, other kernels: the _q8r launchers below, geometry from
+q8r_launch_geometry). With Q8_0R weights, matvec / matvec_xgroup / MatvecGroup.run also take int8 activations
+(quantize_q8x -> Q8Activations, dp4a kernels): not exact, each activation carries its rounding |x - xq xd| <= xd / 2
+(llama.cpp's q8_1 level); the engine's default path stays float32.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ...format import quants
 from .compile import get_kernel
+from .q8_0r import Q8_0R, kernel_constant, repack_q8_0, unpack_q8_0
 
 _SUFFIX = {T.Q8_0: "q8_0", T.Q2_K: "q2_k", T.Q4_K: "q4_k", T.IQ2_XXS: "iq2_xxs", T.MXFP4: "mxfp4", T.NVFP4: "nvfp4",
            T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
@@ -27,22 +35,33 @@ SUPPORTED_TYPES = frozenset(_SUFFIX)
 _THREADS = 256
 
 
-def _qtype(qtype) -> T:
+def _qtype(qtype):
+    """The GGMLQuantizationType of `qtype`, or the Q8_0R marker itself."""
+    if isinstance(qtype, Q8_0R):
+        return qtype
     t = quants.qtype_of(qtype)
     if t not in SUPPORTED_TYPES:
         raise ValueError(f"no GPU kernels for {t.name} (supported: {', '.join(x.name for x in _SUFFIX)})")
     return t
 
 
-def _check_cols(t: T, cols: int) -> None:
-    qk = _KERNEL_QK.get(t, quants.BLOCK_SIZES[t][0])
+def _check_cols(t, cols: int) -> None:
+    qk = 32 if isinstance(t, Q8_0R) else _KERNEL_QK.get(t, quants.BLOCK_SIZES[t][0])
     if cols <= 0 or cols % qk:
         raise ValueError(f"{t.name} GPU kernels need a row length that is a positive multiple of {qk}, got {cols}")
 
 
-def _weight_geometry(w, t: T, cols: int, ndim: int, what: str) -> int:
-    """Validate a raw weight array of `ndim` dims for rows of `cols` elements; returns its row stride in bytes."""
+def _weight_geometry(w, t, cols: int, ndim: int, what: str) -> int:
+    """Validate a raw weight array of `ndim` dims for rows of `cols` elements; returns its row stride in bytes.
+    Q8_0R: also that its slab rows divide the rows of each matrix (slabs stay 16-byte aligned)."""
     import cupy
+    if isinstance(t, Q8_0R):
+        rb = _weight_geometry(w, T.Q8_0, cols, ndim, what)
+        rows = int(w.shape[-2])
+        if rows % t.slab_rows or t.slab_rows * (cols // 32) % 8:
+            raise ValueError(f"{what}: {t} does not fit {rows} rows of {cols} elements (slab_rows must divide the "
+                             f"rows, and slab_rows * cols / 32 be a multiple of 8)")
+        return rb
     if not isinstance(w, cupy.ndarray):
         raise TypeError(f"{what} must be a cupy.ndarray, got {type(w).__name__}")
     if w.ndim != ndim:
@@ -112,6 +131,70 @@ def _ptr(a) -> np.uint64:
     return np.uint64(a.data.ptr)
 
 
+# ---- int8 activations ------------------------------------------------------------------------------------------------
+class Q8Activations(NamedTuple):
+    """float32 activations quantized per block of 32 (quantize_q8x): x[.., i] ~ xq[.., i] * xd[.., i // 32].
+    xq: cupy int8 [..., cols], xd: cupy float32 [..., cols / 32]."""
+    xq: object
+    xd: object
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.xq.shape)
+
+
+def quantize_q8x_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy definition of quantize_q8x (kernels/matvec.cu): per block of 32, xd = max|x| / 127 (float32 division),
+    xq = rint(x / xd) (half to even; 0 where xd == 0)."""
+    x = np.asarray(x, np.float32)
+    b = x.reshape(-1, 32)
+    xd = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(xd[:, None] > 0, np.rint(b / xd[:, None]), 0).astype(np.int8)
+    return q.reshape(x.shape), xd.reshape(x.shape[:-1] + (x.shape[-1] // 32,))
+
+
+def quantize_q8x(x, out: Q8Activations | None = None, stream=None) -> Q8Activations:
+    """int8 activation blocks of x (float32 [..., cols], cols a multiple of 32), once per step for every Q8_0R matvec
+    that reads x. out: a Q8Activations of the same shape to write into (decode graphs)."""
+    import cupy
+    x = _f32(x, "x")
+    if x.ndim < 1 or x.shape[-1] % 32 or x.size == 0:
+        raise ValueError(f"x must be [..., cols] with cols a positive multiple of 32, got shape {x.shape}")
+    if out is None:
+        out = Q8Activations(cupy.empty(x.shape, np.int8), cupy.empty(x.shape[:-1] + (x.shape[-1] // 32,), np.float32))
+    _q8x(out, x.shape, "out")
+    n_blocks = x.size // 32
+    with _stream(stream):
+        get_kernel("matvec", "quantize_q8x")((max(1, min((n_blocks + 7) // 8, 4096)),), (_THREADS,),
+                                             (x, np.int64(n_blocks), out.xq, out.xd))
+    return out
+
+
+def _q8x(xa: Q8Activations, shape, what: str) -> Q8Activations:
+    """Check int8 activations of `shape` (aligned, contiguous, the right dtypes)."""
+    import cupy
+    xq, xd = xa
+    ok = (isinstance(xq, cupy.ndarray) and isinstance(xd, cupy.ndarray) and xq.dtype == np.int8
+          and xd.dtype == np.float32 and xq.flags.c_contiguous and xd.flags.c_contiguous
+          and tuple(xq.shape) == tuple(shape) and tuple(xd.shape) == tuple(shape[:-1]) + (shape[-1] // 32,))
+    if not ok:
+        raise ValueError(f"{what} must be Q8Activations(int8 {tuple(shape)}, float32 {tuple(shape[:-1])} + "
+                         f"({shape[-1] // 32},)), got {getattr(xq, 'dtype', '?')} {getattr(xq, 'shape', '?')}, "
+                         f"{getattr(xd, 'dtype', '?')} {getattr(xd, 'shape', '?')}")
+    _aligned16(xq, f"{what}.xq")
+    return xa
+
+
+def _x_args(x, t, what: str = "x"):
+    """(kernel name suffix, kernel arguments) of float32 x or int8 Q8Activations (Q8_0R weights only)."""
+    if isinstance(x, Q8Activations):
+        if not isinstance(t, Q8_0R):
+            raise ValueError(f"int8 activations (Q8Activations) need Q8_0R weights, got {t.name}")
+        return "_q8x", (x.xq, x.xd)
+    return "", (x,)
+
+
 # ---- matvec ----------------------------------------------------------------------------------------------------------
 def row_blocks(rows: int, wpr: int) -> int:
     """CTAs that cover `rows` rows summed by `wpr` warps each (a 256-thread CTA holds 8 / wpr rows)."""
@@ -119,12 +202,65 @@ def row_blocks(rows: int, wpr: int) -> int:
     return (rows + per_cta - 1) // per_cta
 
 
-def _launch_matvec(kernel: str, w, t: T, x, cols: int, out, stream, *extra):
-    """Shared body of matvec / matvec_xgroup: validate w, launch `kernel`_<type> over w's rows, return y."""
+# Q8_0R decode kernels (matvec.cu, moe.cu): `nr` rows per warp (kernel suffix _r<nr>), summed by groups of `wpr`
+# warps; each lane keeps Q8R_INFLIGHT / nr chunks of 16 bytes per row in a pipeline stage (q8_0r.cuh)
+Q8R_ROWS_PER_WARP = 2
+_Q8R_INFLIGHT = kernel_constant("Q8R_INFLIGHT")
+
+
+def q8r_launch_geometry(rows: int, cols: int, group_rows: int = 0, nr: int | None = None,
+                        wpr: int | None = None, dots_per_row: int = 1, sm_count: int | None = None) -> tuple[int, int]:
+    """(rows per warp, warps per row group) for a Q8_0R decode product of `rows` rows of `cols` elements.
+
+    nr: Q8R_ROWS_PER_WARP (1 when group_rows, rows sharing one input, is odd: a warp's rows share x). wpr: the
+    fewest warps per group (1, 2, 4, 8) that put ~32 warps per SM in flight, but no more than leave every warp a
+    whole pipeline stage (32 * Q8R_INFLIGHT / (nr * dots_per_row) chunks of 16 bytes, q8_0r.cuh) of the row.
+    dots_per_row: dot products per row (2 for gate/up). Explicit nr / wpr (benchmarks, tests) are checked, kept.
+    sm_count: the current device's when None."""
+    if nr is None:
+        nr = Q8R_ROWS_PER_WARP if not group_rows or group_rows % Q8R_ROWS_PER_WARP == 0 else 1
+    if nr not in (1, 2, 4) or (group_rows and group_rows % nr):
+        raise ValueError(f"rows per warp must be 1, 2 or 4 and divide group_rows={group_rows}, got {nr}")
+    if wpr is None:
+        if sm_count is None:
+            import cupy
+            sm_count = _sm_count(cupy.cuda.Device().id)
+        target = sm_count * 32
+        stage = max(1, _Q8R_INFLIGHT // (nr * dots_per_row)) * 32   # chunks one warp takes per pipeline stage
+        nch = 2 * (cols // 32)                                        # chunks of a row
+        units = (rows + nr - 1) // nr
+        wpr = 1
+        while wpr < 8 and units * wpr < target and 2 * wpr * stage <= nch:
+            wpr *= 2
+    if wpr not in (1, 2, 4, 8):
+        raise ValueError(f"warps per row group must be 1, 2, 4 or 8, got {wpr}")
+    return nr, wpr
+
+
+def _q8r_grid(rows: int, nr: int, wpr: int) -> int:
+    per_cta = (8 // wpr) * nr
+    return (rows + per_cta - 1) // per_cta
+
+
+def _launch_matvec(kernel: str, w, t, x, cols: int, out, stream, *extra, geometry=None):
+    """Shared body of matvec / matvec_xgroup: validate w, launch `kernel`_<type> over w's rows, return y.
+    geometry: (nr, wpr) for Q8_0R (benchmarks, tests); default q8r_launch_geometry."""
     _check_cols(t, cols)
     rb = _weight_geometry(w, t, cols, 2, "w")
     rows = w.shape[0]
     y = _out(out, (rows,))
+    if isinstance(t, Q8_0R):
+        group_rows = int(extra[0]) if extra else 0
+        suffix, xargs = _x_args(x, t)
+        nr, wpr = q8r_launch_geometry(rows, cols, group_rows, *(geometry or (None, None)))
+        if suffix and nr == 4:
+            raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
+        with _stream(stream):
+            get_kernel("matvec", f"{kernel}_q8_0r{suffix}_r{nr}")(
+                (_q8r_grid(rows, nr, wpr),), (_THREADS,),
+                (w, np.int32(t.slab_rows)) + xargs + (y, np.int32(rows), np.int32(cols), np.int32(wpr)) + extra)
+        return y
+    _x_args(x, t)
     wpr = warps_per_row(rows)
     with _stream(stream):
         get_kernel("matvec", f"{kernel}_{_SUFFIX[t]}")(
@@ -133,59 +269,101 @@ def _launch_matvec(kernel: str, w, t: T, x, cols: int, out, stream, *extra):
     return y
 
 
-def matvec(w, qtype, x, out=None, stream=None):
-    """y[rows] = dequant(w)[rows, cols] @ x[cols] (float32). w: raw rows [rows, row_bytes] (plain types: [rows, cols])."""
+def matvec(w, qtype, x, out=None, stream=None, geometry=None):
+    """y[rows] = dequant(w)[rows, cols] @ x[cols] (float32). w: raw rows [rows, row_bytes] (plain types: [rows, cols]).
+    x: float32 [cols], or Q8Activations of it (Q8_0R weights). geometry: (rows per warp, warps per row group) for
+    Q8_0R weights (benchmarks, tests); default chosen."""
+    if isinstance(x, Q8Activations):
+        if len(x.shape) != 1:
+            raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
+        _q8x(x, x.shape, "x")
+        return _launch_matvec("matvec", w, _qtype(qtype), x, x.shape[0], out, stream, geometry=geometry)
     x = _aligned16(_f32(x, "x"), "x")
     if x.ndim != 1:
         raise ValueError(f"x must be a vector [cols], got shape {x.shape}")
-    return _launch_matvec("matvec", w, _qtype(qtype), x, x.shape[0], out, stream)
+    return _launch_matvec("matvec", w, _qtype(qtype), x, x.shape[0], out, stream, geometry=geometry)
 
 
-def matvec_xgroup(w, qtype, x, out=None, stream=None):
+def matvec_xgroup(w, qtype, x, out=None, stream=None, geometry=None):
     """Row block g of w times its own input: y[g*R + r] = dequant(w)[g*R + r] @ x[g], x: float32 [G, cols],
-    w: raw rows [G*R, row_bytes]. One launch for the grouped attention output projection (model.md §2.4)."""
-    x = _aligned16(_f32(x, "x"), "x")
-    if x.ndim != 2:
+    w: raw rows [G*R, row_bytes]. One launch for the grouped attention output projection (model.md §2.4).
+    x may be Q8Activations of it (Q8_0R weights)."""
+    if isinstance(x, Q8Activations):
+        _q8x(x, x.shape, "x")
+    else:
+        x = _aligned16(_f32(x, "x"), "x")
+    if len(x.shape) != 2:
         raise ValueError(f"x must be [groups, cols], got shape {x.shape}")
     groups, cols = x.shape
     if w.shape[0] % groups:
         raise ValueError(f"w has {w.shape[0]} rows, not a multiple of the {groups} input groups")
-    return _launch_matvec("matvec_xgroup", w, _qtype(qtype), x, cols, out, stream, np.int32(w.shape[0] // groups))
+    return _launch_matvec("matvec_xgroup", w, _qtype(qtype), x, cols, out, stream, np.int32(w.shape[0] // groups),
+                          geometry=geometry)
 
 
 class MatvecGroup:
     """Several matrices of one type and width that multiply the same vector, in one launch (fused projections).
 
     Build once (it uploads a small pointer table), then call run(x) each step; the output is the concatenation of the
-    matrices' outputs, float32 [sum of rows]; `offsets[m]:offsets[m+1]` is matrix m's part.
+    matrices' outputs, float32 [sum of rows]; `offsets[m]:offsets[m+1]` is matrix m's part. qtype: one type for all,
+    or a sequence of per-matrix qtypes (Q8_0R markers may differ in slab rows, e.g. q_a and kv fused).
     """
 
-    def __init__(self, weights, qtype, cols: int):
+    def __init__(self, weights, qtype, cols: int, geometry=None):
         import cupy
-        self.qtype = _qtype(qtype)
-        _check_cols(self.qtype, cols)
         if not weights:
             raise ValueError("MatvecGroup needs at least one weight matrix")
+        per_matrix = ([_qtype(q) for q in qtype] if isinstance(qtype, (list, tuple))
+                      else [_qtype(qtype)] * len(weights))
+        if len(per_matrix) != len(weights):
+            raise ValueError(f"{len(per_matrix)} qtypes for {len(weights)} weight matrices")
+        self.qtype = per_matrix[0]
+        if isinstance(self.qtype, Q8_0R):
+            if not all(isinstance(q, Q8_0R) for q in per_matrix):
+                raise ValueError(f"MatvecGroup: one layout for all matrices, got {[str(q) for q in per_matrix]}")
+            if len({q.slab_rows for q in per_matrix}) > 1 and any(q.slab_rows != int(w.shape[0])
+                                                                  for q, w in zip(per_matrix, weights)):
+                raise ValueError("MatvecGroup: Q8_0R matrices with different slab rows must each be one slab")
+        elif any(q != self.qtype for q in per_matrix):
+            raise ValueError(f"MatvecGroup: one type for all matrices, got {[q.name for q in per_matrix]}")
+        _check_cols(self.qtype, cols)
         self.cols = cols
         self.row_stride = 0
-        for i, w in enumerate(weights):
-            self.row_stride = _weight_geometry(w, self.qtype, cols, 2, f"weights[{i}]")
+        for i, (w, q) in enumerate(zip(weights, per_matrix)):
+            self.row_stride = _weight_geometry(w, q, cols, 2, f"weights[{i}]")
         self.weights = list(weights)  # keep them alive: the table holds raw pointers
         rows = [int(w.shape[0]) for w in weights]
         self.offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(rows)]))
         self.total_rows = self.offsets[-1]
         self._ptrs = cupy.asarray(np.array([w.data.ptr for w in weights], dtype=np.uint64))
         self._row_start = cupy.asarray(np.array(self.offsets, dtype=np.int32))
-        self._wpr = warps_per_row(self.total_rows)
-        self._kernel = get_kernel("matvec", f"matvec_group_{_SUFFIX[self.qtype]}")
+        if isinstance(self.qtype, Q8_0R):
+            slabs = {q.slab_rows for q in per_matrix}
+            self._slab_rows = slabs.pop() if len(slabs) == 1 else 0     # 0: each matrix is one slab (matvec.cu)
+            self._nr, self._wpr = q8r_launch_geometry(self.total_rows, cols, 0, *(geometry or (None, None)))
+            self._grid = _q8r_grid(self.total_rows, self._nr, self._wpr)
+            self._kernel = get_kernel("matvec", f"matvec_group_q8_0r_r{self._nr}")
+        else:
+            self._wpr = warps_per_row(self.total_rows)
+            self._grid = row_blocks(self.total_rows, self._wpr)
+            self._kernel = get_kernel("matvec", f"matvec_group_{_SUFFIX[self.qtype]}")
 
     def run(self, x, out=None, stream=None):
-        x = _aligned16(_f32(x, "x", (self.cols,)), "x")
+        """y = the matrices' products with x: float32 [cols], or Q8Activations of it (Q8_0R weights)."""
+        if isinstance(x, Q8Activations):
+            _q8x(x, (self.cols,), "x")
+        else:
+            x = _aligned16(_f32(x, "x", (self.cols,)), "x")
+        suffix, xargs = _x_args(x, self.qtype)
+        if suffix and self._nr == 4:
+            raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
+        kernel = self._kernel if not suffix else get_kernel("matvec", f"matvec_group_q8_0r_q8x_r{self._nr}")
         y = _out(out, (self.total_rows,))
+        stride = np.int32(self._slab_rows) if isinstance(self.qtype, Q8_0R) else np.int64(self.row_stride)
         with _stream(stream):
-            self._kernel((row_blocks(self.total_rows, self._wpr),), (_THREADS,),
-                         (self._ptrs, self._row_start, np.int32(len(self.weights)), np.int64(self.row_stride), x, y,
-                          np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
+            kernel((self._grid,), (_THREADS,),
+                   (self._ptrs, self._row_start, np.int32(len(self.weights)), stride) + xargs
+                   + (y, np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
         return y
 
     def split(self, y):
@@ -207,10 +385,11 @@ def matmul(w, qtype, x, out=None, stream=None):
     y = _out(out, (n, rows))
     if n == 0:
         return y
-    k = get_kernel("matmul", f"matmul_{_SUFFIX[t]}")
+    q8r = isinstance(t, Q8_0R)
+    k = get_kernel("matmul", "matmul_q8_0r" if q8r else f"matmul_{_SUFFIX[t]}")
     with _stream(stream):
         k(((rows + 63) // 64, (n + 63) // 64), (_THREADS,),
-          (w, np.int64(rb), x, y, np.int32(n), np.int32(rows), np.int32(cols)))
+          (w, np.int32(t.slab_rows) if q8r else np.int64(rb), x, y, np.int32(n), np.int32(rows), np.int32(cols)))
     return y
 
 
@@ -221,15 +400,17 @@ def dequantize(w, qtype, cols: int, out=None, stream=None):
     rb = _weight_geometry(w, t, cols, 2, "w")
     rows = w.shape[0]
     y = _out(out, (rows, cols))
-    k = get_kernel("matmul", f"dequantize_{_SUFFIX[t]}")
+    q8r = isinstance(t, Q8_0R)
+    k = get_kernel("matmul", "dequantize_q8_0r" if q8r else f"dequantize_{_SUFFIX[t]}")
     blocks = max(1, min((rows * cols + _THREADS - 1) // _THREADS, 65535))
     with _stream(stream):
-        k((blocks,), (_THREADS,), (w, np.int64(rb), y, np.int32(rows), np.int32(cols)))
+        k((blocks,), (_THREADS,), (w, np.int32(t.slab_rows) if q8r else np.int64(rb), y, np.int32(rows),
+                                   np.int32(cols)))
     return y
 
 
 # ---- MoE -------------------------------------------------------------------------------------------------------------
-def _experts(w, t: T, cols: int, what: str):
+def _experts(w, t, cols: int, what: str):
     """(array, n_expert, rows, row_stride) for an expert stack [E, rows, row_bytes] or a plain 2-D matrix (E = 1)."""
     if getattr(w, "ndim", 0) == 2:
         rb = _weight_geometry(w, t, cols, 2, what)
@@ -261,6 +442,7 @@ def _routing(ids, weights, n: int, what_k: int | None):
 _FAST_GATE_UP = frozenset({T.IQ2_XXS, T.Q4_K})
 _FAST_DOWN = frozenset({T.Q2_K, T.Q4_K})
 _FAST_ROWS_PER_WARP = 2  # DS4_MOE_RF / DS4_MOE_RD in moe.cu
+_Q8R_MOE_ROWS = 2        # rows per warp of moe_*_q8_0r (gate/up: 2 gate + 2 up dot products); moe.cu has r1, r2
 
 
 def _persistent_grid(kern, units: int) -> int:
@@ -286,12 +468,21 @@ def _resident_ctas(kern, dev: int) -> int:
     return _RESIDENT[key]
 
 
-def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0, out=None, stream=None):
+def _q8r_moe_geometry(rows: int, cols: int, geometry, dots_per_row: int) -> tuple[int, int]:
+    nr, wpr = q8r_launch_geometry(rows, cols, 0, *(geometry or (_Q8R_MOE_ROWS, None)), dots_per_row=dots_per_row)
+    if nr not in (1, 2):
+        raise ValueError(f"the Q8_0R MoE kernels take 1 or 2 rows per warp, got {nr}")
+    return nr, wpr
+
+
+def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0, out=None, stream=None,
+                geometry=None):
     """mid[n, k, ff] = silu(min(gate_e . x, c)) * clamp(up_e . x, -c, c) * w for every (token, selected expert).
 
     gate, up: [E, ff, row_bytes] expert stacks (or [ff, row_bytes] for the shared expert, with ids=weights=None:
     expert 0, weight 1). x: float32 [n, D] (or [D]: n = 1). ids: int32 [n, k], weights: float32 [n, k] on the device.
-    clamp: the SwiGLU limit c (model.md §2.8; float('inf') for none).
+    clamp: the SwiGLU limit c (model.md §2.8; float('inf') for none). geometry: (rows per warp, warps per row
+    group) of the Q8_0R kernels (rows per warp 1 or 2; tests, benchmarks).
     """
     t = _qtype(qtype)
     x = _aligned16(_f32(x, "x"), "x")
@@ -312,6 +503,15 @@ def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0,
         raise ValueError(f"{n} tokens x {k} experts = {n * k} pairs exceeds one launch (65535); split the chunk")
     mid = _out(out, (n, k, ff))
     null = np.uint64(0)
+    if isinstance(t, Q8_0R):
+        nr, wpr = _q8r_moe_geometry(ff * n * k, cols, geometry, 2)
+        kern = get_kernel("moe", f"moe_gate_up_q8_0r_r{nr}")
+        with _stream(stream):
+            kern((_q8r_grid(ff, nr, wpr), n * k), (_THREADS,),
+                 (gate, up, np.int64(ff * rb), np.int32(t.slab_rows), ids if ids is not None else null,
+                  weights if weights is not None else null, np.int32(k), np.int32(n_expert), x2, np.int32(cols), mid,
+                  np.int32(ff), np.float32(clamp), np.int32(wpr)))
+        return mid
     if t in _FAST_GATE_UP:
         kern = get_kernel("moe", f"moe_gate_up_fast_{_SUFFIX[t]}")
         units = n * k * ((ff + _FAST_ROWS_PER_WARP - 1) // _FAST_ROWS_PER_WARP)
@@ -331,7 +531,7 @@ def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0,
     return mid
 
 
-def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, stream=None):
+def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, stream=None, geometry=None):
     """y[n, D] (+)= sum_j down[ids[t, j]] . mid[t, j] (routing weights are already in mid).
 
     down: [E, D, row_bytes] (or [D, row_bytes] for the shared expert, ids=None). mid: float32 [n, k, ff] (or [k, ff]
@@ -355,6 +555,15 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
     if n > 65535:
         raise ValueError(f"{n} tokens exceed one launch (65535); split the chunk")
     y = _out(out, (n, D))
+    if isinstance(t, Q8_0R):
+        nr, wpr = _q8r_moe_geometry(D * n, ff, geometry, 1)
+        kern = get_kernel("moe", f"moe_down_q8_0r_r{nr}")
+        with _stream(stream):
+            kern((_q8r_grid(D, nr, wpr), n), (_THREADS,),
+                 (down, np.int64(D * rb), np.int32(t.slab_rows), ids if ids is not None else np.uint64(0),
+                  np.int32(k), np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D),
+                  np.int32(1 if accumulate else 0), np.int32(wpr)))
+        return y
     if t in _FAST_DOWN:
         kern = get_kernel("moe", f"moe_down_fast_{_SUFFIX[t]}")
         units = n * ((D + _FAST_ROWS_PER_WARP - 1) // _FAST_ROWS_PER_WARP)
@@ -374,5 +583,5 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
     return y
 
 
-__all__ = ["SUPPORTED_TYPES", "matvec", "MatvecGroup", "matmul", "dequantize", "moe_gate_up", "moe_down",
-           "warps_per_row"]
+__all__ = ["SUPPORTED_TYPES", "Q8_0R", "Q8Activations", "quantize_q8x", "quantize_q8x_np", "matvec", "matvec_xgroup", "MatvecGroup", "matmul", "dequantize",
+           "moe_gate_up", "moe_down", "warps_per_row", "q8r_launch_geometry", "repack_q8_0", "unpack_q8_0"]

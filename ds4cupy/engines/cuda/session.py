@@ -21,6 +21,7 @@ of a decode step are the token id upload and the logits download at the end.
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -54,7 +55,7 @@ class CudaModel:
 
     def __init__(self, config: ModelConfig, weights: dict, qtypes: dict, vectors: dict, mem, kv_mode: str,
                  qat: bool = True, chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True,
-                 weights_mode: str = "device", file: ModelFile | None = None):
+                 weights_mode: str = "device", file: ModelFile | None = None, repack_q8_0: bool | None = None):
         import cupy as cp
 
         self.file = file
@@ -80,6 +81,26 @@ class CudaModel:
             if self.qtype[n].name not in ("F32", "F16", "BF16"):
                 raise NotImplementedError(f"{n}: hyper-connection projections in {self.qtype[n].name} are not "
                                           "supported by the GPU backend yet (F32 / F16 / BF16)")
+        if repack_q8_0 is None:
+            repack_q8_0 = os.environ.get("DS4CUPY_REPACK_Q8_0", "1") != "0"
+        if repack_q8_0:
+            self._repack_q8_0()
+
+    def _repack_q8_0(self) -> None:
+        """Q8_0 weights into the plane layout of engines/cuda/q8_0r.py, in place (same bytes and allocation; arrays
+        given to from_tensors included), so the decode kernels read them with 16-byte loads: every tensor of
+        q8_0r.repack_plan, whose qtype becomes Q8_0R(slab_rows); quant_ops dispatches on it. On by default;
+        repack_q8_0=False or DS4CUPY_REPACK_Q8_0=0 keeps the GGUF layout (A/B runs)."""
+        import cupy as cp
+
+        from .q8_0r import Q8_0R, repack_plan, repack_q8_0
+        plan = repack_plan(((n, t, self.w[n].shape) for n, t in self.qtype.items() if n in self.w),
+                           self.config.o_groups)
+        with cp.cuda.Device(self.device):
+            for name, slab in plan.items():
+                w = self.w[name]
+                repack_q8_0(w, w.shape[-1] // 34 * 32, slab)
+                self.qtype[name] = Q8_0R(slab)
 
     @classmethod
     def from_file(cls, mf: ModelFile, qat: bool = True, memory: str = "auto", progress: bool = False,
