@@ -36,6 +36,7 @@ from . import controls as ctl
 from . import protocol
 from .guards import DEFAULT_BODY_TIMEOUT_S, body_guard, cors
 from .metrics import ServerMetrics
+from .prefix_cache import PrefixCache
 from .protocol import ProtocolError
 from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
 from .worker import (MODEL_FILE_CHANGED, SHUTTING_DOWN, EngineWorker, EventChannel, GenerationJob, JobCancelled,
@@ -631,20 +632,20 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRenderer | None = None,
                make_generator=None, prefill_chunk: int | None = None,
-               max_snapshots: int | None = None, file_problem: Callable[[], str | None] | None = None
+               prefix_cache: PrefixCache | None = None, file_problem: Callable[[], str | None] | None = None
                ) -> web.Application:
     """Build the application around one session. `render` (messages, tools, thinking) -> prompt and `make_generator`
-    (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `max_snapshots` session
-    copies are kept for prefix reuse (default 2; each holds the whole KV). `file_problem` () -> reason or None says
-    when the model can no longer serve from its file (loader.Model.file_problem): /health and requests then say 503."""
+    (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `prefix_cache` keeps
+    the stored session states (default: host memory only, PrefixCache's default budget). `file_problem` () -> reason
+    or None says when the model can no longer serve from its file (loader.Model.file_problem): /health and requests
+    then say 503."""
     metrics = ServerMetrics()
     worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
-    if max_snapshots is not None:
-        worker_kwargs["max_snapshots"] = max_snapshots
     worker = EngineWorker(session, make_generator or real_generator_factory(tokenizer), metrics=metrics,
-                          precheck=file_problem, **worker_kwargs)
+                          precheck=file_problem, cache=prefix_cache, **worker_kwargs)
     metrics.queue_depth = lambda: worker.queue_depth
     metrics.engine_busy = lambda: worker.busy
+    metrics.cache_stats = worker.cache.stats
     state = ServerState(settings=settings, tokenizer=tokenizer, worker=worker, metrics=metrics,
                         render=render or render_chat_prompt,
                         prep=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds4cupy-prep"),
@@ -671,6 +672,7 @@ def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRe
 
     async def on_shutdown(app: web.Application) -> None:
         worker.stop()
+        worker.cache.close()               # queued disk writes finish
         state.prep.shutdown(wait=False, cancel_futures=True)
 
     app.on_startup.append(on_startup)
