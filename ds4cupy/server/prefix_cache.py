@@ -243,19 +243,21 @@ class PrefixCache:
                 self._touch(parent)
                 return parent
             since = parent.n_tokens if parent is not None else 0
-            state = session.snapshot(since=since)
+            state = session.snapshot(since=since)                     # may raise: nothing is changed then
+            host = state.to_host() if self.disk is not None else None
             hasher = (parent.hasher if parent is not None else key_hasher(self.identity)).copy()
             hasher.update(tokens_bytes(tokens[since:]))
             e = Entry(hasher.hexdigest(), parent, since, tokens[since:].copy(), hasher)
             self._attach(e)
             self._hold(e, state)
             self._touch(e)
-            if self.disk is not None:
-                self._write(e, state)
+            if host is not None:
+                self._write(e, host)
             self._enforce_memory()
             return e
 
     def _write(self, e: Entry, state: SessionState) -> None:
+        """Queue the file of `e` (`state`: its host copy)."""
         e.pending = True
         parent = e.parent
 
@@ -274,7 +276,7 @@ class PrefixCache:
                 self.used["disk"] += size
                 self._enforce_disk()
 
-        self.disk.submit(e.key, parent.key if parent is not None else None, state.to_host(), ready, done)
+        self.disk.submit(e.key, parent.key if parent is not None else None, state, ready, done)
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
 

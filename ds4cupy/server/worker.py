@@ -198,6 +198,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         # stored session states (checkpoints of earlier prompts and request ends), by token prefix
         self.cache = cache if cache is not None else PrefixCache()
+        self._checkpoint_failed = False
         self.jobs_served = 0
 
     # --------------------------------------------------------------------------------------------- event-loop side
@@ -359,6 +360,17 @@ class EngineWorker:
         except Exception:
             log.exception("session reset failed")
 
+    def _checkpoint(self) -> None:
+        """Store the session's state in the cache. A failure (memory, a session without delta snapshots) costs the
+        reuse, never the request; it is logged once."""
+        try:
+            self.cache.checkpoint(self.session)
+        except Exception as exc:     # noqa: BLE001
+            if not self._checkpoint_failed:
+                log.warning("kv cache: cannot store the session state (%s: %s); serving without it", type(exc).__name__,
+                            exc)
+            self._checkpoint_failed = True
+
     def _prefill_chunked(self, job: GenerationJob, ids: list[int], done_before: int, total: int):
         """Prefill `ids` in chunks; returns (last logits, cancelled)."""
         logits = None
@@ -391,7 +403,7 @@ class EngineWorker:
             if cancelled:
                 break
             position = point
-            self.cache.checkpoint(self.session)
+            self._checkpoint()
         if not cancelled:
             logits, cancelled = self._prefill_chunked(job, prompt[position:], position - cached, to_prefill)
         prefill_s = time.perf_counter() - started
@@ -439,4 +451,4 @@ class EngineWorker:
         job.emit(JobFinished(finish_reason=finish_reason, prompt_tokens=len(prompt),
                              completion_tokens=completion_tokens, cached_tokens=cached, prefill_s=prefill_s,
                              decode_s=decode_s, ttft_s=ttft, stop_string=getattr(generator, "stop_string", None)))
-        self.cache.checkpoint(self.session)          # the request's end: its conversation's next turn continues here
+        self._checkpoint()                  # the request's end: its conversation's next turn continues here
