@@ -1,17 +1,20 @@
 """The aiohttp application: routes, middleware, the OpenAI handlers, BackgroundServer (shared pieces: serving.py).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (+ /v1/models/{name}), GET /health,
-GET /metrics. Handlers validate with `protocol`, render and tokenize the prompt on a one-thread "prep" executor (so
-arrival order is kept and the event loop never blocks on a long prompt), submit a `GenerationJob` to the
-`EngineWorker`, then turn its events into a JSON response or an SSE stream. While a job waits or prefills, the stream
-gets `: keepalive` comments; its first chunk (the assistant role) leaves together with the first generated token, so a
-client's time to first chunk is the queue wait plus the prefill. A client that goes away cancels its job.
+GET /metrics here; POST /v1/messages (+ /count_tokens) from anthropic_handlers.py, POST /v1/responses from
+responses_handlers.py. Handlers validate with their protocol module (`protocol` for OpenAI chat), render and
+tokenize the prompt on a one-thread "prep" executor (so arrival order is kept and the event loop never blocks on a
+long prompt), submit a `GenerationJob` to the `EngineWorker`, then turn its events into a JSON response or an SSE
+stream. While a job waits or prefills, the stream gets keepalives; a chat stream's first chunk (the assistant role)
+leaves together with the first generated token, so a client's time to first chunk is the queue wait plus the
+prefill. A client that goes away cancels its job.
 
-Every route goes through the same middlewares (outermost first): OpenAI error objects for every failure (405 with
-`Allow`; 500s with a generic message and a request id, details in the log), CORS preflights (guards.cors), the API key
-(/v1/* and /metrics unless metrics_public), refusal while draining or when the model file changed (503), and the body
-guard (JSON only, size and time limits: guards.body_guard). Prompts longer than ctx x the tokenizer's longest token in
-bytes are refused before tokenizing; message text is tokenized as plain text (text.chat.render_prompt).
+Every route goes through the same middlewares (outermost first): error objects for every failure (Anthropic's shape
+under /v1/messages, else OpenAI's; 405 with `Allow`; 500s with a generic message and a request id, details in the
+log), CORS preflights (guards.cors), the API key (/v1/* and /metrics unless metrics_public; Bearer or x-api-key),
+refusal while draining or when the model file changed (503), and the body guard (JSON only, size and time limits:
+guards.body_guard). Prompts longer than ctx x the tokenizer's longest token in bytes are refused before tokenizing;
+message text is tokenized as plain text (text.chat.render_prompt).
 
 Model names: the served name (--served-model-name, default deepseek-v4-flash), its extra aliases, and the thinking
 aliases deepseek-chat (thinking off) and deepseek-reasoner (on); any other name is a 404 model_not_found.
@@ -29,7 +32,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from . import controls as ctl
-from . import protocol
+from . import anthropic_handlers, protocol, responses_handlers
 from .guards import body_guard, cors
 from .metrics import ServerMetrics
 from .prefix_cache import PrefixCache
@@ -53,19 +56,20 @@ def _endpoint_label(request: web.Request) -> str:
 
 @web.middleware
 async def openai_errors_middleware(request: web.Request, handler):
-    """Every failure leaves as an OpenAI error object; every request is counted by endpoint and status."""
+    """Every failure leaves as an error object (Anthropic's shape under /v1/messages, else OpenAI's); every request
+    is counted by endpoint and status."""
     state = request.app[STATE]
     state.in_flight += 1
     try:
         response = await handler(request)
     except ProtocolError as err:
-        response = error_response(err)
+        response = error_response(err, request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         response = error_response(http_error(exc.status, exc.reason if exc.status != 404 else
-                                             f"no route for {request.method} {request.path}", code))
+                                             f"no route for {request.method} {request.path}", code), request.path)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
     except ConnectionResetError:            # the client left before a non-streaming answer was ready
@@ -77,7 +81,7 @@ async def openai_errors_middleware(request: web.Request, handler):
         rid = f"req-{uuid.uuid4().hex[:16]}"
         log.exception("unhandled error for %s %s (request id %s)", request.method, request.path, rid)
         response = error_response(http_error(500, f"internal server error (request id {rid}; the details are in "
-                                                  f"the server log)", "internal_error"))
+                                                  f"the server log)", "internal_error"), request.path)
     finally:
         state.in_flight -= 1
     state.metrics.record_request(_endpoint_label(request), response.status)
@@ -86,16 +90,19 @@ async def openai_errors_middleware(request: web.Request, handler):
 
 @web.middleware
 async def api_key_middleware(request: web.Request, handler):
-    """With --api-key, /v1/* and /metrics (unless metrics_public) need `Authorization: Bearer <key>` (401 otherwise).
-    /health stays open."""
+    """With --api-key, /v1/* and /metrics (unless metrics_public) need `Authorization: Bearer <key>` or
+    `x-api-key: <key>` (Anthropic's clients; 401 otherwise). /health stays open."""
     settings = request.app[STATE].settings
     key = settings.api_key
     if key and (request.path.startswith("/v1/") or (request.path == "/metrics" and not settings.metrics_public)):
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise http_error(401, "Incorrect API key provided." if header else
-                             "You didn't provide an API key (Authorization: Bearer <key>).", "invalid_api_key")
+        x_key = request.headers.get("x-api-key")
+        if not ((scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()))
+                or (x_key is not None and hmac.compare_digest(x_key.strip().encode(), key.encode()))):
+            raise http_error(401, "Incorrect API key provided." if header or x_key is not None else
+                             "You didn't provide an API key (Authorization: Bearer <key> or x-api-key: <key>).",
+                             "invalid_api_key")
     return await handler(request)
 
 
@@ -390,6 +397,9 @@ def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRe
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/messages", anthropic_handlers.handle_messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_handlers.handle_count_tokens)
+    app.router.add_post("/v1/responses", responses_handlers.handle_responses)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{name}", handle_model)
     app.router.add_get("/health", handle_health)

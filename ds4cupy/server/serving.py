@@ -1,15 +1,17 @@
 """What every route handler shares: settings and state, request reading, prompt preparation, the job run.
 
 - `ServerSettings` (what the app serves and how) and `ServerState` (settings, tokenizer, renderer, worker, metrics,
-  the one-thread "prep" executor), reached from a request as `request.app[STATE]`;
-- `read_json_body` (413 past the limit, 400 for malformed JSON), `http_error`, `error_response`,
+  the one-thread "prep" executor, the Responses store), reached from a request as `request.app[STATE]`;
+- `read_json_body` (413 past the limit, 400 for malformed JSON), `http_error`, `error_response` (in the shape of the API of the path),
   `json_response`, `sse_response`, `check_model` (404 for a name the server does not serve);
 - `prepare_prompt`: render + tokenize on the prep thread (arrival order kept, the event loop never blocks on a long
   prompt), refuse prompts that leave no room in the context, name the checkpoint where the last user turn starts;
-- `JobRun`: submits a `GenerationJob` and iterates its events (None when a keepalive is due), cancelling the job
-  when the client goes away; `collect` waits for a non-streaming job; `job_error` is a failed job's error.
+- `start_job` / `JobRun`: submit a `GenerationJob` and iterate its events (None when a keepalive is due), cancelling
+  the job when the client goes away; `collect` waits for a non-streaming job, `stream_frames` is the SSE loop of the
+  named-event APIs; `job_error` is a failed job's error.
 
-The handlers in app.py are built from these.
+The OpenAI handlers (app.py), the Anthropic ones (anthropic_handlers.py) and the Responses ones
+(responses_handlers.py) are built from these.
 """
 from __future__ import annotations
 
@@ -19,18 +21,21 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import orjson
 from aiohttp import web
 
 from ..text.constraints import GrammarError, check_grammar
-from . import protocol
+from . import anthropic, protocol
+from .controls import GenerationControls, chat_grammar
 from .guards import DEFAULT_BODY_TIMEOUT_S
 from .metrics import ServerMetrics
 from .protocol import ProtocolError
+from .responses import ResponseStore
 from .transport import DEFAULT_HEADER_TIMEOUT_S
-from .worker import (EngineWorker, GenerationJob, JobCancelled, JobFailed, JobFinished, JobStarted,
+from .worker import (EngineWorker, EventChannel, GenerationJob, JobCancelled, JobFailed, JobFinished, JobStarted,
                      PrefillProgress, TokenDelta)
 
 log = logging.getLogger("ds4cupy.server")
@@ -91,6 +96,7 @@ class ServerState:
     file_problem: Callable[[], str | None] = lambda: None    # why the model cannot serve from its file, or None
     draining: bool = False               # shutting down: new requests get 503
     in_flight: int = 0                   # requests inside the handlers
+    responses: ResponseStore = field(default_factory=ResponseStore)     # for /v1/responses previous_response_id
 
     def next_request_id(self, prefix: str) -> str:
         self.request_counter += 1
@@ -106,8 +112,10 @@ def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
 
 
-def error_response(err: ProtocolError) -> web.Response:
-    return json_response(err.body(), status=err.status)
+def error_response(err: ProtocolError, path: str = "") -> web.Response:
+    """The error in the shape of the API `path` belongs to: Anthropic's under /v1/messages, else OpenAI's."""
+    body = anthropic.error_body(err) if path.startswith(anthropic.PATH_PREFIX) else err.body()
+    return json_response(body, status=err.status)
 
 
 _STATUS_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
@@ -263,6 +271,25 @@ class JobRun:
             self.state.metrics.record_cancel()
 
 
+def tool_choice_grammar(tools: list[dict], tool_choice: Any, thinking: bool, parallel: bool) -> tuple[str, str] | None:
+    """The grammar that enforces a tool_choice of "required" or one named function (as chat does: controls.py), as
+    (grammar, field), or None when the model is free."""
+    req = SimpleNamespace(offered_tools=tools, tool_choice=tool_choice, thinking=protocol.ThinkingChoice(thinking))
+    return chat_grammar(req, GenerationControls(parallel_tool_calls=parallel))
+
+
+def start_job(state: ServerState, request: web.Request, prompt: PreparedPrompt, *, request_id: str, sampling: Any,
+              stop: list[str], thinking: bool, parse_tools: bool, model: str | None, controls: Any = None,
+              grammar: str | None = None) -> JobRun:
+    """Submit the job for a prepared prompt; the JobRun carries its events and its queue position."""
+    job = GenerationJob(request_id=request_id, prompt_ids=prompt.ids, max_tokens=prompt.max_tokens,
+                        sampling=sampling, stop=list(stop), thinking=thinking, parse_tools=parse_tools,
+                        checkpoints=prompt.checkpoints, controls=controls, grammar=grammar, channel=EventChannel())
+    run = JobRun(state, request, job, model=reported_model(state, model))
+    run.queue_position = state.worker.submit(job)
+    return run
+
+
 def reported_model(state: ServerState, requested: str | None) -> str:
     """The `model` field of responses: the requested name (one of ours: check_model ran), else the served name."""
     return requested if requested is not None else state.settings.model_name
@@ -305,3 +332,31 @@ def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
     return web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no", **(extra_headers or {})})
+
+
+async def stream_frames(run: JobRun, frames_for: Callable[[Any], list[bytes]], keepalive: bytes,
+                        opening: list[bytes] = ()) -> web.StreamResponse:
+    """The SSE loop of the named-event APIs (Anthropic Messages, Responses): the `opening` frames at once, then
+    `frames_for(event)` for each worker event (JobStarted, PrefillProgress, TokenDelta, JobFinished, JobFailed,
+    JobCancelled); `keepalive` while the engine is quiet; the job is cancelled if the client leaves before it ends."""
+    response = sse_response(run.headers)
+    done = False
+    try:
+        await response.prepare(run.request)
+        for frame in opening:
+            await response.write(frame)
+        run.wrote()
+        async for event in run.events():
+            frames = [keepalive] if event is None else frames_for(event)
+            for frame in frames:
+                await response.write(frame)
+            if frames:
+                run.wrote()
+            done = done or isinstance(event, (JobFinished, JobFailed, JobCancelled))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("request %s: client disconnected, generation cancelled", run.job.request_id)
+    finally:
+        if not done:
+            run.cancel()
+    return response
