@@ -358,3 +358,37 @@ def test_responses_errors(oai):
         with pytest.raises(openai.BadRequestError) as info:
             oai.responses.create(model="m", **kwargs)
         assert info.value.body["param"] == param, info.value.body
+
+
+def test_cache_metrics(server, claude, session):
+    """/metrics counts prefix-cache hits by source and misses, and the bytes held."""
+    def metrics():
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("ds4cupy_kv_cache"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    before = metrics()
+    session.script = "fine"
+    fresh = [{"role": "user", "content": "a question nobody asked before " * 3}]
+    first = claude.messages.create(model="m", max_tokens=5, messages=fresh, extra_body=GREEDY).usage
+    claude.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "something else"}],
+                           extra_body=GREEDY)
+    again = claude.messages.create(model="m", max_tokens=5, messages=fresh, extra_body=GREEDY).usage   # restored
+    assert again.cache_read_input_tokens == first.input_tokens + first.cache_read_input_tokens - 1
+    after = metrics()
+    hit_memory = 'ds4cupy_kv_cache_lookups_total{result="hit",source="memory"}'
+    assert after[hit_memory] >= before[hit_memory] + 1
+    assert after['ds4cupy_kv_cache_bytes{tier="host"}'] > 0 and after['ds4cupy_kv_cache_entries{tier="memory"}'] > 0
+    assert after['ds4cupy_kv_cache_checkpoint_tokens'] == 64
+    total = lambda m: sum(v for k, v in m.items() if k.startswith("ds4cupy_kv_cache_lookups_total"))  # noqa: E731
+    assert total(after) == total(before) + 3
