@@ -136,3 +136,70 @@ def test_identity_sees_weights_beyond_the_header(tmp_path):
     finally:
         for m in models:
             m.close()
+
+
+def test_cuda_session_state_logic_on_host_buffers(monkeypatch):
+    """The GPU session's snapshot / restore, run on NumPy stand-ins for its KV buffers (no GPU here): a session
+    advanced to 300 tokens, stored as [complete at 130, delta to 300], restored into a fresh session, holds the same
+    rows wherever state lives (ring rows of the last positions, compressed / indexer rows of the 300 tokens,
+    compressor rings); a snapshot holds no row past its tokens, whatever the context."""
+    import contextlib
+    import sys
+    import types
+
+    from ds4cupy.engines.cuda.session import CudaSession
+    from ds4cupy.format.config import ModelConfig
+    from ds4cupy.memory.budget import kv_layout
+
+    shim = types.SimpleNamespace(asarray=np.asarray,
+                                 cuda=types.SimpleNamespace(Device=lambda device: contextlib.nullcontext()))
+    monkeypatch.setitem(sys.modules, "cupy", shim)
+    cfg = ModelConfig.tiny(832)
+    rng = np.random.default_rng(9)
+
+    def session(ctx):
+        s = object.__new__(CudaSession)
+        s.model = types.SimpleNamespace(config=cfg, device=0)
+        s.ctx, s.tokens, s.d_pos = ctx, [], np.zeros(1, np.int32)
+        s.kv = {(b.layer, b.name): np.zeros(b.shape, np.float32) for b in kv_layout(cfg, ctx)}
+        return s
+
+    def advance(s, n):
+        """What prefill leaves behind, with random values: ring rows of positions, compressed / indexer rows."""
+        for p in range(s.n_tokens, n):
+            for (il, name), a in s.kv.items():
+                if name == "raw":
+                    a[p % cfg.sliding_window] = rng.standard_normal(a.shape[1])
+                elif name in ("comp", "index") and (p + 1) % s._state_rows(il, name) == 0:
+                    a[(p + 1) // s._state_rows(il, name) - 1] = rng.standard_normal(a.shape[1])
+                elif name.endswith("_state"):
+                    a[p % a.shape[0]] = rng.standard_normal(a.shape[1])
+        s.tokens += [int(t) for t in rng.integers(0, 832, n - s.n_tokens)]
+        s.d_pos[0] = n
+
+    src = session(1024)
+    advance(src, 130)
+    full = src.snapshot()
+    advance(src, 300)
+    delta = src.snapshot(since=130)
+    for key, (start, rows) in delta.rows.items():
+        r = 4 if key.endswith("index") else cfg.ratio(int(key.split(".")[0]))
+        assert (start, rows.shape[0]) == (130 // r, 300 // r - 130 // r)
+    dst = session(1024)
+    dst.restore([full, delta])
+    assert dst.tokens == src.tokens and dst.d_pos[0] == 300
+    for (il, name), a in src.kv.items():
+        b = dst.kv[(il, name)]
+        if name == "raw":
+            np.testing.assert_array_equal(b[:cfg.sliding_window], a[:cfg.sliding_window])
+        elif name in ("comp", "index"):
+            rows = 300 // src._state_rows(il, name)
+            np.testing.assert_array_equal(b[:rows], a[:rows])
+            assert not b[rows:].any()                 # nothing past the tokens' rows was stored
+        else:
+            np.testing.assert_array_equal(b, a)
+    big = session(8192)
+    advance(big, 300)
+    assert big.snapshot().nbytes == src.snapshot().nbytes   # rows of the tokens, not of the context
+    with pytest.raises(ValueError, match="rows"):
+        dst.restore([full, SessionState(130, delta.tokens, {}, delta.fixed)])

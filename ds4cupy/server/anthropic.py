@@ -209,9 +209,8 @@ def parse_tools(value: Any) -> list[dict]:
         description = tool.get("description")
         if description is not None and not isinstance(description, str):
             raise invalid(f"'{where}.description' must be a string", f"{where}.description", "invalid_type")
-        function = {"name": name, "parameters": dict(schema)}
-        if description:
-            function["description"] = description
+        function = {"name": name, **({"description": description} if description else {}),
+                    "parameters": dict(schema)}            # OpenAI's key order: the same tools render the same
         tools.append({"type": "function", "function": function})
     return tools
 

@@ -28,8 +28,8 @@ import numpy as np
 from ...format.config import ModelConfig
 from ...format.model_file import ModelFile
 from ..contract import check_token_ids
-from ..state import SessionState, chain_of, chain_rows, chain_tokens
 from ..numerics import rope_freqs
+from ..state import SessionState, chain_of, chain_rows, chain_tokens
 from . import ops
 from . import quant_ops as qo
 
