@@ -107,9 +107,9 @@ def build_prefix_cache(model, args: argparse.Namespace) -> PrefixCache:
                         disk=disk, disk_bytes=int(args.kv_cache_gb * GB),
                         checkpoint_tokens=args.checkpoint_tokens or None)
     b = cache.budget
-    where = f", disk {b['disk'] / GB:.1f} GB in {args.kv_cache_dir}" if disk else ""
+    where = f", disk {b['disk'] / GB:.3g} GB in {args.kv_cache_dir}" if disk else ""
     every = f"every {args.checkpoint_tokens} tokens" if args.checkpoint_tokens else "interval from prefill speed"
-    print(f"ds4cupy: prefix cache: GPU {b['device'] / GB:.1f} GB, host {b['host'] / GB:.1f} GB{where}; "
+    print(f"ds4cupy: prefix cache: GPU {b['device'] / GB:.3g} GB, host {b['host'] / GB:.3g} GB{where}; "
           f"checkpoints {every}", file=sys.stderr, flush=True)
     return cache
 
