@@ -25,7 +25,6 @@ import ds4cupy
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
 from ds4cupy.server import anthropic as anthropic_protocol
 from ds4cupy.server import responses as responses_protocol
-from ds4cupy.server.app import STATE
 from ds4cupy.server.kv_disk import DiskStore
 from ds4cupy.server.prefix_cache import PrefixCache
 from ds4cupy.server.serving import render_chat_prompt
