@@ -109,7 +109,7 @@ def prompt_ids(tokenizer, agent: str, body: dict) -> list[int]:
         req = anthropic_protocol.parse_messages_request(body, ctx=CTX)
     else:
         req = responses_protocol.parse_responses_request(body, ctx=CTX)
-    return tokenizer.encode(render_chat_prompt(req.messages, req.offered_tools, req.thinking))
+    return tokenizer.encode_parts(render_chat_prompt(req.messages, req.offered_tools, req.thinking))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
