@@ -366,7 +366,7 @@ def test_cache_metrics(server, claude, session):
         host, port = server.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
         try:
-            conn.request("GET", "/metrics")
+            conn.request("GET", "/metrics", headers={"x-api-key": API_KEY})
             text = conn.getresponse().read().decode()
         finally:
             conn.close()
