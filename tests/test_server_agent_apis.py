@@ -161,12 +161,12 @@ def test_messages_tool_use_round_trip(claude, session):
     both modes; the client's tool_result goes back and is rendered after the call, which is rendered too."""
     session.script = CALL_TEXT
     ask = [{"role": "user", "content": "Weather in Rome?"}]
-    msg = claude.messages.create(model="m", max_tokens=200, tools=[WEATHER], messages=ask, extra_body=GREEDY)
+    msg = claude.messages.create(model="deepseek-v4-flash", max_tokens=200, tools=[WEATHER], messages=ask, extra_body=GREEDY)
     assert msg.stop_reason == "tool_use"
     assert [b.type for b in msg.content] == ["text", "tool_use"] and msg.content[0].text == "I'll look."
     call = msg.content[1]
     assert call.name == "get_weather" and call.input == {"city": "Rome"} and call.id
-    with claude.messages.stream(model="m", max_tokens=200, tools=[WEATHER], messages=ask, extra_body=GREEDY) as st:
+    with claude.messages.stream(model="deepseek-v4-flash", max_tokens=200, tools=[WEATHER], messages=ask, extra_body=GREEDY) as st:
         streamed = st.get_final_message()
     assert [b.type for b in streamed.content] == ["text", "tool_use"]
     assert streamed.content[1].input == {"city": "Rome"} and streamed.stop_reason == "tool_use"
@@ -175,7 +175,7 @@ def test_messages_tool_use_round_trip(claude, session):
     follow = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                   "content": [{"type": "text", "text": "24 C, clear sky"}]}]}]
-    answer = claude.messages.create(model="m", max_tokens=200, tools=[WEATHER], messages=follow, extra_body=GREEDY)
+    answer = claude.messages.create(model="deepseek-v4-flash", max_tokens=200, tools=[WEATHER], messages=follow, extra_body=GREEDY)
     assert answer.content[0].text == "Sunny in Rome." and answer.stop_reason == "end_turn"
     prompt = session.prompts[-1]
     assert "## Tools" in prompt and '"name": "get_weather"' in prompt
@@ -188,12 +188,12 @@ def test_messages_tool_use_round_trip(claude, session):
 def test_messages_thinking_blocks(claude, session):
     session.script = "Rome is in Italy.</think>Sunny."
     ask = [{"role": "user", "content": "Weather?"}]
-    msg = claude.messages.create(model="m", max_tokens=1500, messages=ask, tools=[WEATHER],
+    msg = claude.messages.create(model="deepseek-v4-flash", max_tokens=1500, messages=ask, tools=[WEATHER],
                                  thinking={"type": "enabled", "budget_tokens": 1024}, extra_body=GREEDY)
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert msg.content[0].thinking == "Rome is in Italy." and msg.content[1].text == "Sunny."
     assert session.prompts[-1].endswith("<｜Assistant｜><think>")
-    with claude.messages.stream(model="m", max_tokens=1500, messages=ask, tools=[WEATHER],
+    with claude.messages.stream(model="deepseek-v4-flash", max_tokens=1500, messages=ask, tools=[WEATHER],
                                 thinking={"type": "enabled", "budget_tokens": 1024}, extra_body=GREEDY) as st:
         kinds = [e.delta.type for e in st if e.type == "content_block_delta"]
         final = st.get_final_message()
@@ -201,7 +201,7 @@ def test_messages_thinking_blocks(claude, session):
     assert final.content[0].thinking == "Rome is in Italy."
     # the thinking block sent back is rendered (tools present: DeepSeek keeps earlier reasoning)
     session.script = "ok"
-    claude.messages.create(model="m", max_tokens=1500, tools=[WEATHER], thinking={"type": "enabled",
+    claude.messages.create(model="deepseek-v4-flash", max_tokens=1500, tools=[WEATHER], thinking={"type": "enabled",
                            "budget_tokens": 1024}, extra_body=GREEDY, messages=ask + [
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
         {"role": "user", "content": "And tomorrow?"}])
@@ -210,7 +210,7 @@ def test_messages_thinking_blocks(claude, session):
 
 def test_messages_stop_sequences(claude, session):
     session.script = "one two STOP three"
-    kwargs = dict(model="m", max_tokens=100, messages=[{"role": "user", "content": "count"}],
+    kwargs = dict(model="deepseek-v4-flash", max_tokens=100, messages=[{"role": "user", "content": "count"}],
                   stop_sequences=["STOP", "never"], extra_body=GREEDY)
     msg = claude.messages.create(**kwargs)
     assert msg.content[0].text == "one two " and msg.stop_reason == "stop_sequence" and msg.stop_sequence == "STOP"
@@ -218,21 +218,21 @@ def test_messages_stop_sequences(claude, session):
         final = st.get_final_message()
     assert final.content[0].text == "one two " and final.stop_sequence == "STOP"
     session.script = "one two three four five six"
-    short = claude.messages.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "count"}],
+    short = claude.messages.create(model="deepseek-v4-flash", max_tokens=3, messages=[{"role": "user", "content": "count"}],
                                    extra_body=GREEDY)
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
 def test_messages_count_tokens_and_prefill(claude, session):
-    n = claude.messages.count_tokens(model="m", messages=[{"role": "user", "content": "Say hello"}],
+    n = claude.messages.count_tokens(model="deepseek-v4-flash", messages=[{"role": "user", "content": "Say hello"}],
                                      system="Be brief.").input_tokens
     session.script = "Hi"
-    msg = claude.messages.create(model="m", max_tokens=5, system="Be brief.", extra_body=GREEDY,
+    msg = claude.messages.create(model="deepseek-v4-flash", max_tokens=5, system="Be brief.", extra_body=GREEDY,
                                  messages=[{"role": "user", "content": "Say hello"}])
     assert n == msg.usage.input_tokens + msg.usage.cache_read_input_tokens
     # a last assistant message is a prefill: the reply continues it (no end-of-sentence after it)
     session.script = " world"
-    cont = claude.messages.create(model="m", max_tokens=5, extra_body=GREEDY, messages=[
+    cont = claude.messages.create(model="deepseek-v4-flash", max_tokens=5, extra_body=GREEDY, messages=[
         {"role": "user", "content": "Say hello"}, {"role": "assistant", "content": "Hello"}])
     assert cont.content[0].text == " world" and session.prompts[-1].endswith("<｜Assistant｜></think>Hello")
 
@@ -240,7 +240,7 @@ def test_messages_count_tokens_and_prefill(claude, session):
 def test_messages_errors(claude, server):
     def refused(**kw):
         with pytest.raises(anthropic.BadRequestError) as info:
-            claude.messages.create(**{"model": "m", "max_tokens": 5,
+            claude.messages.create(**{"model": "deepseek-v4-flash", "max_tokens": 5,
                                       "messages": [{"role": "user", "content": "x"}], **kw})
         body = info.value.body
         assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
@@ -256,9 +256,13 @@ def test_messages_errors(claude, server):
     assert "tool_use_id" in refused(messages=[{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}])
     assert "temperature" in refused(extra_body={"temperature": 1.5})
     assert "context length" in refused(messages=[{"role": "user", "content": "word " * CTX}])
+    with pytest.raises(anthropic.NotFoundError) as info:                # a model the server does not serve
+        claude.messages.create(model="claude-opus-4", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["error"]["type"] == "not_found_error" and "deepseek-v4-flash" in \
+        info.value.body["error"]["message"]
     bad = anthropic.Anthropic(base_url=server.url, api_key="wrong", timeout=TIMEOUT, max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as info:
-        bad.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        bad.messages.create(model="deepseek-v4-flash", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert info.value.body == {"type": "error", "error": {"type": "authentication_error",
                                                           "message": "Incorrect API key provided."}}
     host, port = server.url.removeprefix("http://").split(":")
@@ -356,7 +360,7 @@ def test_responses_errors(oai):
                           (dict(input="x", text={"format": {"type": "json_object"}}), "text.format"),
                           (dict(input="x", reasoning={"effort": "extreme"}), "reasoning_effort")]:
         with pytest.raises(openai.BadRequestError) as info:
-            oai.responses.create(model="m", **kwargs)
+            oai.responses.create(model="deepseek-v4-flash", **kwargs)
         assert info.value.body["param"] == param, info.value.body
 
 
@@ -380,10 +384,10 @@ def test_cache_metrics(server, claude, session):
     before = metrics()
     session.script = "fine"
     fresh = [{"role": "user", "content": "a question nobody asked before " * 3}]
-    first = claude.messages.create(model="m", max_tokens=5, messages=fresh, extra_body=GREEDY).usage
-    claude.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "something else"}],
+    first = claude.messages.create(model="deepseek-v4-flash", max_tokens=5, messages=fresh, extra_body=GREEDY).usage
+    claude.messages.create(model="deepseek-v4-flash", max_tokens=5, messages=[{"role": "user", "content": "something else"}],
                            extra_body=GREEDY)
-    again = claude.messages.create(model="m", max_tokens=5, messages=fresh, extra_body=GREEDY).usage   # restored
+    again = claude.messages.create(model="deepseek-v4-flash", max_tokens=5, messages=fresh, extra_body=GREEDY).usage   # restored
     assert again.cache_read_input_tokens == first.input_tokens + first.cache_read_input_tokens - 1
     after = metrics()
     hit_memory = 'ds4cupy_kv_cache_lookups_total{result="hit",source="memory"}'
