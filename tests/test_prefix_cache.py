@@ -303,3 +303,45 @@ def test_disk_size_is_bounded(tmp_path):
     kept = {tuple(r.tokens[:3].tolist()) for r in DiskStore(tmp_path / "bounded", IDENTITY).scan()
             if r.since == 0}
     assert tuple(prompts[-1][:3]) in kept and tuple(prompts[0][:3]) not in kept     # least recently used went first
+
+
+def test_a_failing_snapshot_costs_the_reuse_not_the_request(caplog):
+    """A session that cannot store its state (out of memory, or an old-contract snapshot()) still serves: every
+    request prefills from scratch and finishes; the failure is logged once."""
+    import asyncio
+
+    from ds4cupy.server.protocol import SamplingFields
+    from ds4cupy.server.worker import EngineWorker, EventChannel, GenerationJob, JobFinished
+
+    class NoSnapshots(RowSession):
+        def snapshot(self, since=0):
+            raise MemoryError("no room for a snapshot")
+
+    class OneToken:
+        def __init__(self, job):
+            self.completion_tokens = [7]
+
+        def stream(self, session, logits):
+            yield type("Delta", (), {"token_id": 7, "finish_reason": "stop", "content": "x"})()
+
+    session = NoSnapshots()
+    worker = EngineWorker(session, OneToken, prefill_chunk=8).start()
+
+    async def main():
+        out = []
+        for name in ("a", "b"):
+            job = GenerationJob(request_id=name, prompt_ids=list(range(1, 30)), max_tokens=1,
+                                sampling=SamplingFields(), channel=EventChannel())
+            worker.submit(job)
+            while not isinstance(event := await asyncio.wait_for(job.channel.get(), 10), JobFinished):
+                pass
+            out.append(event)
+        return out
+
+    try:
+        with caplog.at_level("WARNING", logger="ds4cupy.server"):
+            first, second = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert first.cached_tokens == 0 and second.cached_tokens == 0 and session.prefilled_tokens == 2 * 29
+    assert caplog.text.count("cannot store the session state") == 1 and "MemoryError" in caplog.text
