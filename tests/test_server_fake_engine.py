@@ -13,6 +13,7 @@ import pytest
 
 openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
 
+from ds4cupy.engines.state import SessionState, chain_of, chain_tokens
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
 
 HTTP_TIMEOUT = 20.0
@@ -44,11 +45,11 @@ class FakeSession:
         self.tokens.append(token_id)
         return "logits"
 
-    def snapshot(self):
-        return list(self.tokens)
+    def snapshot(self, since=0):
+        return SessionState(since, self.tokens[since:])
 
-    def restore(self, snap):
-        self.tokens = list(snap)
+    def restore(self, state):
+        self.tokens = chain_tokens(chain_of(state))
 
     def reset(self):
         self.tokens = []

@@ -12,9 +12,9 @@ import pytest
 from ds4cupy.server import protocol
 from ds4cupy.server.metrics import ServerMetrics
 from ds4cupy.server.protocol import ProtocolError
+from ds4cupy.engines.state import SessionState, chain_of, chain_tokens
 from ds4cupy.server.worker import (EngineWorker, EventChannel, GenerationJob, JobCancelled, JobFailed, JobFinished,
-                                   JobStarted, PrefillProgress, ReusePlan, SnapshotStore, TokenDelta,
-                                   plan_prefix_reuse)
+                                   JobStarted, PrefillProgress, TokenDelta)
 
 CTX = 4096
 USER = [{"role": "user", "content": "hi"}]
@@ -224,35 +224,10 @@ def test_context_exceeded_error():
     assert err.status == 400 and err.code == "context_length_exceeded" and "4096" in err.message
 
 
-# --------------------------------------------------------------------------------------------------- prefix reuse
-
-def test_plan_prefix_reuse():
-    prompt = [1, 2, 3, 4, 5]
-    assert plan_prefix_reuse([], [], prompt).action == "reset"
-    assert plan_prefix_reuse([1, 2, 3], [], prompt) == ReusePlan("live", 3)
-    assert plan_prefix_reuse([1, 2, 3], [[1]], prompt) == ReusePlan("live", 3)
-    assert plan_prefix_reuse([1, 2, 9, 9], [[1, 2]], prompt) == ReusePlan("snapshot", 2, 0)
-    assert plan_prefix_reuse([1, 2, 9], [[1, 2], [1, 2, 3, 4], [1, 7, 7]], prompt) == ReusePlan("snapshot", 4, 1)
-    assert plan_prefix_reuse([1, 2, 3, 4, 5], [[1, 2, 3, 4]], prompt).cached == 4    # one token left for logits
-    assert plan_prefix_reuse([1, 2, 3, 4, 5, 6], [], prompt).action == "reset"
-    assert plan_prefix_reuse([7], [[8]], prompt).action == "reset"
-
-
-def test_snapshot_store_lru():
-    store = SnapshotStore(2)
-    store.add([1], "a")
-    store.add([1, 2], "b")
-    store.add([1], "a2")                      # already held: kept as is
-    assert store.take(0) == "a"               # [1] becomes most recent
-    store.add([3], "c")                       # evicts [1, 2]
-    assert store.ids() == [[1], [3]]
-    assert SnapshotStore(0).ids() == [] and not SnapshotStore(0).has([1])
-
-
 # ---------------------------------------------------------------------------------------------- worker with fakes
 
 class FakeSession:
-    """Records prefill/decode calls; a snapshot is a copy of the token list."""
+    """Records prefill/decode calls; a state is its tokens only."""
 
     def __init__(self, prefill_delay: float = 0.0, fail_on: int | None = None):
         self.tokens: list[int] = []
@@ -277,11 +252,11 @@ class FakeSession:
         self.tokens.append(token_id)
         return ("logits", len(self.tokens))
 
-    def snapshot(self):
-        return list(self.tokens)
+    def snapshot(self, since=0):
+        return SessionState(since, self.tokens[since:])
 
-    def restore(self, snap):
-        self.tokens = list(snap)
+    def restore(self, state):
+        self.tokens = chain_tokens(chain_of(state))
 
     def reset(self):
         self.tokens = []

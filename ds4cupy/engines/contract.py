@@ -3,8 +3,10 @@
     s = model.new_session(ctx)
     s.prefill(ids, all_logits=False) -> float32 [vocab] (or [len(ids), vocab]); continues from s.n_tokens
     s.decode(token_id) -> float32 [vocab]
-    s.snapshot() -> object ; s.restore(snap) ; s.reset()
+    s.snapshot(since=0) -> SessionState   # what tokens [since, n_tokens) added (ds4cupy.engines.state)
+    s.restore(state_or_chain) ; s.reset()   # a SessionState or [complete, delta, ...]
     s.n_tokens (int) ; s.tokens (list[int], every id the session has consumed)
+    s.prefilled_tokens (int: tokens consumed by prefill() since the session was made; decode steps not counted)
 
 The CLI, server, bench and verify reach a backend only through these names.
 """

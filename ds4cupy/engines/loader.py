@@ -1,7 +1,7 @@
 """`ds4cupy.load()`: open a model file and pick a backend. The Session contract is engines/contract.py.
 
-Both backends give sessions with the same methods (prefill, decode, snapshot, restore, reset, n_tokens, tokens), so the
-CLI, server, bench and verify never know which one runs.
+Both backends give sessions with the same methods (prefill, decode, snapshot, restore, reset, n_tokens, tokens,
+prefilled_tokens), so the CLI, server, bench and verify never know which one runs.
 """
 from __future__ import annotations
 
@@ -67,6 +67,15 @@ class Model:
         """Why this model can no longer serve from its file (the file changed under the mapping), or None. Always
         None when the weights were copied at load (`reads_file` False)."""
         return self.file.changed() if self.reads_file else None
+
+    @cached_property
+    def state_identity(self) -> str:
+        """What this model's session states are valid for (the file's content, backend, QAT): stored states carry it
+        (ds4cupy.engines.state.model_identity)."""
+        from .state import file_identity, model_identity
+        data_start = min((t.offset for t in self.file.tensors.values()), default=self.file.file_size)
+        return model_identity(file_identity(self.file.path, data_start), self.backend,
+                              getattr(self._impl, "qat", True))
 
     def new_session(self, ctx: int | None = None):
         ctx = int(ctx or min(self.config.n_ctx_train, 65536))

@@ -11,7 +11,6 @@ window. QAT simulation (FP8 on KV nope dims, Hadamard + FP4 on indexer q/k, §2.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,7 @@ from ..format.model_file import ModelFile
 from .contract import check_token_ids
 from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, rope_apply, rope_cos_sin, rope_freqs,
                        sigmoid, silu, softplus)
+from .state import SessionState, chain_of, chain_rows, chain_tokens
 
 F32 = np.float32
 F64 = np.float64
@@ -321,6 +321,7 @@ class ReferenceSession:
     def __init__(self, model: ReferenceModel, ctx: int):
         self.model = model
         self.ctx = ctx
+        self.prefilled_tokens = 0          # tokens consumed by prefill() since the session was made (not decode)
         self.reset()
 
     def reset(self) -> None:
@@ -333,6 +334,13 @@ class ReferenceSession:
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         ids = check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
+        self.prefilled_tokens += int(ids.size)
+        return self._forward(ids, all_logits)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._forward(check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx), False)
+
+    def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         out = []
         for s in range(0, ids.size, self.model.chunk):
             chunk = ids[s: s + self.model.chunk]
@@ -344,11 +352,65 @@ class ReferenceSession:
             self.tokens.extend(int(t) for t in chunk)
         return np.concatenate(out) if all_logits else out[-1][-1]
 
-    def decode(self, token_id: int) -> np.ndarray:
-        return self.prefill([token_id])
+    # ---- state (ds4cupy.engines.state) -------------------------------------------------------------------------
+    # per layer: "{il}.comp" / "{il}.index" append-only rows; "{il}.window" and the compressors' partial windows
+    # "{il}.comp.cur_kv|cur_score|prev_kv|prev_score" (and "{il}.index.*") fixed. The session never writes into an
+    # array in place (every update makes a new one), so restored arrays may be shared with the stored state.
+    def snapshot(self, since: int = 0) -> SessionState:
+        """The state tokens [since, n_tokens) added (since=0: all of it); see ds4cupy.engines.state."""
+        if not 0 <= since <= self.n_tokens:
+            raise ValueError(f"snapshot since={since}: the session holds {self.n_tokens} tokens")
+        c = self.model.config
+        rows, fixed = {}, {}
+        for il, st in enumerate(self.states):
+            fixed[f"{il}.window"] = st.window_kv.copy()     # a view into the last chunk's rows
+            ratio = c.ratio(il)
+            if not ratio:
+                continue
+            rows[f"{il}.comp"] = (since // ratio, st.comp_kv[since // ratio:].copy())
+            _compressor_arrays(fixed, f"{il}.comp", st.compressor)
+            if ratio == 4:
+                rows[f"{il}.index"] = (since // 4, st.index_kv[since // 4:].copy())
+                _compressor_arrays(fixed, f"{il}.index", st.index_compressor)
+        return SessionState(since, self.tokens[since:], rows, fixed)
 
-    def snapshot(self):
-        return copy.deepcopy((self.states, self.tokens))
+    def restore(self, state) -> None:
+        """Become the session that consumed the chain's tokens: a SessionState from snapshot(), or a list [complete,
+        delta, ...] of them (ds4cupy.engines.state.chain_of)."""
+        chain = chain_of(state)
+        tokens = chain_tokens(chain)
+        if len(tokens) > self.ctx:
+            raise ValueError(f"the state holds {len(tokens)} tokens, the session context is {self.ctx}")
+        c, last = self.model.config, chain[-1].fixed
+        states = []
+        for il in range(c.n_layer):
+            st = self.model.new_layer_state(il)
+            st.window_kv = last[f"{il}.window"]
+            ratio = c.ratio(il)
+            if ratio:
+                st.comp_kv = _joined(chain_rows(chain, f"{il}.comp", len(tokens) // ratio), st.comp_kv)
+                st.compressor = _compressor_state(last, f"{il}.comp")
+                if ratio == 4:
+                    st.index_kv = _joined(chain_rows(chain, f"{il}.index", len(tokens) // 4), st.index_kv)
+                    st.index_compressor = _compressor_state(last, f"{il}.index")
+            states.append(st)
+        self.states, self.tokens = states, tokens
 
-    def restore(self, snap) -> None:
-        self.states, self.tokens = copy.deepcopy(snap)
+
+def _compressor_arrays(out: dict, prefix: str, cs: CompressorState) -> None:
+    """A compressor's partial window as arrays (an empty window as a [0, 0] array; no previous window: no key)."""
+    for name in ("cur_kv", "cur_score"):
+        rows = getattr(cs, name)
+        out[f"{prefix}.{name}"] = np.stack(rows) if rows else np.zeros((0, 0), F32)
+    for name in ("prev_kv", "prev_score"):
+        if getattr(cs, name) is not None:
+            out[f"{prefix}.{name}"] = getattr(cs, name)
+
+
+def _compressor_state(fixed: dict, prefix: str) -> CompressorState:
+    return CompressorState(cur_kv=list(fixed[f"{prefix}.cur_kv"]), cur_score=list(fixed[f"{prefix}.cur_score"]),
+                           prev_kv=fixed.get(f"{prefix}.prev_kv"), prev_score=fixed.get(f"{prefix}.prev_score"))
+
+
+def _joined(pieces: list, empty: np.ndarray) -> np.ndarray:
+    return np.concatenate([a for _, a in pieces]) if pieces else empty

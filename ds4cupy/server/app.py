@@ -1,17 +1,20 @@
-"""The aiohttp application: routes, API key and body-size checks, SSE streaming.
+"""The aiohttp application: routes, middleware, the OpenAI handlers, BackgroundServer (shared pieces: serving.py).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (+ /v1/models/{name}), GET /health,
-GET /metrics. Handlers validate with `protocol`, render and tokenize the prompt on a one-thread "prep" executor (so
-arrival order is kept and the event loop never blocks on a long prompt), submit a `GenerationJob` to the
-`EngineWorker`, then turn its events into a JSON response or an SSE stream. While a job waits or prefills, the stream
-gets `: keepalive` comments; its first chunk (the assistant role) leaves together with the first generated token, so a
-client's time to first chunk is the queue wait plus the prefill. A client that goes away cancels its job.
+GET /metrics here; POST /v1/messages (+ /count_tokens) from anthropic_handlers.py, POST /v1/responses from
+responses_handlers.py. Handlers validate with their protocol module (`protocol` for OpenAI chat), render and
+tokenize the prompt on a one-thread "prep" executor (so arrival order is kept and the event loop never blocks on a
+long prompt), submit a `GenerationJob` to the `EngineWorker`, then turn its events into a JSON response or an SSE
+stream. While a job waits or prefills, the stream gets keepalives; a chat stream's first chunk (the assistant role)
+leaves together with the first generated token, so a client's time to first chunk is the queue wait plus the
+prefill. A client that goes away cancels its job.
 
-Every route goes through the same middlewares (outermost first): OpenAI error objects for every failure (405 with
-`Allow`; 500s with a generic message and a request id, details in the log), CORS preflights (guards.cors), the API key
-(/v1/* and /metrics unless metrics_public), refusal while draining or when the model file changed (503), and the body
-guard (JSON only, size and time limits: guards.body_guard). Prompts longer than ctx x the tokenizer's longest token in
-bytes are refused before tokenizing; message text is tokenized as plain text (text.chat.render_prompt).
+Every route goes through the same middlewares (outermost first): error objects for every failure (Anthropic's shape
+under /v1/messages, else OpenAI's; 405 with `Allow`; 500s with a generic message and a request id, details in the
+log), CORS preflights (guards.cors), the API key (/v1/* and /metrics unless metrics_public; Bearer or x-api-key),
+refusal while draining or when the model file changed (503), and the body guard (JSON only, size and time limits:
+guards.body_guard). Prompts longer than ctx x the tokenizer's longest token in bytes are refused before tokenizing;
+message text is tokenized as plain text (text.chat.render_prompt).
 
 Model names: the served name (--served-model-name, default deepseek-v4-flash), its extra aliases, and the thinking
 aliases deepseek-chat (thinking off) and deepseek-reasoner (on); any other name is a 404 model_not_found.
@@ -23,109 +26,26 @@ import concurrent.futures
 import hmac
 import logging
 import threading
-import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import orjson
 from aiohttp import web
 
-from ..text.constraints import GrammarError, check_grammar
 from . import controls as ctl
-from . import protocol
-from .guards import DEFAULT_BODY_TIMEOUT_S, body_guard, cors
+from . import anthropic_handlers, protocol, responses_handlers
+from .guards import body_guard, cors
 from .metrics import ServerMetrics
+from .prefix_cache import PrefixCache
 from .protocol import ProtocolError
-from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
+from .serving import (DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE_S,  # noqa: F401
+                      STATE, JobRun, PromptRenderer, ServerSettings, ServerState, check_model, collect,
+                      error_response, http_error, job_error, json_response, prepare_prompt, read_json_body,
+                      render_chat_prompt, reported_model, sse_response, turn_start_ids)
+from .transport import GuardedRunner
 from .worker import (MODEL_FILE_CHANGED, SHUTTING_DOWN, EngineWorker, EventChannel, GenerationJob, JobCancelled,
-                     JobFailed, JobFinished, JobStarted, PrefillProgress, TokenDelta, real_generator_factory)
+                     JobFailed, JobFinished, TokenDelta, real_generator_factory)
 
 log = logging.getLogger("ds4cupy.server")
-
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-DEFAULT_SHUTDOWN_GRACE_S = 10.0
-FALLBACK_MAX_TOKEN_BYTES = 256      # for tokenizers that do not say how long their longest token is
-DEFAULT_KEEPALIVE_S = 5.0
-DISCONNECT_POLL_S = 0.25
-
-# (messages, tools, thinking) -> the prompt: text (tokenized with tokenizer.encode) or (text, is_template) parts
-# (tokenized with tokenizer.encode_parts: added-token strings are control tokens only in template parts)
-PromptRenderer = Callable[[list, list, protocol.ThinkingChoice], Any]
-
-
-def render_chat_prompt(messages: list[dict], tools: list[dict], thinking: protocol.ThinkingChoice) -> list:
-    """The DeepSeek-V4 prompt for validated messages as PromptParts (ds4cupy.text.chat.render_prompt; BOS included):
-    message text stays plain text when tokenized."""
-    from ..text.chat import render_prompt
-    return render_prompt(messages, thinking_mode=thinking.thinking_mode, reasoning_effort=thinking.reasoning_effort,
-                         tools=tools or None)
-
-
-@dataclass
-class ServerSettings:
-    """What the app serves and how."""
-    model_name: str = protocol.DEFAULT_MODEL_NAME
-    ctx: int = 32768
-    api_key: str | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    keepalive_s: float = DEFAULT_KEEPALIVE_S
-    demo: bool = False                   # the built-in random-weights model: said in /v1/models and /health
-    metrics_public: bool = False         # /metrics without the API key
-    cors_origins: tuple[str, ...] = ()   # origins allowed to call from a browser ("*": any)
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
-    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
-    aliases: tuple[str, ...] = (protocol.NON_THINKING_ALIAS, protocol.THINKING_ALIAS)
-    created: int = field(default_factory=protocol.now)
-
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        """Every name a request may give as `model` (the served name first)."""
-        return (self.model_name, *(a for a in self.aliases if a != self.model_name))
-
-
-@dataclass
-class ServerState:
-    """Everything the handlers share: settings, tokenizer, renderer, worker, metrics, the prep executor."""
-    settings: ServerSettings
-    tokenizer: Any
-    worker: EngineWorker
-    metrics: ServerMetrics
-    render: PromptRenderer
-    prep: concurrent.futures.ThreadPoolExecutor
-    turn_ids: frozenset[int] = frozenset()
-    request_counter: int = 0
-    file_problem: Callable[[], str | None] = lambda: None    # why the model cannot serve from its file, or None
-    draining: bool = False               # shutting down: new requests get 503
-    in_flight: int = 0                   # requests inside the handlers
-
-    def next_request_id(self, prefix: str) -> str:
-        self.request_counter += 1
-        return f"{prefix}-{self.request_counter:06d}{uuid.uuid4().hex[:12]}"
-
-
-STATE = web.AppKey("ds4cupy_state", ServerState)
-
-
-# ------------------------------------------------------------------------------------------------------- responses
-
-def json_response(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
-
-
-def error_response(err: ProtocolError) -> web.Response:
-    return json_response(err.body(), status=err.status)
-
-
-_STATUS_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-                       413: "invalid_request_error", 500: "server_error", 503: "server_error"}
-
-
-def http_error(status: int, message: str, code: str | None = None, param: str | None = None) -> ProtocolError:
-    return ProtocolError(status, message, type=_STATUS_ERROR_TYPES.get(status, "invalid_request_error"),
-                         param=param, code=code)
-
 
 # ------------------------------------------------------------------------------------------------------ middleware
 
@@ -136,19 +56,20 @@ def _endpoint_label(request: web.Request) -> str:
 
 @web.middleware
 async def openai_errors_middleware(request: web.Request, handler):
-    """Every failure leaves as an OpenAI error object; every request is counted by endpoint and status."""
+    """Every failure leaves as an error object (Anthropic's shape under /v1/messages, else OpenAI's); every request
+    is counted by endpoint and status."""
     state = request.app[STATE]
     state.in_flight += 1
     try:
         response = await handler(request)
     except ProtocolError as err:
-        response = error_response(err)
+        response = error_response(err, request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         response = error_response(http_error(exc.status, exc.reason if exc.status != 404 else
-                                             f"no route for {request.method} {request.path}", code))
+                                             f"no route for {request.method} {request.path}", code), request.path)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
     except ConnectionResetError:            # the client left before a non-streaming answer was ready
@@ -160,7 +81,7 @@ async def openai_errors_middleware(request: web.Request, handler):
         rid = f"req-{uuid.uuid4().hex[:16]}"
         log.exception("unhandled error for %s %s (request id %s)", request.method, request.path, rid)
         response = error_response(http_error(500, f"internal server error (request id {rid}; the details are in "
-                                                  f"the server log)", "internal_error"))
+                                                  f"the server log)", "internal_error"), request.path)
     finally:
         state.in_flight -= 1
     state.metrics.record_request(_endpoint_label(request), response.status)
@@ -169,16 +90,19 @@ async def openai_errors_middleware(request: web.Request, handler):
 
 @web.middleware
 async def api_key_middleware(request: web.Request, handler):
-    """With --api-key, /v1/* and /metrics (unless metrics_public) need `Authorization: Bearer <key>` (401 otherwise).
-    /health stays open."""
+    """With --api-key, /v1/* and /metrics (unless metrics_public) need `Authorization: Bearer <key>` or
+    `x-api-key: <key>` (Anthropic's clients; 401 otherwise). /health stays open."""
     settings = request.app[STATE].settings
     key = settings.api_key
     if key and (request.path.startswith("/v1/") or (request.path == "/metrics" and not settings.metrics_public)):
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise http_error(401, "Incorrect API key provided." if header else
-                             "You didn't provide an API key (Authorization: Bearer <key>).", "invalid_api_key")
+        x_key = request.headers.get("x-api-key")
+        if not ((scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()))
+                or (x_key is not None and hmac.compare_digest(x_key.strip().encode(), key.encode()))):
+            raise http_error(401, "Incorrect API key provided." if header or x_key is not None else
+                             "You didn't provide an API key (Authorization: Bearer <key> or x-api-key: <key>).",
+                             "invalid_api_key")
     return await handler(request)
 
 
@@ -194,163 +118,6 @@ async def availability_middleware(request: web.Request, handler):
         if problem is not None:
             raise http_error(503, problem, MODEL_FILE_CHANGED)
     return await handler(request)
-
-
-# --------------------------------------------------------------------------------------------------------- helpers
-
-async def read_json_body(request: web.Request, limit: int) -> Any:
-    """The decoded body: 413 past `limit` bytes, 400 for malformed JSON."""
-    if request.content_length is not None and request.content_length > limit:
-        raise http_error(413, f"request body of {request.content_length} bytes exceeds the {limit}-byte limit",
-                         "request_too_large")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise http_error(413, f"request body exceeds the {limit}-byte limit", "request_too_large") from None
-    if len(raw) > limit:
-        raise http_error(413, f"request body of {len(raw)} bytes exceeds the {limit}-byte limit", "request_too_large")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise protocol.invalid(f"malformed JSON body: {exc}", None, "invalid_json") from None
-
-
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-@dataclass
-class PreparedPrompt:
-    ids: list[int]
-    max_tokens: int
-    checkpoints: list[int]        # where the worker should snapshot: right after the last turn-start token
-
-
-USER_TURN_TOKEN = "<｜User｜>"
-
-
-def turn_start_ids(tokenizer) -> frozenset[int]:
-    """Token ids that open a user turn (snapshot points for prefix reuse); empty when the tokenizer has none."""
-    try:
-        if getattr(tokenizer, "has_special", None) and tokenizer.has_special(USER_TURN_TOKEN):
-            return frozenset({int(tokenizer.special_id(USER_TURN_TOKEN))})
-    except (KeyError, ValueError):
-        pass
-    return frozenset()
-
-
-def last_turn_checkpoint(ids: list[int], turn_ids: frozenset[int]) -> list[int]:
-    for i in range(len(ids) - 1, -1, -1):
-        if ids[i] in turn_ids:
-            return [i + 1]
-    return []
-
-
-def prompt_byte_bound(state: ServerState) -> int:
-    """The most UTF-8 bytes a prompt that fits the context can have: ctx tokens of at most max_token_bytes each."""
-    per_token = getattr(state.tokenizer, "max_token_bytes", None) or FALLBACK_MAX_TOKEN_BYTES
-    return state.settings.ctx * int(per_token)
-
-
-def tokenize_prompt(state: ServerState, rendered: Any) -> list[int]:
-    """Token ids of a rendered prompt (text or PromptParts), refused by byte length before any tokenizing when it
-    cannot fit the context."""
-    texts = [rendered] if isinstance(rendered, str) else [part[0] for part in rendered]
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    bound = prompt_byte_bound(state)
-    if n_bytes > bound:
-        raise ProtocolError(400, f"This model's maximum context length is {state.settings.ctx} tokens. However, your "
-                                 f"prompt has {n_bytes} bytes, more than {state.settings.ctx} tokens can hold "
-                                 f"({bound} bytes).", param="messages", code="context_length_exceeded")
-    if isinstance(rendered, str):
-        return list(state.tokenizer.encode(rendered))
-    return list(state.tokenizer.encode_parts(rendered))
-
-
-async def prepare_prompt(state: ServerState, messages: list[dict], tools: list[dict],
-                         thinking: protocol.ThinkingChoice, max_tokens: int | None,
-                         grammar: tuple[str, str] | None = None) -> PreparedPrompt:
-    """Render + tokenize on the prep thread; refuse prompts that leave no room in the context (by byte length before
-    tokenizing, then by token count). The reply budget is max_tokens clamped to the room left (generation ends with
-    finish_reason "length" when the context is full). `grammar` (text, the field it comes from) is compiled there
-    too: one that does not compile is a 400."""
-    def work() -> list[int]:
-        if grammar is not None:
-            try:
-                check_grammar(state.tokenizer, grammar[0])
-            except GrammarError as exc:
-                raise protocol.invalid(f"'{grammar[1]}' cannot be enforced: {exc}", grammar[1],
-                                       "invalid_schema") from None
-        return tokenize_prompt(state, state.render(messages, tools, thinking))
-
-    loop = asyncio.get_running_loop()
-    try:
-        ids = await loop.run_in_executor(state.prep, work)
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError, KeyError) as exc:        # the chat encoder refused the conversation
-        raise protocol.invalid(f"cannot render the conversation: {exc}", "messages", "invalid_messages") from None
-    ctx = state.settings.ctx
-    if not ids:
-        raise protocol.invalid("the prompt rendered to no tokens", "messages", "invalid_messages")
-    if len(ids) >= ctx:
-        raise protocol.context_exceeded(len(ids), ctx)
-    room = ctx - len(ids)
-    return PreparedPrompt(ids, room if max_tokens is None else min(max_tokens, room),
-                          last_turn_checkpoint(ids, state.turn_ids))
-
-
-class JobRun:
-    """Submits one job and iterates its events, cancelling the job if the caller stops early (disconnect, error)."""
-
-    def __init__(self, state: ServerState, request: web.Request, job: GenerationJob, model: str):
-        self.state, self.request, self.job, self.model = state, request, job, model
-        self.queue_position = 0
-        self.last_write = time.monotonic()
-
-    @property
-    def headers(self) -> dict:
-        """Response headers: the queue position the request got on arrival (0: the engine was idle)."""
-        return {"X-Queue-Position": str(self.queue_position)}
-
-    async def events(self):
-        """Yields worker events; yields None when a keepalive is due (no event for keepalive_s seconds)."""
-        keepalive_s = self.state.settings.keepalive_s
-        poll = min(keepalive_s, DISCONNECT_POLL_S)
-        while True:
-            if client_gone(self.request):
-                raise ConnectionResetError("client disconnected")
-            event = await self.job.channel.get(timeout=poll)
-            if event is None or isinstance(event, (PrefillProgress, JobStarted)):
-                if time.monotonic() - self.last_write >= keepalive_s:
-                    yield None
-                if event is None:
-                    continue
-            yield event
-            if isinstance(event, (JobFinished, JobCancelled, JobFailed)):
-                return
-
-    def wrote(self) -> None:
-        self.last_write = time.monotonic()
-
-    def cancel(self) -> None:
-        if not self.job.cancel.is_set():
-            self.job.cancel.set()
-            self.state.metrics.record_cancel()
-
-
-def reported_model(state: ServerState, requested: str | None) -> str:
-    """The `model` field of responses: the requested name (one of ours: check_model ran), else the served name."""
-    return requested if requested is not None else state.settings.model_name
-
-
-def check_model(state: ServerState, requested: str | None) -> None:
-    """404 model_not_found for a name that is neither the served name nor an alias (no name: the served model)."""
-    names = state.settings.model_names
-    if requested is not None and requested not in names:
-        raise http_error(404, f"The model '{requested}' does not exist; this server serves {', '.join(names)}",
-                         "model_not_found", "model")
 
 
 def parse_controls(state: ServerState, body: dict, endpoint: str) -> ctl.GenerationControls:
@@ -485,31 +252,6 @@ async def stream_chat(run: JobRun, chat: protocol.ChatRequest, extras: ctl.Token
     return await stream_sse(run, [chunk({"role": "assistant", "content": ""})], delta_chunk, closing)
 
 
-def job_error(event: JobFailed) -> ProtocolError:
-    """The OpenAI error for a failed job (500 engine error, 503 shutting down / model file changed)."""
-    return http_error(getattr(event, "status", 500), event.message, getattr(event, "code", "engine_error"))
-
-
-async def collect(run: JobRun, on_delta: Callable[[Any], None]) -> JobFinished:
-    """Wait for a non-streaming job: every token delta goes to on_delta; the JobFinished event is returned. An engine
-    failure becomes a 500; the job is cancelled if the client leaves."""
-    finished: JobFinished | None = None
-    try:
-        async for event in run.events():
-            if isinstance(event, TokenDelta):
-                on_delta(event.delta)
-            elif isinstance(event, JobFinished):
-                finished = event
-            elif isinstance(event, JobFailed):
-                raise job_error(event)
-            elif isinstance(event, JobCancelled):
-                raise ConnectionResetError("cancelled")
-    finally:
-        if finished is None:
-            run.cancel()
-    return finished
-
-
 async def collect_chat(run: JobRun, chat: protocol.ChatRequest, extras: ctl.TokenExtras) -> web.Response:
     content, reasoning = [], []
     tools = protocol.ToolCallAccumulator()
@@ -590,12 +332,6 @@ def prompt_ids(job: GenerationJob, extras: ctl.TokenExtras) -> dict:
     return {"prompt_token_ids": list(job.prompt_ids)} if extras.return_ids else {}
 
 
-def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
-    return web.StreamResponse(status=200, headers={
-        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", **(extra_headers or {})})
-
-
 async def handle_models(request: web.Request) -> web.Response:
     s = request.app[STATE].settings
     return json_response(protocol.model_list(list(s.model_names), s.created, s.ctx))
@@ -631,20 +367,20 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRenderer | None = None,
                make_generator=None, prefill_chunk: int | None = None,
-               max_snapshots: int | None = None, file_problem: Callable[[], str | None] | None = None
+               prefix_cache: PrefixCache | None = None, file_problem: Callable[[], str | None] | None = None
                ) -> web.Application:
     """Build the application around one session. `render` (messages, tools, thinking) -> prompt and `make_generator`
-    (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `max_snapshots` session
-    copies are kept for prefix reuse (default 2; each holds the whole KV). `file_problem` () -> reason or None says
-    when the model can no longer serve from its file (loader.Model.file_problem): /health and requests then say 503."""
+    (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `prefix_cache` keeps
+    the stored session states (default: host memory only, PrefixCache's default budget). `file_problem` () -> reason
+    or None says when the model can no longer serve from its file (loader.Model.file_problem): /health and requests
+    then say 503."""
     metrics = ServerMetrics()
     worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
-    if max_snapshots is not None:
-        worker_kwargs["max_snapshots"] = max_snapshots
     worker = EngineWorker(session, make_generator or real_generator_factory(tokenizer), metrics=metrics,
-                          precheck=file_problem, **worker_kwargs)
+                          precheck=file_problem, cache=prefix_cache, **worker_kwargs)
     metrics.queue_depth = lambda: worker.queue_depth
     metrics.engine_busy = lambda: worker.busy
+    metrics.cache_stats = worker.cache.stats
     state = ServerState(settings=settings, tokenizer=tokenizer, worker=worker, metrics=metrics,
                         render=render or render_chat_prompt,
                         prep=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds4cupy-prep"),
@@ -661,6 +397,9 @@ def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRe
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/messages", anthropic_handlers.handle_messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_handlers.handle_count_tokens)
+    app.router.add_post("/v1/responses", responses_handlers.handle_responses)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/models/{name}", handle_model)
     app.router.add_get("/health", handle_health)
@@ -671,6 +410,7 @@ def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRe
 
     async def on_shutdown(app: web.Application) -> None:
         worker.stop()
+        worker.cache.close()               # queued disk writes finish
         state.prep.shutdown(wait=False, cancel_futures=True)
 
     app.on_startup.append(on_startup)

@@ -1,4 +1,4 @@
-"""Serve a model over an OpenAI-compatible HTTP API (chat, completions, models, health, metrics).
+"""Serve a model over HTTP: OpenAI chat / completions / Responses, Anthropic Messages, models, health, metrics.
 
 `ds4cupy serve -m model.gguf` listens on 127.0.0.1:8000. Without -m it serves the built-in demo model, whose weights
 are random: the server works end to end, the text it writes means nothing.
@@ -17,8 +17,12 @@ from .app import (DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_
                   new_event_loop)
 from .guards import DEFAULT_BODY_TIMEOUT_S
 from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
+from .kv_disk import DiskStore
+from .prefix_cache import PrefixCache
 
 DEFAULT_CTX = 32768
+DEFAULT_DISK_GB = 20.0
+GB = 1000 ** 3
 RANDOM_WEIGHTS_NOTE = ("*** NOTE: no -m given: serving the built-in DEMO model. Its weights are RANDOM: the API works, "
                        "the text it generates is meaningless. Pass -m MODEL.gguf for a real model. ***")
 
@@ -59,9 +63,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
                    help="seconds of silence before an SSE `: keepalive` comment while a request waits or prefills")
     p.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill call (default 512)")
-    p.add_argument("--max-snapshots", type=int, default=2,
-                   help="session copies kept for prompt-prefix reuse (each holds the KV; 0: reuse the live session "
-                        "only)")
+    p.add_argument("--kv-cache-dir", default=None, metavar="DIR",
+                   help="also keep stored session states on disk in DIR: written in the background, found again "
+                        "after a restart (files named by a hash of the model identity and the token prefix)")
+    p.add_argument("--kv-cache-gb", type=float, default=DEFAULT_DISK_GB, metavar="N",
+                   help=f"disk budget of --kv-cache-dir in GB, least recently used states deleted first "
+                        f"(default {DEFAULT_DISK_GB:g})")
+    p.add_argument("--kv-cache-ram-gb", type=float, default=None, metavar="N",
+                   help="host memory for stored session states in GB (default: a quarter of the available RAM, at "
+                        "most 64); on the GPU backend states first use up to half the GPU memory left free")
+    p.add_argument("--checkpoint-tokens", type=int, default=0, metavar="N",
+                   help="store the session every N prompt tokens, so an edit at token p re-prefills at most "
+                        "prompt - p + N (default 0: N from the measured prefill speed, about 1 s of prefill)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -70,6 +83,35 @@ def pick_ctx(requested: int | None, n_ctx_train: int) -> int:
     if ctx <= 1:
         raise SystemExit(f"--ctx must be at least 2, got {ctx}")
     return ctx
+
+
+def device_cache_bytes(backend: str) -> int:
+    """GPU memory for stored states: half of what the device has free once the weights and the session are placed,
+    after the memory plan's reserve (0 on the CPU backend)."""
+    if backend != "cuda":
+        return 0
+    from ..memory import detect
+    from ..memory.budget import DEFAULT_RESERVE_BYTES
+    return max(0, detect().device_free - DEFAULT_RESERVE_BYTES) // 2
+
+
+def build_prefix_cache(model, args: argparse.Namespace) -> PrefixCache:
+    """The prefix cache the flags ask for; says its budgets on stderr."""
+    if args.checkpoint_tokens < 0:
+        raise SystemExit(f"--checkpoint-tokens must be >= 0, got {args.checkpoint_tokens}")
+    if args.kv_cache_gb <= 0:
+        raise SystemExit(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb:g}")
+    disk = DiskStore(args.kv_cache_dir, model.state_identity) if args.kv_cache_dir else None
+    cache = PrefixCache(model.state_identity, device_bytes=device_cache_bytes(model.backend),
+                        host_bytes=None if args.kv_cache_ram_gb is None else int(args.kv_cache_ram_gb * GB),
+                        disk=disk, disk_bytes=int(args.kv_cache_gb * GB),
+                        checkpoint_tokens=args.checkpoint_tokens or None)
+    b = cache.budget
+    where = f", disk {b['disk'] / GB:.3g} GB in {args.kv_cache_dir}" if disk else ""
+    every = f"every {args.checkpoint_tokens} tokens" if args.checkpoint_tokens else "interval from prefill speed"
+    print(f"ds4cupy: prefix cache: GPU {b['device'] / GB:.3g} GB, host {b['host'] / GB:.3g} GB{where}; "
+          f"checkpoints {every}", file=sys.stderr, flush=True)
+    return cache
 
 
 async def serve_forever(app, host: str, port: int, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
@@ -139,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                               shutdown_grace_s=args.shutdown_grace)
     app = create_app(model.tokenizer, session, settings, prefill_chunk=args.prefill_chunk,
-                     max_snapshots=args.max_snapshots, file_problem=model.file_problem)
+                     prefix_cache=build_prefix_cache(model, args), file_problem=model.file_problem)
     if model.reads_file:
         print(f"ds4cupy: the {model.backend} backend reads weights from {path} while serving: do not change the "
               f"file (requests get 503 if it changes)", file=sys.stderr, flush=True)

@@ -1,8 +1,9 @@
 """Server counters and their Prometheus text exposition (GET /metrics).
 
 Requests by endpoint and status, prompt / cached / generated tokens, prefill and decode speed (totals plus the last
-request's rate), time to first token (sum and count, plus the last value), and the live queue: waiting jobs and
-whether the engine is busy. The worker thread and the event loop both write here, so every update holds a lock.
+request's rate), time to first token (sum and count, plus the last value), the live queue: waiting jobs and
+whether the engine is busy, and the prefix cache: hits by source and misses, bytes and entries per tier, evictions,
+disk traffic. The worker thread and the event loop both write here, so every update holds a lock.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class ServerMetrics:
         # set by the app: live gauges read at render time
         self.queue_depth: Callable[[], int] = lambda: 0
         self.engine_busy: Callable[[], bool] = lambda: False
+        self.cache_stats: Callable[[], dict] = dict          # PrefixCache.stats
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -114,4 +116,33 @@ class ServerMetrics:
         metric("engine_busy", "gauge", "1 while the engine serves a request.", [("", int(bool(self.engine_busy())))])
         metric("uptime_seconds", "gauge", "Seconds since the server started.",
                [("", float(time.time() - self.started_at))])
+        cache = self.cache_stats()
+        if cache:
+            self._render_cache(metric, cache)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _render_cache(metric, c: dict) -> None:
+        metric("kv_cache_lookups_total", "counter",
+               "Requests by where their prompt prefix came from: live session, stored state in memory, on disk, or "
+               "none (miss).",
+               [('{result="hit",source="live"}', c["hit_live"]), ('{result="hit",source="memory"}', c["hit_memory"]),
+                ('{result="hit",source="disk"}', c["hit_disk"]), ('{result="miss",source="none"}', c["miss"])])
+        metric("kv_cache_bytes", "gauge", "Bytes of stored session states per tier.",
+               [(f'{{tier="{t}"}}', c[f"bytes_{t}"]) for t in ("device", "host", "disk")])
+        metric("kv_cache_budget_bytes", "gauge", "Budget of each tier.",
+               [(f'{{tier="{t}"}}', c[f"budget_{t}"]) for t in ("device", "host", "disk")])
+        metric("kv_cache_entries", "gauge", "Stored states held in memory / on disk.",
+               [('{tier="memory"}', c["entries_memory"]), ('{tier="disk"}', c["entries_disk"])])
+        metric("kv_cache_evictions_total", "counter", "States dropped from memory / deleted from disk (LRU).",
+               [('{tier="memory"}', c["evicted_memory"]), ('{tier="disk"}', c["evicted_disk"])])
+        metric("kv_cache_checkpoint_tokens", "gauge", "Tokens between checkpoints inside a prompt.",
+               [("", c["checkpoint_tokens"])])
+        if "disk_written_bytes" in c:
+            metric("kv_cache_disk_written_bytes_total", "counter", "Bytes of state files written.",
+                   [("", c["disk_written_bytes"])])
+            metric("kv_cache_disk_read_bytes_total", "counter", "Bytes of state files read back.",
+                   [("", c["disk_read_bytes"])])
+            metric("kv_cache_disk_errors_total", "counter",
+                   "State files ignored (corrupt, foreign, orphaned) or failed to read / write.",
+                   [("", c["disk_errors"] + c["read_errors"])])

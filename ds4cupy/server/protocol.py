@@ -1,13 +1,13 @@
-"""The OpenAI wire protocol, kept apart from the engine.
+"""The OpenAI chat / completions wire protocol, kept apart from the engine.
 
 This module knows JSON bodies and nothing about sessions or threads:
 
 - request validation: `parse_chat_request` and `parse_completion_request` turn a decoded JSON body into a
   `ChatRequest` / `CompletionRequest` or raise `ProtocolError` (an OpenAI error object plus its HTTP status);
-- thinking-mode selection as ds4 does it (`select_thinking`);
-- response and chunk builders for chat and text completions, `usage` objects, the model list;
-- SSE framing (`sse_event`, `SSE_DONE`, `SSE_KEEPALIVE`).
+- response and chunk builders for chat and text completions, `usage` objects, the model list.
 
+What the other APIs share with this one (the error value, typed field readers, sampling fields, thinking-mode
+selection) is in validation.py, SSE framing in sse.py; both are re-exported here under their old names.
 Bad input stops here: nothing that fails validation ever reaches the worker. Every field a body may hold is in
 request_fields' table (honoured, no effect, or default only); anything else is refused. The generation controls
 (logprobs, penalties, structured output, ...) are parsed by controls.py.
@@ -21,97 +21,23 @@ from typing import Any, Mapping
 import orjson
 
 from .request_fields import field_problems
+from .sse import SSE_DONE, SSE_KEEPALIVE, json_bytes, sse_event  # noqa: F401  (re-exported)
+from .validation import (DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,  # noqa: F401
+                         NON_THINKING_ALIAS, REASONING_EFFORTS, THINK_MAX_MIN_CTX, THINKING_ALIAS, ProtocolError,
+                         SamplingFields, ThinkingChoice, error_body, invalid, select_thinking)
+from .validation import is_int as _is_int
+from .validation import optional_bool as _optional_bool
+from .validation import optional_int as _optional_int
+from .validation import optional_number as _optional_number
 
 DEFAULT_MODEL_NAME = "deepseek-v4-flash"
-# Model aliases understood as in ds4: "deepseek-chat" selects the non-thinking mode, "deepseek-reasoner" thinking.
-NON_THINKING_ALIAS = "deepseek-chat"
-THINKING_ALIAS = "deepseek-reasoner"
-# ds4 uses Think Max only when the context can hold its long reasoning (ds4-peer.md §5).
-THINK_MAX_MIN_CTX = 393216
 # /v1/completions wraps the prompt as one chat turn under this system prompt (ds4's behaviour).
 COMPLETIONS_SYSTEM_PROMPT = "You are a helpful assistant"
-# Sampling defaults (ds4 and the model card): temperature 1, top_p 1, min_p 0.05, no top_k.
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
-DEFAULT_TOP_K = 0
-DEFAULT_MIN_P = 0.05
 MAX_STOP_STRINGS = 16
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-# ---------------------------------------------------------------------------------------------------------- errors
-
-class ProtocolError(Exception):
-    """A request the server refuses, with the HTTP status and the fields of OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    """OpenAI's error schema: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def invalid(message: str, param: str | None = None, code: str | None = None) -> ProtocolError:
-    """A 400 invalid_request_error naming the offending parameter."""
-    return ProtocolError(400, message, param=param, code=code)
-
-
 # ---------------------------------------------------------------------------------------------- field validators
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _optional_number(body: Mapping, name: str, default: float, low: float, high: float,
-                     low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value):
-        raise invalid(f"'{name}' must be a number, got {type(value).__name__}", name, "invalid_type")
-    value = float(value)
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise invalid(f"'{name}' must be in {bracket}{low:g}, {high:g}], got {value:g}", name, "invalid_value")
-    return value
-
-
-def _optional_int(body: Mapping, name: str, low: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_int(value):
-        raise invalid(f"'{name}' must be an integer, got {type(value).__name__}", name, "invalid_type")
-    if low is not None and value < low:
-        raise invalid(f"'{name}' must be >= {low}, got {value}", name, "invalid_value")
-    return value
-
-
-def _optional_bool(body: Mapping, name: str) -> bool | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        raise invalid(f"'{name}' must be a boolean, got {type(value).__name__}", name, "invalid_type")
-    return value
-
 
 def _parse_stop(body: Mapping) -> list[str]:
     value = body.get("stop")
@@ -158,16 +84,6 @@ def _parse_n(body: Mapping) -> None:
 
 # ------------------------------------------------------------------------------------------------------ sampling
 
-@dataclass
-class SamplingFields:
-    """The sampling parameters of one request, already validated (mapped onto ds4cupy.text.sampling.SamplingParams)."""
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
-    min_p: float = DEFAULT_MIN_P
-    seed: int | None = None
-
-
 def _parse_sampling(body: Mapping) -> SamplingFields:
     top_k = _optional_int(body, "top_k", low=0)
     seed = _optional_int(body, "seed")
@@ -178,64 +94,6 @@ def _parse_sampling(body: Mapping) -> SamplingFields:
         min_p=_optional_number(body, "min_p", DEFAULT_MIN_P, 0.0, 1.0),
         seed=None if seed is None else seed % 2**64,     # OpenAI allows any integer; the sampler wants >= 0
     )
-
-
-# ------------------------------------------------------------------------------------------------------ thinking
-
-@dataclass
-class ThinkingChoice:
-    """Which chat encoding the request asks for: thinking on/off, and Think Max (a long-context mode)."""
-    enabled: bool
-    think_max: bool = False
-
-    @property
-    def thinking_mode(self) -> str:
-        return "thinking" if self.enabled else "chat"
-
-    @property
-    def reasoning_effort(self) -> str | None:
-        return "max" if (self.enabled and self.think_max) else None
-
-
-def select_thinking(body: Mapping, model_name: str | None, ctx: int, default: bool = True) -> ThinkingChoice:
-    """ds4's rules (ds4-peer.md §5): thinking defaults on; the model alias "deepseek-chat", `thinking: {type:
-    disabled}` (or `thinking: false`), `think: false` and `reasoning_effort: "none"` turn it off; explicit fields win
-    over the alias. `reasoning_effort: "max"` selects Think Max only when the server context is at least
-    THINK_MAX_MIN_CTX tokens, else plain thinking."""
-    enabled = default
-    if model_name == NON_THINKING_ALIAS:
-        enabled = False
-    elif model_name == THINKING_ALIAS:
-        enabled = True
-    think_max = False
-
-    effort = body.get("reasoning_effort")
-    if effort is not None:
-        if not isinstance(effort, str):
-            raise invalid("'reasoning_effort' must be a string", "reasoning_effort", "invalid_type")
-        if effort not in REASONING_EFFORTS:
-            raise invalid(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}; got {effort!r}",
-                          "reasoning_effort", "invalid_value")
-        enabled = effort != "none"
-        think_max = effort == "max" and ctx >= THINK_MAX_MIN_CTX
-
-    think = _optional_bool(body, "think")
-    if think is not None:
-        enabled = think
-
-    thinking = body.get("thinking")
-    if thinking is not None:
-        if isinstance(thinking, bool):
-            enabled = thinking
-        elif isinstance(thinking, Mapping):
-            kind = thinking.get("type")
-            if kind not in ("enabled", "disabled"):
-                raise invalid("'thinking.type' must be \"enabled\" or \"disabled\"", "thinking.type", "invalid_value")
-            enabled = kind == "enabled"
-        else:
-            raise invalid("'thinking' must be an object {\"type\": \"enabled\"|\"disabled\"} or a boolean",
-                          "thinking", "invalid_type")
-    return ThinkingChoice(enabled=enabled, think_max=enabled and think_max)
 
 
 # ------------------------------------------------------------------------------------------------------ messages
@@ -622,18 +480,3 @@ def model_list(names: list[str], created: int, ctx: int) -> dict:
 
 def now() -> int:
     return int(time.time())
-
-
-# ----------------------------------------------------------------------------------------------------------- SSE
-
-SSE_DONE = b"data: [DONE]\n\n"
-SSE_KEEPALIVE = b": keepalive\n\n"
-
-
-def sse_event(payload: Mapping) -> bytes:
-    """One SSE event: `data: <json>` and a blank line (orjson never emits raw newlines, so one data line suffices)."""
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def json_bytes(payload: Any) -> bytes:
-    return orjson.dumps(payload)

@@ -3,14 +3,14 @@
 The event loop never touches the session. A request handler builds a `GenerationJob` (prompt token ids, sampling,
 limits) and `EngineWorker.submit`s it; the worker thread takes jobs strictly in arrival order and, per job:
 
-1. reuses the live session's KV when possible (`plan_prefix_reuse`): the longest of the session's own token list
-   and the stored snapshots (taken at earlier prompts' checkpoints: where their last user turn starts, and all of
-   the prompt but its last token) that is a prefix of the new prompt; otherwise (and for a job whose controls say
-   cache_prompt=false) the session is reset. The session cannot be rewound to an arbitrary position, so these
-   snapshots are the reusable points;
+1. brings the session to the longest cached prefix of the prompt (`PrefixCache.prepare`): the live session when
+   its tokens are a prefix, else the stored state that shares the most tokens (several conversations are kept, in
+   memory and optionally on disk), else a reset (always for a job whose controls say cache_prompt=false);
 2. prefills the rest of the prompt in chunks, checking the job's cancel flag and reporting progress between chunks
-   (the handler turns progress and silence into SSE keepalive comments), snapshotting at the checkpoints;
-3. streams the Generator's deltas, checking the cancel flag after every token.
+   (the handler turns progress and silence into SSE keepalive comments), storing checkpoints on the way (every
+   `cache.interval` tokens, where the last user turn starts, all of the prompt but its last token);
+3. streams the Generator's deltas, checking the cancel flag after every token, and stores the state the request
+   ends with (prompt and generated tokens), which the conversation's next request usually continues.
 
 Events go back to the request's asyncio loop through `EventChannel` (loop.call_soon_threadsafe into an asyncio.Queue).
 A client that goes away sets `job.cancel`; a job cancelled while still queued is skipped without touching the session.
@@ -29,7 +29,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
+
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger("ds4cupy.server")
 
@@ -68,6 +70,7 @@ class JobFinished:
     prefill_s: float
     decode_s: float
     ttft_s: float | None
+    stop_string: str | None = None      # the stop string that ended the generation, if one did
 
 
 @dataclass
@@ -147,8 +150,8 @@ class SessionLike(Protocol):
     n_tokens: int
 
     def prefill(self, ids: list[int]) -> Any: ...
-    def snapshot(self) -> Any: ...
-    def restore(self, snap: Any) -> None: ...
+    def snapshot(self, since: int = 0) -> Any: ...          # a ds4cupy.engines.state.SessionState
+    def restore(self, state: Any) -> None: ...
     def reset(self) -> None: ...
 
 
@@ -174,74 +177,14 @@ def real_generator_factory(tokenizer) -> GeneratorFactory:
     return make
 
 
-# ------------------------------------------------------------------------------------------------------ prefix reuse
-
-def common_prefix_is(prefix: Iterable[int], ids: list[int]) -> bool:
-    """True when `prefix` (a token list) is a prefix of `ids`."""
-    prefix = list(prefix)
-    return len(prefix) <= len(ids) and ids[:len(prefix)] == prefix
-
-
-@dataclass
-class ReusePlan:
-    """How to bring the session to a prefix of the new prompt: 'live' (continue as is), 'snapshot' (restore
-    `snapshot_index` of the stored snapshots) or 'reset'; `cached` prompt tokens are then already in the KV."""
-    action: str
-    cached: int
-    snapshot_index: int | None = None
-
-
-def plan_prefix_reuse(live_tokens: list[int], snapshot_ids: list[list[int]], prompt_ids: list[int]) -> ReusePlan:
-    """Pick the longest reusable state: the live session or one of the stored snapshots (token lists). At least one
-    prompt token is always left to prefill so the prefill returns the logits of the last prompt position."""
-    best = ReusePlan("reset", 0)
-    if live_tokens and len(live_tokens) < len(prompt_ids) and common_prefix_is(live_tokens, prompt_ids):
-        best = ReusePlan("live", len(live_tokens))
-    for index, ids in enumerate(snapshot_ids):
-        if ids and best.cached < len(ids) < len(prompt_ids) and common_prefix_is(ids, prompt_ids):
-            best = ReusePlan("snapshot", len(ids), index)
-    return best
-
-
-class SnapshotStore:
-    """A few session snapshots keyed by the token ids they hold, least recently used evicted first. Each snapshot is
-    a full copy of the session state (KV included), so only `capacity` of them are kept."""
-
-    def __init__(self, capacity: int = 2):
-        self.capacity = max(0, int(capacity))
-        self._entries: list[tuple[list[int], Any]] = []
-
-    def ids(self) -> list[list[int]]:
-        return [ids for ids, _ in self._entries]
-
-    def take(self, index: int) -> Any:
-        """The snapshot at `index`, marked as most recently used."""
-        entry = self._entries.pop(index)
-        self._entries.append(entry)
-        return entry[1]
-
-    def has(self, ids: list[int]) -> bool:
-        return any(stored == ids for stored, _ in self._entries)
-
-    def add(self, ids: list[int], snap: Any) -> None:
-        if self.capacity == 0 or self.has(ids):
-            return
-        self._entries.append((list(ids), snap))
-        while len(self._entries) > self.capacity:
-            self._entries.pop(0)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
 # ----------------------------------------------------------------------------------------------------------- worker
 
 class EngineWorker:
     """The single engine session thread and its FIFO queue."""
 
     def __init__(self, session: SessionLike, make_generator: GeneratorFactory, *, metrics=None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_snapshots: int = 2, name: str = "ds4cupy-engine",
-                 precheck: Callable[[], str | None] | None = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache: PrefixCache | None = None,
+                 name: str = "ds4cupy-engine", precheck: Callable[[], str | None] | None = None):
         self.session = session
         self.precheck = precheck              # () -> why the engine cannot serve now (503), or None
         self.make_generator = make_generator
@@ -253,9 +196,9 @@ class EngineWorker:
         self._stopping = False
         self._refusal: tuple[str, str] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        # session states right after earlier prompts' checkpoints (their last user turn start, all but their last
-        # token), for requests that share those prefixes but not the live session's tokens
-        self.snapshots = SnapshotStore(max_snapshots)
+        # stored session states (checkpoints of earlier prompts and request ends), by token prefix
+        self.cache = cache if cache is not None else PrefixCache()
+        self._checkpoint_failed = False
         self.jobs_served = 0
 
     # --------------------------------------------------------------------------------------------- event-loop side
@@ -411,11 +354,22 @@ class EngineWorker:
             job.emit(JobCancelled(completion_tokens=completion_tokens))
 
     def _forget_session_state(self) -> None:
-        self.snapshots.clear()
+        """After an engine failure or a refusal: the session may hold anything, start it over (stored states are kept)."""
         try:
             self.session.reset()
         except Exception:
             log.exception("session reset failed")
+
+    def _checkpoint(self) -> None:
+        """Store the session's state in the cache. A failure (memory, a session without delta snapshots) costs the
+        reuse, never the request; it is logged once."""
+        try:
+            self.cache.checkpoint(self.session)
+        except Exception as exc:     # noqa: BLE001
+            if not self._checkpoint_failed:
+                log.warning("kv cache: cannot store the session state (%s: %s); serving without it", type(exc).__name__,
+                            exc)
+            self._checkpoint_failed = True
 
     def _prefill_chunked(self, job: GenerationJob, ids: list[int], done_before: int, total: int):
         """Prefill `ids` in chunks; returns (last logits, cancelled)."""
@@ -423,40 +377,33 @@ class EngineWorker:
         for start in range(0, len(ids), self.prefill_chunk):
             if self._should_stop(job):
                 return logits, True
-            logits = self.session.prefill(ids[start:start + self.prefill_chunk])
+            chunk = ids[start:start + self.prefill_chunk]
+            t0 = time.perf_counter()
+            logits = self.session.prefill(chunk)
+            self.cache.observe_prefill(len(chunk), time.perf_counter() - t0)
             job.emit(PrefillProgress(done_before + min(start + self.prefill_chunk, len(ids)), total))
         return logits, False
 
     def _serve(self, job: GenerationJob) -> None:
         started = time.perf_counter()
         prompt = list(job.prompt_ids)
-        if job.controls is not None and not job.controls.cache_prompt:
-            plan = ReusePlan("reset", 0)            # cache_prompt=false: prefill everything
-        else:
-            plan = plan_prefix_reuse(list(self.session.tokens), self.snapshots.ids(), prompt)
-        if plan.action == "snapshot":
-            self.session.restore(self.snapshots.take(plan.snapshot_index))
-        elif plan.action == "reset":
-            self.session.reset()
+        reuse = job.controls is None or job.controls.cache_prompt     # cache_prompt=false: prefill everything
+        plan = self.cache.prepare(self.session, prompt, reuse=reuse)
         cached = plan.cached
         job.emit(JobStarted(prompt_tokens=len(prompt), cached_tokens=cached, queue_wait_s=started - job.enqueued_at))
         log.info("request %s started after %.3f s in queue: %d prompt tokens, %d reused (%s)", job.request_id,
-                 started - job.enqueued_at, len(prompt), cached, plan.action)
+                 started - job.enqueued_at, len(prompt), cached, plan.source)
 
-        # prefill from checkpoint to checkpoint, snapshotting at each (the last one: all but the last prompt token),
-        # then the rest, which gives the logits for the first generated token
-        stable = len(prompt) - 1
-        points = sorted({p for p in job.checkpoints if cached <= p < stable} | ({stable} if stable > 0 else set()))
+        # prefill from checkpoint to checkpoint, storing the state at each (the last one: all but the last prompt
+        # token), then the rest, which gives the logits for the first generated token
         to_prefill = len(prompt) - cached
         position, logits, cancelled = cached, None, False
-        for point in points:
-            if point > position:
-                logits, cancelled = self._prefill_chunked(job, prompt[position:point], position - cached, to_prefill)
-                if cancelled:
-                    break
-                position = point
-            if point > 0 and not self.snapshots.has(prompt[:point]):
-                self.snapshots.add(prompt[:point], self.session.snapshot())
+        for point in self.cache.checkpoint_positions(cached, len(prompt), job.checkpoints):
+            logits, cancelled = self._prefill_chunked(job, prompt[position:point], position - cached, to_prefill)
+            if cancelled:
+                break
+            position = point
+            self._checkpoint()
         if not cancelled:
             logits, cancelled = self._prefill_chunked(job, prompt[position:], position - cached, to_prefill)
         prefill_s = time.perf_counter() - started
@@ -503,4 +450,5 @@ class EngineWorker:
                  decode_s)
         job.emit(JobFinished(finish_reason=finish_reason, prompt_tokens=len(prompt),
                              completion_tokens=completion_tokens, cached_tokens=cached, prefill_s=prefill_s,
-                             decode_s=decode_s, ttft_s=ttft))
+                             decode_s=decode_s, ttft_s=ttft, stop_string=getattr(generator, "stop_string", None)))
+        self._checkpoint()                  # the request's end: its conversation's next turn continues here

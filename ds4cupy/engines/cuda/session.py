@@ -30,6 +30,7 @@ from ...format.config import ModelConfig
 from ...format.model_file import ModelFile
 from ..contract import check_token_ids
 from ..numerics import rope_freqs
+from ..state import SessionState, chain_of, chain_rows, chain_tokens
 from . import ops
 from . import quant_ops as qo
 
@@ -181,6 +182,7 @@ class CudaSession:
             self.d_ids = cp.zeros(self.S_max, cp.int32)
             self._alloc_scratch()
         self.tokens: list[int] = []
+        self.prefilled_tokens = 0          # tokens consumed by prefill() since the session was made (not decode)
         self._graph = None
         self._graph_stream = None
         self._eager_decodes = 0
@@ -235,16 +237,57 @@ class CudaSession:
         self.d_pos.fill(0)
         self.tokens = []
 
-    def snapshot(self):
-        return ({key: a.copy() for key, a in self.kv.items()}, list(self.tokens))
+    # ---- state (ds4cupy.engines.state): only the rows that hold state are copied ------------------------------------
+    def _state_rows(self, il: int, name: str) -> int:
+        """Tokens per row of append-only buffer `name` of layer il (compressed rows: the layer's ratio; indexer: 4)."""
+        return self.model.config.ratio(il) if name == "comp" else 4
 
-    def restore(self, snap) -> None:
+    def snapshot(self, since: int = 0):
+        """The state tokens [since, n_tokens) added (since=0: all of it), as GPU copies: compressed and indexer rows
+        [since // r, n // r) (append-only), the window ring rows [0, min(n, window)) (attention reads no other ring
+        row) and the compressor rings whole. Nothing proportional to ctx is copied."""
         import cupy as cp
-        kv, tokens = snap
-        for key, a in kv.items():
-            cp.copyto(self.kv[key], a)
-        self.tokens = list(tokens)
-        self.d_pos[...] = len(self.tokens)
+        n, window = self.n_tokens, self.model.config.sliding_window
+        if not 0 <= since <= n:
+            raise ValueError(f"snapshot since={since}: the session holds {n} tokens")
+        rows, fixed = {}, {}
+        with cp.cuda.Device(self.model.device):
+            for (il, name), a in self.kv.items():
+                if name in ("comp", "index"):
+                    r = self._state_rows(il, name)
+                    rows[f"{il}.{name}"] = (since // r, a[since // r: n // r].copy())
+                else:
+                    fixed[f"{il}.{name}"] = (a[: min(n, window)] if name == "raw" else a).copy()
+        return SessionState(since, self.tokens[since:], rows, fixed)
+
+    def restore(self, state) -> None:
+        """Become the session that consumed the chain's tokens: a SessionState from snapshot() or a list [complete,
+        delta, ...] (ds4cupy.engines.state.chain_of); host (NumPy) pieces are uploaded. Checked before anything is
+        written."""
+        import cupy as cp
+        chain = chain_of(state)
+        tokens = chain_tokens(chain)
+        n, last = len(tokens), chain[-1].fixed
+        if n > self.ctx:
+            raise ValueError(f"the state holds {n} tokens, the session context is {self.ctx}")
+        writes = []
+        for (il, name), buf in self.kv.items():
+            key = f"{il}.{name}"
+            if name in ("comp", "index"):
+                writes += [(buf, start, a) for start, a in chain_rows(chain, key, n // self._state_rows(il, name))]
+            elif key not in last:
+                raise ValueError(f"the state has no {key!r} (not a state of this model on this backend)")
+            else:
+                writes.append((buf, 0, last[key]))
+        for buf, start, a in writes:
+            if start + a.shape[0] > buf.shape[0] or tuple(a.shape[1:]) != tuple(buf.shape[1:]):
+                raise ValueError(f"state piece of shape {tuple(a.shape)} at row {start} does not fit a buffer of "
+                                 f"shape {tuple(buf.shape)}")
+        with cp.cuda.Device(self.model.device):
+            for buf, start, a in writes:
+                buf[start: start + a.shape[0]] = cp.asarray(a)
+            self.d_pos[...] = n
+        self.tokens = tokens
 
     def fill_random_state(self, n_tokens: int, seed: int = 0) -> None:
         """Benchmarks only: put the session at depth n_tokens without prefilling. Every KV buffer (window ring,
@@ -264,6 +307,7 @@ class CudaSession:
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         import cupy as cp
         ids = check_token_ids(ids, self.model.config.n_vocab, self.n_tokens, self.ctx)
+        self.prefilled_tokens += int(ids.size)
         out = []
         with cp.cuda.Device(self.model.device):
             for s in range(0, ids.size, self.S_max):
@@ -280,7 +324,9 @@ class CudaSession:
         import cupy as cp
         if not self.model.decode_graph or self._eager_decodes < 1:
             self._eager_decodes += 1          # the first step runs eagerly: kernels get compiled and loaded
-            return self.prefill([token_id])
+            logits = self.prefill([token_id])
+            self.prefilled_tokens -= 1        # a decode step: not counted as prefilled
+            return logits
         ids = check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx)
         with cp.cuda.Device(self.model.device):
             if self._graph is None:
