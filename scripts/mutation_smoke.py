@@ -14,7 +14,8 @@ must pass (otherwise the score would mean nothing).
     python scripts/mutation_smoke.py --check            # every mutation still applies (its line occurs once)
 
 Prints one line per mutation and the score (killed / total); --json-out writes the details. The whole run takes
-about 15-25 minutes on two CPU cores (the reference mutations run the transformers parity tests).
+about an hour on two CPU cores shared with other work (the reference mutations run the transformers parity
+tests).
 """
 from __future__ import annotations
 
@@ -38,9 +39,11 @@ PROTOCOL = "ds4cupy/server/protocol.py"
 MODEL_FILE = "ds4cupy/format/model_file.py"
 
 # The tests that guard each module, fastest first (pytest -x stops at the first failure). Files missing from the
-# tree under test are left out, so the same list serves older trees.
+# tree under test are left out, so the same list serves older trees. The real-vocabulary parity run is left out: it
+# takes longer than all the rest and covers the same code paths as the small-vocabulary one.
 ENGINE_TESTS = ["tests/test_numerics.py", "tests/test_reference_paths.py", "tests/test_reference.py",
                 "tests/test_transformers_parity.py"]
+DESELECT = ["tests/test_transformers_parity.py::test_reference_matches_transformers[real-vocab]"]
 TESTS = {
     REFERENCE: ENGINE_TESTS,
     NUMERICS: ENGINE_TESTS,
@@ -183,7 +186,8 @@ MUTANTS = [
     M("F04", MODEL_FILE, "if t.shape[-1] % block:", "if t.shape[-1] < block:", "partial blocks accepted"),
     M("F05", MODEL_FILE, "if gate.qtype != up.qtype:", "if gate.qtype != up.qtype and up.qtype != T.Q4_K:",
       "a Q4_K up tensor accepted next to any gate type"),
-    M("F06", MODEL_FILE, "if key.startswith(\"GGUF.\"):", "if key.startswith(\"GGUF\"):", "metadata keys dropped"),
+    M("F06", MODEL_FILE, "        for il in range(cfg.n_layer):\n            gate, up",
+      "        for il in range(cfg.n_layer - 1):\n            gate, up", "the last layer's experts not checked"),
 ]
 
 
@@ -206,11 +210,12 @@ def copy_tree(root: Path, dest: Path) -> Path:
 
 def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
     """('pass' | 'fail' | 'timeout' | 'error', seconds, the first failing test and pytest's summary line)."""
-    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    deselect = [arg for d in DESELECT for arg in ("--deselect", d)]
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
-                           env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *deselect, *tests],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - t0, f"no result after {timeout:.0f} s"
     lines = [ln for ln in p.stdout.strip().splitlines() if ln.strip()]

@@ -90,6 +90,11 @@ def test_truncated_file(tmp_path):
         ModelFile(cut)
     msg = str(e.value)
     assert "truncated" in msg and "output.weight" in msg, msg        # the last tensor is the one cut short
+    one_short = tmp_path / "one_short.gguf"                            # a single missing byte is enough
+    one_short.write_bytes(data[:-1])
+    with pytest.raises(ModelFileError, match=f"'output.weight': data runs to byte {len(data)} but the file has "
+                                             f"{len(data) - 1} bytes"):
+        ModelFile(one_short)
     head = tmp_path / "head.gguf"
     head.write_bytes(data[:300])
     with pytest.raises(ModelFileError, match="truncated|corrupt"):

@@ -68,6 +68,26 @@ def test_e2m1_round_is_nearest_grid_point_ties_to_even_code(rng):
         assert r == math.copysign(grid[code], v) or (grid[code] == 0 and r == 0), (v, r)
 
 
+def test_fp4_sim_blocks_use_power_of_two_scales_rounded_up(rng):
+    """Blocks of 32: s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6)), each value the e2m1 grid point nearest to x / s
+    (ties to the even code) times s; the grid rounding here by brute force."""
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    x = (rng.standard_normal((6, 64)) * rng.uniform(0.01, 30, (6, 1))).astype(np.float32)
+    x[2, :32] *= np.float32(40 / np.abs(x[2, :32]).max())
+    x[2, 7] = -48.0                                                    # amax exactly 6 * 2^3: the scale is 2^3
+    y = nm.fp4_sim(x, 32)
+    for r in range(6):
+        for b in range(2):
+            blk = x[r, 32 * b: 32 * (b + 1)].astype(np.float64)
+            s = 2.0 ** math.ceil(math.log2(max(np.abs(blk).max(), 6 * 2.0 ** -126) / 6))
+            for v, got in zip(blk / s, y[r, 32 * b: 32 * (b + 1)]):
+                d = np.abs(abs(v) - grid)
+                best = np.flatnonzero(d == d.min())
+                code = best[0] if len(best) == 1 else best[best % 2 == 0][0]
+                assert got == np.float32(math.copysign(grid[code], v) * s), (r, b, v * s, got)
+    assert np.array_equal(nm.fp4_sim(y, 32), y)                       # already on the grid: unchanged
+
+
 def test_hadamard_is_the_orthonormal_sylvester_matrix(rng):
     n = 128
     h = np.array([[1.0]])

@@ -166,6 +166,9 @@ def test_tools_and_tool_choice():
     ({"think": False}, False, False),
     ({"reasoning_effort": "none"}, False, False),
     ({"reasoning_effort": "high"}, True, False),
+    ({"reasoning_effort": "minimal"}, True, False),                  # only "none" turns thinking off
+    ({"reasoning_effort": "low"}, True, False),
+    ({"reasoning_effort": "xhigh"}, True, False),
     ({"reasoning_effort": "max"}, True, False),                      # ctx 4096 < 393216: plain thinking
     ({"model": "deepseek-chat", "thinking": {"type": "enabled"}}, True, False),
     ({"model": "deepseek-chat", "reasoning_effort": "low"}, True, False),
