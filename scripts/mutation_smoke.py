@@ -60,6 +60,14 @@ class Mutant:
     old: str        # must occur exactly once in the file
     new: str
     what: str
+    alt: tuple[str, str] | None = None     # (old, new) for a file that has been rewritten since: the same bug there
+
+    def edit(self, text: str) -> tuple[str, str] | None:
+        """The (old, new) pair that applies to `text` (its old part occurs exactly once), or None."""
+        for old, new in ((self.old, self.new), self.alt or (None, None)):
+            if old is not None and text.count(old) == 1:
+                return old, new
+        return None
 
 
 M = Mutant
@@ -140,15 +148,16 @@ MUTANTS = [
       "if index == 0 and reasoning_effort == \"max\":", "Think-Max preamble in chat mode too"),
     M("C07", CHAT, "return json.dumps(value, ensure_ascii=False)", "return json.dumps(value)",
       "tool JSON escapes non-ASCII"),
-    M("C08", CHAT, "(THINK_START if thinking_mode == \"thinking\" else THINK_END) + TASK_TOKENS[task]",
-      "(THINK_END if thinking_mode == \"thinking\" else THINK_START) + TASK_TOKENS[task]", "action task marker swapped"),
-    M("C09", CHAT, "f'<{DSML}parameter name=\"{key}\" string=\"{\"true\" if is_str else \"false\"}\">'",
-      "f'<{DSML}parameter name=\"{key}\" string=\"{\"false\" if is_str else \"true\"}\">'", "DSML string flag swapped"),
+    M("C08", CHAT, "(THINK_START if thinking_mode == \"thinking\" else THINK_END)",
+      "(THINK_END if thinking_mode == \"thinking\" else THINK_START)", "action task marker swapped"),
+    M("C09", CHAT, "{\"true\" if is_str else \"false\"}", "{\"false\" if is_str else \"true\"}",
+      "DSML string flag swapped"),
     M("C10", CHAT, "if not msg.get(\"wo_eos\", False):", "if msg.get(\"wo_eos\", False):", "assistant turn without EOS"),
-    M("C11", CHAT, "prompt = BOS_TOKEN if add_default_bos_token and not context_msgs else \"\"",
-      "prompt = BOS_TOKEN if add_default_bos_token else \"\"", "BOS written after a context"),
+    M("C11", CHAT, "if add_default_bos_token and not context_msgs else", "if add_default_bos_token else",
+      "BOS written after a context"),
     M("C12", CHAT, "    return \"\\n\\n\".join(parts)\n\n\ndef _render_message",
-      "    return \"\\n\".join(parts)\n\n\ndef _render_message", "user-turn parts joined by one newline"),
+      "    return \"\\n\".join(parts)\n\n\ndef _render_message", "user-turn parts joined by one newline",
+      alt=("        if k:\n            parts.append(_t(\"\\n\\n\"))", "        if k:\n            parts.append(_t(\"\\n\"))")),
     # ---- protocol.py -----------------------------------------------------------------------------------------------
     M("P01", PROTOCOL, "for name in (\"max_tokens\", \"max_completion_tokens\"):",
       "for name in (\"max_completion_tokens\", \"max_tokens\"):", "max_tokens wins over max_completion_tokens"),
@@ -231,10 +240,8 @@ def apply(work: Path, m: Mutant) -> str:
     """The file's original text; the mutated text is written in its place."""
     path = work / m.path
     text = path.read_text(encoding="utf-8")
-    n = text.count(m.old)
-    if n != 1:
-        raise SystemExit(f"{m.id}: the line to mutate occurs {n} times in {m.path} (expected once): {m.old!r}")
-    path.write_text(text.replace(m.old, m.new), encoding="utf-8")
+    old, new = m.edit(text)
+    path.write_text(text.replace(old, new), encoding="utf-8")
     return text
 
 
@@ -254,9 +261,8 @@ def main(argv=None) -> int:
             print(f"{m.id}  {m.path:32s} {m.what}")
         return 0
     for m in chosen:
-        text = (root / m.path).read_text(encoding="utf-8")
-        if text.count(m.old) != 1:
-            print(f"{m.id}: the line to mutate occurs {text.count(m.old)} times in {m.path}", file=sys.stderr)
+        if m.edit((root / m.path).read_text(encoding="utf-8")) is None:
+            print(f"{m.id}: the line to mutate does not occur exactly once in {m.path}: {m.old!r}", file=sys.stderr)
             return 2
     if args.check:
         print(f"all {len(chosen)} mutations apply to {root}")

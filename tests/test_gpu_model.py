@@ -155,7 +155,7 @@ def test_decode_graph_replay_equals_eager(tiny_file, rng):
     np.testing.assert_array_equal(graph.decode(int(steps[0])), eager.decode(int(steps[0])))
 
 
-def test_decode_graph_captured_shallow_serves_deep(tiny_file):
+def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng):
     """No launch parameter of the decode graph depends on the position at capture (issue 18): a graph captured at
     depth ~12 and replayed past depth 4,096 gives the eager step's logits bit for bit, and both match the reference
     there (QAT off: 1e-3 of the largest logit and the same greedy token, as in test_gpu_matches_reference). At that
@@ -166,7 +166,6 @@ def test_decode_graph_captured_shallow_serves_deep(tiny_file):
     from ds4cupy.format.model_file import ModelFile
 
     mf = ModelFile(tiny_file)
-    rng = np.random.default_rng()
     ids = [int(t) for t in rng.integers(0, mf.config.n_vocab, 4310)]
     ctx = 4608
     sessions = {"graph": CudaModel.from_file(mf, qat=False, memory="device", decode_graph=True).new_session(ctx),
