@@ -36,6 +36,7 @@ REFERENCE = "ds4cupy/engines/reference.py"
 NUMERICS = "ds4cupy/engines/numerics.py"
 CHAT = "ds4cupy/text/chat.py"
 PROTOCOL = "ds4cupy/server/protocol.py"
+VALIDATION = "ds4cupy/server/validation.py"     # protocol.py's shared field readers, moved out of it
 MODEL_FILE = "ds4cupy/format/model_file.py"
 
 # The tests that guard each module, fastest first (pytest -x stops at the first failure). Files missing from the
@@ -49,6 +50,7 @@ TESTS = {
     NUMERICS: ENGINE_TESTS,
     CHAT: ["tests/test_chat.py"],
     PROTOCOL: ["tests/test_server_protocol.py", "tests/test_server_fake_engine.py", "tests/test_server_api.py"],
+    VALIDATION: ["tests/test_server_protocol.py", "tests/test_server_fake_engine.py", "tests/test_server_api.py"],
     MODEL_FILE: ["tests/test_model_file.py", "tests/test_make_model.py"],
 }
 
@@ -60,13 +62,16 @@ class Mutant:
     old: str        # must occur exactly once in the file
     new: str
     what: str
-    alt: tuple[str, str] | None = None     # (old, new) for a file that has been rewritten since: the same bug there
+    # the same bug where the code has been rewritten or moved since: (old, new) in the same file, or (path, old, new)
+    alt: tuple | None = None
 
-    def edit(self, text: str) -> tuple[str, str] | None:
-        """The (old, new) pair that applies to `text` (its old part occurs exactly once), or None."""
-        for old, new in ((self.old, self.new), self.alt or (None, None)):
-            if old is not None and text.count(old) == 1:
-                return old, new
+    def edit(self, root: Path) -> tuple[str, str, str] | None:
+        """(path, old, new) of the edit that applies under `root` (its old text occurs exactly once), or None."""
+        alt = self.alt if self.alt is None or len(self.alt) == 3 else (self.path, *self.alt)
+        for path, old, new in ((self.path, self.old, self.new), alt or (None, None, None)):
+            if path is not None and (root / path).is_file() \
+                    and (root / path).read_text(encoding="utf-8").count(old) == 1:
+                return path, old, new
         return None
 
 
@@ -168,14 +173,20 @@ MUTANTS = [
     M("P04", PROTOCOL, "seed=None if seed is None else seed % 2**64", "seed=None if seed is None else abs(seed)",
       "negative seeds folded by abs"),
     M("P05", PROTOCOL, "think_max = effort == \"max\" and ctx >= THINK_MAX_MIN_CTX",
-      "think_max = effort == \"max\" and ctx > THINK_MAX_MIN_CTX", "Think Max needs one token more context"),
+      "think_max = effort == \"max\" and ctx > THINK_MAX_MIN_CTX", "Think Max needs one token more context",
+      alt=(VALIDATION, "think_max = effort == \"max\" and ctx >= THINK_MAX_MIN_CTX",
+           "think_max = effort == \"max\" and ctx > THINK_MAX_MIN_CTX")),
     M("P06", PROTOCOL, "thinking=select_thinking(body, model, ctx, default=model == THINKING_ALIAS)",
       "thinking=select_thinking(body, model, ctx)", "completions think by default"),
     M("P07", PROTOCOL, "if len(value) > MAX_STOP_STRINGS:", "if len(value) >= MAX_STOP_STRINGS:",
       "the 16th stop string refused"),
     M("P08", PROTOCOL, "{\"index\": 0, \"text\": text, \"logprobs\": None, \"finish_reason\": finish_reason}, include_usage)",
       "{\"index\": 0, \"text\": text, \"logprobs\": None, \"finish_reason\": None}, include_usage)",
-      "streamed completions never carry finish_reason"),
+      "streamed completions never carry finish_reason",
+      alt=("{\"index\": 0, \"text\": text, \"logprobs\": None, \"finish_reason\": finish_reason, **(extras or {})},\n"
+           "                  include_usage)",
+           "{\"index\": 0, \"text\": text, \"logprobs\": None, \"finish_reason\": None, **(extras or {})},\n"
+           "                  include_usage)")),
     M("P09", PROTOCOL, "\"total_tokens\": prompt_tokens + completion_tokens,", "\"total_tokens\": completion_tokens,",
       "usage total wrong"),
     M("P10", PROTOCOL, "message: dict[str, Any] = {\"role\": \"assistant\", \"content\": content if (content or not tool_calls) else None}",
@@ -183,9 +194,11 @@ MUTANTS = [
     M("P11", PROTOCOL, "        return \"\".join(texts)\n    raise invalid", "        return \" \".join(texts)\n    raise invalid",
       "content parts joined by spaces"),
     M("P12", PROTOCOL, "return isinstance(value, int) and not isinstance(value, bool)", "return isinstance(value, int)",
-      "booleans accepted as integers"),
+      "booleans accepted as integers", alt=(VALIDATION, "return isinstance(value, int) and not isinstance(value, bool)",
+                                             "return isinstance(value, int)")),
     M("P13", PROTOCOL, "        enabled = effort != \"none\"", "        enabled = effort not in (\"none\", \"minimal\")",
-      "reasoning_effort minimal turns thinking off"),
+      "reasoning_effort minimal turns thinking off",
+      alt=(VALIDATION, "        enabled = effort != \"none\"", "        enabled = effort not in (\"none\", \"minimal\")")),
     # ---- model_file.py ---------------------------------------------------------------------------------------------
     M("F01", MODEL_FILE, "int(ids.max()) >= cfg.n_expert", "int(ids.max()) > cfg.n_expert", "tid2eid id == n_expert accepted"),
     M("F02", MODEL_FILE, "if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= cfg.n_expert):",
@@ -236,13 +249,12 @@ def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[str, float,
     return status, time.perf_counter() - t0, last
 
 
-def apply(work: Path, m: Mutant) -> str:
-    """The file's original text; the mutated text is written in its place."""
-    path = work / m.path
-    text = path.read_text(encoding="utf-8")
-    old, new = m.edit(text)
-    path.write_text(text.replace(old, new), encoding="utf-8")
-    return text
+def apply(work: Path, m: Mutant) -> tuple[str, str]:
+    """(the mutated file's path, its original text); the mutated text is written in its place."""
+    path, old, new = m.edit(work)
+    text = (work / path).read_text(encoding="utf-8")
+    (work / path).write_text(text.replace(old, new), encoding="utf-8")
+    return path, text
 
 
 def main(argv=None) -> int:
@@ -261,7 +273,7 @@ def main(argv=None) -> int:
             print(f"{m.id}  {m.path:32s} {m.what}")
         return 0
     for m in chosen:
-        if m.edit((root / m.path).read_text(encoding="utf-8")) is None:
+        if m.edit(root) is None:
             print(f"{m.id}: the line to mutate does not occur exactly once in {m.path}: {m.old!r}", file=sys.stderr)
             return 2
     if args.check:
@@ -272,21 +284,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ds4cupy-mutants-") as tmp:
         work = copy_tree(root, Path(tmp))
         tests_of = {p: [t for t in ts if (work / t).is_file()] for p, ts in TESTS.items()}
-        for path in sorted({m.path for m in chosen}):
+        for path in sorted({m.edit(work)[0] for m in chosen}):
             status, secs, last = run_tests(work, tests_of[path], args.timeout)
             print(f"baseline {path}: {status} in {secs:.0f} s ({last})", flush=True)
             if status != "pass":
                 print("the unmutated tests must pass first", file=sys.stderr)
                 return 2
         for m in chosen:
-            original = apply(work, m)
+            path, original = apply(work, m)
             try:
-                status, secs, last = run_tests(work, tests_of[m.path], args.timeout)
+                status, secs, last = run_tests(work, tests_of[path], args.timeout)
             finally:
-                (work / m.path).write_text(original, encoding="utf-8")
+                (work / path).write_text(original, encoding="utf-8")
             verdict = {"pass": "SURVIVED", "fail": "KILLED", "timeout": "KILLED"}.get(status, "ERROR")
-            results.append({"id": m.id, "path": m.path, "what": m.what, "verdict": verdict, "seconds": round(secs, 1),
-                            "tests": tests_of[m.path], "last_line": last})
+            results.append({"id": m.id, "path": path, "what": m.what, "verdict": verdict, "seconds": round(secs, 1),
+                            "tests": tests_of[path], "last_line": last})
             print(f"{m.id} {verdict:8s} {secs:6.1f} s  {m.what}  [{last}]", flush=True)
     killed = sum(r["verdict"] == "KILLED" for r in results)
     errors = sum(r["verdict"] == "ERROR" for r in results)
