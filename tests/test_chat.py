@@ -157,6 +157,24 @@ def test_latest_reminder_and_developer():
     assert encode_messages(msgs, "chat") == f"{BOS_TOKEN}S<｜latest_reminder｜>R<｜User｜>D<｜Assistant｜></think>"
 
 
+@needs_vectors
+def test_thinking_mode_with_a_developer_message_as_the_last_turn():
+    """A developer message is a user turn: as the last turn in thinking mode it is kept, opens the reply with
+    `<think>`, and makes earlier reasoning "before the last user turn" (dropped). Official case 3 cut after its
+    developer turn must render as the official prompt up to that turn's `<｜Assistant｜><think>`."""
+    case = _case("case3_interleaved_thinking_search_developer.json")
+    msgs = case["messages"][:3]
+    assert [m["role"] for m in msgs] == ["system", "latest_reminder", "developer"]
+    opener = "<｜Assistant｜><think>"
+    want = case["expected_prompt"][: case["expected_prompt"].index(opener) + len(opener)]
+    assert encode_messages(msgs, **case["encode_messages_call"]) == want
+    assert msgs[2]["content"] in want
+    history = [{"role": "user", "content": "A"}, {"role": "assistant", "reasoning_content": "r1", "content": "a1"},
+               {"role": "developer", "content": "D"}]
+    assert encode_messages(history, "thinking") == (f"{BOS_TOKEN}<｜User｜>A<｜Assistant｜></think>a1{EOS_TOKEN}"
+                                                    f"<｜User｜>D<｜Assistant｜><think>")
+
+
 def test_context_renders_only_the_new_messages():
     prefix = [{"role": "system", "content": "S"}, {"role": "user", "content": "A"},
               {"role": "assistant", "content": "a"}]

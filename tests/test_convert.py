@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-if not hasattr(transformers, "DeepseekV4ForCausalLM"):
-    pytest.skip("transformers without DeepseekV4 (needs >= 5.8.1)", allow_module_level=True)
+import torch  # test extra: a missing torch or transformers is an error, not a skip
+import transformers
+from transformers import DeepseekV4ForCausalLM  # noqa: F401  (transformers >= 5.8.1, as the test extra pins)
 
-from ds4cupy import cli  # noqa: E402
-from ds4cupy.tools.convert import ConvertError, convert, hf_config_to_model_config  # noqa: E402
-from ds4cupy.format.layout import model_specs  # noqa: E402
+from ds4cupy import cli
+from ds4cupy.tools.convert import ConvertError, convert, hf_config_to_model_config
+from ds4cupy.format.layout import model_specs
 
 VOCAB = 896  # larger than the demo tokenizer (832 ids): the token list gets padded
 
@@ -103,10 +102,9 @@ def values(t) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, module_seed):
     d = tmp_path_factory.mktemp("hf")
-    seed = int(np.random.default_rng().integers(0, 2**31))
-    m = random_model(seed)
+    m = random_model(module_seed)
     m.save_pretrained(d / "model")
     return m, d / "model", expected_tensors(m)
 

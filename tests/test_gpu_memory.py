@@ -135,7 +135,7 @@ def test_detect_and_plan_this_machine():
 
 
 @pytest.mark.parametrize("experts", ["q2", "q4"])
-def test_device_and_managed_placement_give_identical_logits(tmp_path, experts):
+def test_device_and_managed_placement_give_identical_logits(tmp_path, experts, rng):
     """Issue 5: both weight placements feed the same engine bytes, so prefill and decode logits are bit-identical."""
     from ds4cupy.engines.cuda.session import CudaModel
     from ds4cupy.tools.make_model import tokenizer_fields, write_random_model
@@ -143,7 +143,7 @@ def test_device_and_managed_placement_give_identical_logits(tmp_path, experts):
 
     n_vocab, _ = tokenizer_fields(None)
     path = write_random_model(tmp_path / f"tiny-{experts}.gguf", ModelConfig.tiny(n_vocab), experts=experts, seed=21)
-    ids = np.random.default_rng().integers(0, n_vocab, 300)
+    ids = rng.integers(0, n_vocab, 300)
     logits = {}
     for mode in ("device", "managed"):
         model = CudaModel.from_file(ModelFile(path), memory=mode)
@@ -159,7 +159,7 @@ def test_device_and_managed_placement_give_identical_logits(tmp_path, experts):
 
 @pytest.mark.skipif(not os.environ.get("DS4CUPY_SLOW_TESTS"), reason="writes a ~17 GB flash-shape file; set "
                     "DS4CUPY_SLOW_TESTS=1")
-def test_flash_shape_file_both_placements(tmp_path):
+def test_flash_shape_file_both_placements(tmp_path, rng):
     """Issue 5: a flash-shape file (`make-model --preset flash --layers 8`, q2 experts) placed in device memory and in
     managed memory gives bit-identical logits; prints the load time of each mode."""
     import time
@@ -172,7 +172,7 @@ def test_flash_shape_file_both_placements(tmp_path):
     t0 = time.perf_counter()
     path = write_random_model(tmp_path / "flash8.gguf", preset_config("flash", n_vocab, 8), experts="q2", seed=5)
     print(f"\nwrote {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
-    ids = np.random.default_rng().integers(0, 129280, 200)
+    ids = rng.integers(0, 129280, 200)
     logits = {}
     for mode in ("device", "managed"):
         os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)

@@ -60,7 +60,7 @@ def _same_greedy(gpu, ref, rel, strict):
 
 
 @pytest.mark.parametrize("qat", [True, False])
-def test_tiny_model_matches_reference(tiny_file, qat):
+def test_tiny_model_matches_reference(tiny_file, qat, rng):
     from ds4cupy.engines.cuda.session import CudaModel
     from ds4cupy.format.model_file import ModelFile
     from ds4cupy.engines.reference import ReferenceModel
@@ -70,7 +70,6 @@ def test_tiny_model_matches_reference(tiny_file, qat):
         mf.config.indexer_top_k = (PROMPT + STEPS) // 4 + 1      # see the module docstring
     ref = ReferenceModel(mf, qat=qat).new_session(4096)
     gpu = CudaModel.from_file(mf, qat=qat, memory="device", chunk=256).new_session(4096)
-    rng = np.random.default_rng()
     ids = rng.integers(0, mf.config.n_vocab, PROMPT)
     rels = []
     lr = ref.prefill(ids)
@@ -92,14 +91,13 @@ def test_tiny_model_matches_reference(tiny_file, qat):
     assert gpu.tokens == ref.tokens
 
 
-def test_session_contract(tiny_file):
+def test_session_contract(tiny_file, rng):
     """Chunked prefill == one prefill; prefill(a)+prefill(b) == prefill(a+b); snapshot/restore; reset;
     all_logits rows equal the per-token logits."""
     from ds4cupy.engines.cuda.session import CudaModel
     from ds4cupy.format.model_file import ModelFile
 
     mf = ModelFile(tiny_file)
-    rng = np.random.default_rng()
     ids = rng.integers(0, mf.config.n_vocab, 300)
     # QAT off: chunk boundaries change float32 summation order, which QAT rounding could amplify (module docstring)
     whole = CudaModel.from_file(mf, qat=False, memory="device").new_session(1024)
@@ -128,14 +126,13 @@ def test_session_contract(tiny_file):
     np.testing.assert_allclose(al[-1], one, atol=1e-4 * np.abs(one).max())
 
 
-def test_decode_graph_replay_equals_eager(tiny_file):
+def test_decode_graph_replay_equals_eager(tiny_file, rng):
     """The captured decode step (CUDA graph) gives bit-identical logits to eager launches, across snapshot/restore
     and reset (graph capture also proves a decode step allocates nothing and never syncs with the host)."""
     from ds4cupy.engines.cuda.session import CudaModel
     from ds4cupy.format.model_file import ModelFile
 
     mf = ModelFile(tiny_file)
-    rng = np.random.default_rng()
     ids = rng.integers(0, mf.config.n_vocab, 70)
     steps = rng.integers(0, mf.config.n_vocab, 40)
     eager = CudaModel.from_file(mf, memory="device", decode_graph=False).new_session(512)
@@ -158,7 +155,7 @@ def test_decode_graph_replay_equals_eager(tiny_file):
     np.testing.assert_array_equal(graph.decode(int(steps[0])), eager.decode(int(steps[0])))
 
 
-def test_decode_graph_captured_shallow_serves_deep(tiny_file):
+def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng):
     """No launch parameter of the decode graph depends on the position at capture (issue 18): a graph captured at
     depth ~12 and replayed past depth 4,096 gives the eager step's logits bit for bit, and both match the reference
     there (QAT off: 1e-3 of the largest logit and the same greedy token, as in test_gpu_matches_reference). At that
@@ -169,7 +166,6 @@ def test_decode_graph_captured_shallow_serves_deep(tiny_file):
     from ds4cupy.format.model_file import ModelFile
 
     mf = ModelFile(tiny_file)
-    rng = np.random.default_rng()
     ids = [int(t) for t in rng.integers(0, mf.config.n_vocab, 4310)]
     ctx = 4608
     sessions = {"graph": CudaModel.from_file(mf, qat=False, memory="device", decode_graph=True).new_session(ctx),

@@ -29,8 +29,8 @@ DIMS = {
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng()
+def rng(seed):
+    return np.random.default_rng(seed)
 
 
 def dev(a, dtype=None):

@@ -1,6 +1,5 @@
 """GPU quantized products (ds4cupy.engines.cuda.quant_ops) and GPU random weights against the CPU oracles:
 ds4cupy.format.quants.dequantize (== gguf.quants.dequantize, tests/test_quants.py) and float64 NumPy products."""
-import secrets
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from gguf import quants as gq
 
 from ds4cupy.format import quants as Q
 from gpu_util import GPU_MARKS
+from seeding import current_test_seed
 
 pytestmark = GPU_MARKS
 
@@ -20,7 +20,7 @@ RTOL = 1e-5
 
 
 def fresh_rng():
-    seed = secrets.randbits(32)
+    seed = current_test_seed()       # fixed per test (tests/seeding.py), named in failure messages
     return np.random.default_rng(seed), seed
 
 
@@ -218,10 +218,9 @@ def test_wrapper_errors_name_bad_values():
 # ---- random weights on the GPU -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("qtype", TYPES, ids=ids_name)
 @pytest.mark.parametrize("std", [0.02, 0.5])
-def test_random_tensor_valid(qtype, std):
+def test_random_tensor_valid(qtype, std, seed):
     import cupy
     from ds4cupy.engines.cuda.random_weights import random_tensor
-    seed = secrets.randbits(48)
     shape = (3, 33, 1024)
     raw = random_tensor(qtype, shape, seed, std)
     assert raw.shape == Q.raw_shape(qtype, shape) and raw.dtype == Q.PLAIN_DTYPES.get(qtype, np.uint8)

@@ -44,10 +44,10 @@ def numpy_shape(t) -> tuple[int, ...]:
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
+def tiny_files(tmp_path_factory, module_seed):
     d = tmp_path_factory.mktemp("tiny")
     cfg = tiny_cfg()
-    seed = int(np.random.default_rng().integers(0, 2**31))
+    seed = module_seed
     files = {e: write_random_model(d / f"tiny-{e}.gguf", cfg, experts=e, seed=seed) for e in EXPERTS}
     return cfg, seed, files
 
@@ -139,7 +139,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_model_file_opens_generated_model(tiny_files):
-    model_file = pytest.importorskip("ds4cupy.format.model_file")
+    from ds4cupy.format import model_file
     cfg, _, files = tiny_files
     mf = model_file.ModelFile(files["q2"])
     assert same_config(mf.config, cfg)
@@ -178,8 +178,7 @@ def test_flash_one_layer_file(tmp_path):
     assert [(t.name, numpy_shape(t)) for t in r.tensors] == [(s.name, s.shape) for s in specs]
 
 
-def test_write_gguf_roundtrip_and_errors(tmp_path):
-    rng = np.random.default_rng()
+def test_write_gguf_roundtrip_and_errors(tmp_path, rng):
     a = rng.standard_normal((1, 64), dtype=np.float32)  # fewer bytes than q: file_type follows q
     q = gguf.quants.quantize(rng.standard_normal((5, 64)).astype(np.float32), T.Q8_0)
     meta = {"x.u32": ("u32", 7), "x.i32s": ("i32s", [-1, 2]), "x.f32s": ("f32s", [0.5]), "x.strs": ("strs", ["a"]),

@@ -1,4 +1,5 @@
 """CPU tests of ds4cupy.memory: KV layout, budgets, the auto decision table, the refusal and its message."""
+import dataclasses
 import io
 import math
 import re
@@ -138,11 +139,19 @@ def test_never_plans_above_usable(machine, mode, experts, ctx):
 
 
 def test_kv_managed_threshold_on_unified_memory():
-    m = GB10
-    for ctx in (1 << 18, 1 << 19, 1 << 20):
-        b = _budget("flash", "q2", ctx)
-        p = choose_placement(m, b)
-        assert p.kv_mode == ("managed" if b.kv_total >= KV_MANAGED_MIN else "device"), (ctx, b.kv_total)
+    """ds4 puts a KV cache of 8 GiB or more in managed memory on unified-memory GPUs (ds4-peer.md,
+    `ds4_gpu_should_use_managed_kv_cache`). The 8 GiB is written here, not read from the module under test."""
+    eight_gib = 8 * 1024 ** 3
+    assert KV_MANAGED_MIN == eight_gib
+    base = _budget("flash", "q2", 4096)
+    for kv, want in ((eight_gib - 1, "device"), (eight_gib, "managed"), (eight_gib + 4096, "managed")):
+        b = dataclasses.replace(base, kv={"comp": kv})
+        assert choose_placement(GB10, b).kv_mode == want, kv
+        assert choose_placement(H200, b).kv_mode == "device"        # a discrete GPU keeps it on the device
+    # the flash shapes: 13,760 B a token, so 2^19 tokens (6.7 GiB) stay on the device and 2^20 (13.4 GiB) go managed
+    for ctx, want in ((1 << 18, "device"), (1 << 19, "device"), (1 << 20, "managed")):
+        assert (13760 * ctx >= eight_gib) == (want == "managed")
+        assert choose_placement(GB10, _budget("flash", "q2", ctx)).kv_mode == want, ctx
 
 
 def test_forced_modes():

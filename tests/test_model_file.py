@@ -44,13 +44,14 @@ def test_tensor_table_and_raw_views(tiny_model_path):
     assert np.isfinite(e3).all() and e3.std() > 0
 
 
-@pytest.mark.parametrize("case", ["missing", "dims", "type", "mixed_experts", "bad_tid2eid"])
+@pytest.mark.parametrize("case", ["missing", "dims", "type", "mixed_experts", "tid2eid_n_expert", "tid2eid_negative"])
 def test_bad_tensors_are_named(tmp_path, case):
     tensors = random_model_tensors(CFG, "q2", seed=9)
     idx = {name: i for i, (name, *_rest) in enumerate(tensors)}
     target = {"missing": "blk.3.attn_kv.weight", "dims": "blk.1.attn_q_b.weight", "type": "blk.2.attn_norm.weight",
               "mixed_experts": "blk.4.ffn_up_exps.weight",
-              "bad_tid2eid": "blk.1.ffn_gate_tid2eid.weight"}[case]
+              "tid2eid_n_expert": "blk.1.ffn_gate_tid2eid.weight",
+              "tid2eid_negative": "blk.0.ffn_gate_tid2eid.weight"}[case]
     i = idx[target]
     name, make, qtype, shape = tensors[i]
     rng = np.random.default_rng(0)
@@ -67,11 +68,13 @@ def test_bad_tensors_are_named(tmp_path, case):
     elif case == "mixed_experts":
         tensors[i] = (name, quants.random_blocks(T.Q4_K, shape, rng, 0.05), T.Q4_K, shape)
         expect = "must share one type"
-    else:
+    else:                       # expert ids are 0..n_expert-1: one past the end, or -1
         bad = make().copy()
-        bad[5, 1] = CFG.n_expert + 3
+        value = CFG.n_expert if case == "tid2eid_n_expert" else -1
+        bad[5, 1] = value
         tensors[i] = (name, bad, qtype, shape)
-        expect = "expert ids outside"
+        expect = f"expert ids outside [0, {CFG.n_expert}) (found {bad.min()}..{bad.max()})"
+        assert value in (bad.min(), bad.max())
     path = _write(tmp_path / f"{case}.gguf", tensors)
     with pytest.raises(ModelFileError) as e:
         ModelFile(path)
@@ -87,6 +90,11 @@ def test_truncated_file(tmp_path):
         ModelFile(cut)
     msg = str(e.value)
     assert "truncated" in msg and "output.weight" in msg, msg        # the last tensor is the one cut short
+    one_short = tmp_path / "one_short.gguf"                            # a single missing byte is enough
+    one_short.write_bytes(data[:-1])
+    with pytest.raises(ModelFileError, match=f"'output.weight': data runs to byte {len(data)} but the file has "
+                                             f"{len(data) - 1} bytes"):
+        ModelFile(one_short)
     head = tmp_path / "head.gguf"
     head.write_bytes(data[:300])
     with pytest.raises(ModelFileError, match="truncated|corrupt"):

@@ -72,10 +72,10 @@ def test_every_single_split_point_gives_the_same_result():
         assert run_pieces([FULL[:i], FULL[i:]]) == want, i
 
 
-def test_random_multi_splits_and_char_by_char():
+def test_random_multi_splits_and_char_by_char(seed):
     want = run_pieces([FULL])
     assert run_pieces(list(FULL)) == want
-    rng = random.Random()
+    rng = random.Random(seed)
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(FULL)), rng.randint(1, 40)))
         pieces = [FULL[a:b] for a, b in zip([0] + cuts, cuts + [len(FULL)])]
@@ -146,8 +146,8 @@ def test_good_call_then_malformed_keeps_the_good_one():
     assert [x["name"] for x in calls] == ["ok"] and f'invoke name="bad"' in c
 
 
-def test_fuzz_never_raises():
-    rng = random.Random()
+def test_fuzz_never_raises(seed):
+    rng = random.Random(seed)
     atoms = ["</think>", f"<{D}tool_calls>", f"</{D}tool_calls>", f"<{D}invoke", f"</{D}invoke>", ' name="f">',
              f"<{D}parameter", f"</{D}parameter>", ' string="true">', ' string="false">', "\n", "\n\n", "x", "{",
              "1", "\"", "<", "｜", "😀"]

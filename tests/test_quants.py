@@ -1,12 +1,11 @@
 """ds4cupy.format.quants against gguf.quants (the independent oracle): decoders bit for bit, random blocks, quantizers."""
-import secrets
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from ds4cupy.format import quants as Q
+from seeding import current_test_seed
 
 BLOCK_TYPES = [T.Q8_0, T.Q2_K, T.Q4_K, T.IQ2_XXS, T.MXFP4, T.NVFP4]
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]
@@ -14,7 +13,7 @@ ALL_TYPES = FLOAT_TYPES + BLOCK_TYPES
 
 
 def fresh_rng():
-    seed = secrets.randbits(32)
+    seed = current_test_seed()       # fixed per test (tests/seeding.py), named in failure messages
     return np.random.default_rng(seed), seed
 
 

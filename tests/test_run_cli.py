@@ -24,11 +24,8 @@ def demo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(demo_cache):
-    try:
-        import ds4cupy
-        from ds4cupy.tools.demo import demo_model_path
-    except ImportError as e:
-        pytest.skip(f"engine or demo model not available: {e}")
+    import ds4cupy
+    from ds4cupy.tools.demo import demo_model_path
     return ds4cupy.load(demo_model_path(), backend="reference")
 
 
@@ -37,8 +34,7 @@ def cli(*argv):
     return main(["run", "--backend", "reference", *argv])
 
 
-def test_one_shot_streams_and_labels_the_demo(capsys):
-    seed = int(np.random.default_rng().integers(1 << 30))
+def test_one_shot_streams_and_labels_the_demo(capsys, seed):
     assert cli("-p", "hello", "-n", "6", "--seed", str(seed)) == 0
     first = capsys.readouterr()
     assert "RANDOM" in first.err and "demo" in first.err.lower()

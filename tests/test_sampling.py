@@ -13,7 +13,7 @@ def _logits_from_probs(probs, vocab=None, rng=None):
     if vocab is None:
         return logits
     out = np.full(vocab, -np.inf, dtype=np.float32)
-    ids = (rng or np.random.default_rng()).choice(vocab, size=len(probs), replace=False)
+    ids = rng.choice(vocab, size=len(probs), replace=False)
     out[ids] = logits
     return out, ids
 
@@ -23,17 +23,16 @@ def test_defaults_are_ds4s():
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (1.0, 1.0, 0, 0.05, None)
 
 
-def test_greedy_is_argmax_whatever_the_seed():
-    rng = np.random.default_rng()
+def test_greedy_is_argmax_whatever_the_seed(rng):
     logits = rng.standard_normal(5000).astype(np.float32)
     for seed in (None, 1, 2):
         for t in (0.0, -1.0):
             assert Sampler(SamplingParams(temperature=t, seed=seed)).sample(logits) == int(np.argmax(logits))
 
 
-def test_top_p_keeps_the_smallest_head_reaching_the_mass():
+def test_top_p_keeps_the_smallest_head_reaching_the_mass(rng):
     probs = [0.5, 0.3, 0.12, 0.05, 0.03]
-    logits, ids = _logits_from_probs(probs, vocab=1000)
+    logits, ids = _logits_from_probs(probs, vocab=1000, rng=rng)
     s = Sampler(SamplingParams(top_p=0.7, min_p=0.0))
     cand, p = s.distribution(logits)
     assert list(cand) == list(ids[:2])
@@ -46,9 +45,9 @@ def test_top_p_keeps_the_smallest_head_reaching_the_mass():
     assert list(cand) == [ids[0]] and p[0] == pytest.approx(1.0)
 
 
-def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+def test_min_p_drops_tokens_below_a_fraction_of_the_best(rng):
     probs = [0.4, 0.3, 0.2, 0.07, 0.03]
-    logits, ids = _logits_from_probs(probs, vocab=777)
+    logits, ids = _logits_from_probs(probs, vocab=777, rng=rng)
     cand, p = Sampler(SamplingParams(min_p=0.1)).distribution(logits)     # threshold 0.04
     assert list(cand) == list(ids[:4])
     np.testing.assert_allclose(p, np.array(probs[:4]) / 0.97, rtol=1e-5)
@@ -56,8 +55,7 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     assert list(cand) == list(ids[:2])
 
 
-def test_min_p_and_top_p_together_and_top_k():
-    rng = np.random.default_rng()
+def test_min_p_and_top_p_together_and_top_k(rng):
     logits = rng.standard_normal(2000).astype(np.float32) * 3
     order = np.argsort(-logits.astype(np.float64), kind="stable")
     w = np.exp(logits[order].astype(np.float64) - logits[order[0]])
@@ -84,8 +82,7 @@ def test_temperature_scales_logits():
         np.testing.assert_allclose(p, want, rtol=1e-5)
 
 
-def test_empirical_frequencies_match_the_distribution():
-    rng = np.random.default_rng()
+def test_empirical_frequencies_match_the_distribution(rng):
     logits = (rng.standard_normal(50) * 1.5).astype(np.float32)
     s = Sampler(SamplingParams(temperature=0.8, top_p=0.9, min_p=0.02, seed=int(rng.integers(1 << 31))))
     cand, p = s.distribution(logits)
@@ -97,8 +94,7 @@ def test_empirical_frequencies_match_the_distribution():
     assert np.all(np.abs(counts - n * p) <= 5 * sigma + 1), (counts, n * p)
 
 
-def test_seed_reproducibility():
-    rng = np.random.default_rng()
+def test_seed_reproducibility(rng):
     table = rng.standard_normal((10, 300)).astype(np.float32)
     seed = int(rng.integers(1 << 31))
     runs = []

@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
+import openai  # the real OpenAI client (test extra: a missing one is an error, not a skip)
 
 import ds4cupy
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
 from ds4cupy.server.app import STATE
+from ds4cupy.server.protocol import COMPLETIONS_SYSTEM_PROMPT
 
 CTX = 1024
 HTTP_TIMEOUT = 60.0
@@ -106,6 +107,21 @@ def chat_body(text, **fields):
     return {"messages": [{"role": "user", "content": text}], **fields}
 
 
+def direct_greedy(model, messages, max_tokens, thinking=False, tools=None):
+    """What a greedy request must answer, computed without the server: DeepSeek's chat encoding and the Generator on
+    a fresh session (greedy decoding is deterministic, and the reference gives the same bits whatever the prefill
+    chunking or prefix reuse). Returns (prompt tokens, content, finish_reason, completion tokens)."""
+    from ds4cupy.text.chat import encode_messages
+    from ds4cupy.text.generate import Generator
+    from ds4cupy.text.sampling import SamplingParams
+    ids = model.tokenizer.encode(encode_messages(messages, "thinking" if thinking else "chat", tools=tools))
+    session = model.new_session(CTX)
+    gen = Generator(model.tokenizer, SamplingParams(temperature=0), max_tokens=max_tokens, thinking=thinking,
+                    parse_tools=bool(tools))
+    list(gen.stream(session, session.prefill(ids)))
+    return len(ids), gen.content, gen.finish_reason, len(gen.completion_tokens)
+
+
 # ----------------------------------------------------------------------------------------------- openai client
 
 def test_models_and_health(server, client):
@@ -120,17 +136,17 @@ def test_models_and_health(server, client):
     assert_openai_error(status, json.loads(data), 404, code="model_not_found")
 
 
-def test_chat_non_stream(client):
-    r = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "Hello"}],
-                                       max_tokens=5, temperature=0)
+def test_chat_non_stream(client, model):
+    messages = [{"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="deepseek-chat", messages=messages, max_tokens=5, temperature=0)
     choice = r.choices[0]
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
-    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    assert 1 <= r.usage.completion_tokens <= 5
+    assert choice.message.role == "assistant"
+    n_prompt, content, finish, n_completion = direct_greedy(model, messages, 5)
+    assert (choice.message.content, choice.finish_reason) == (content, finish)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, n_completion)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.usage.prompt_tokens_details.cached_tokens <= r.usage.prompt_tokens
-    if r.usage.completion_tokens == 5:
-        assert choice.finish_reason == "length"
 
 
 def test_chat_stream_with_usage(client):
@@ -170,17 +186,21 @@ def test_reasoning_content_in_thinking_mode(client):
     assert not r2.choices[0].message.model_extra.get("reasoning_content")
 
 
-def test_completions(client):
+def test_completions(client, model):
     r = client.completions.create(model="deepseek-v4-flash", prompt="Once upon a time", max_tokens=5, temperature=0)
-    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
-    assert 1 <= r.usage.completion_tokens <= 5
+    assert r.object == "text_completion"
+    wrapped = [{"role": "system", "content": COMPLETIONS_SYSTEM_PROMPT}, {"role": "user", "content": "Once upon a time"}]
+    n_prompt, content, finish, n_completion = direct_greedy(model, wrapped, 5)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (content, finish)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, n_completion)
     chunks = list(client.completions.create(model="deepseek-v4-flash", prompt="Once upon a time", max_tokens=5,
                                             temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [finish]
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
-def test_tool_call_round_trip(server, client):
+def test_tool_call_round_trip(server, client, model):
     """Assistant tool call -> tool result -> answer: the history renders with the tool result inside the prompt. The
     first request (tools block: several hundred tokens) also shows `: keepalive` comments during its prefill."""
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -197,8 +217,11 @@ def test_tool_call_round_trip(server, client):
     assert status == 200 and data.decode().endswith("data: [DONE]\n\n")
     assert ": keepalive" in sse_lines(data), "no keepalive during a long prefill"
     payloads = sse_payloads(data)
-    assert payloads[-2]["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    n_prompt, content, finish, n_completion = direct_greedy(model, with_result, 3, tools=tools)
+    assert payloads[-2]["choices"][0]["finish_reason"] == finish
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"]) == content
     long_prompt = payloads[-1]["usage"]["prompt_tokens"]
+    assert (long_prompt, payloads[-1]["usage"]["completion_tokens"]) == (n_prompt, n_completion)
 
     b = client.chat.completions.create(model="deepseek-chat", messages=history + [
         {"role": "tool", "tool_call_id": "call_1", "content": "rain"}], tools=tools, max_tokens=2, temperature=0)
@@ -212,7 +235,7 @@ def test_tool_call_round_trip(server, client):
 
 # ---------------------------------------------------------------------------------------------------- raw SSE
 
-def test_raw_sse_framing(server):
+def test_raw_sse_framing(server, model):
     status, headers, data = raw_request(server, "POST", "/v1/chat/completions", chat_body(
         "frame it", stream=True, max_tokens=4, temperature=0, stream_options={"include_usage": True}, **NOTHINK))
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
@@ -225,7 +248,10 @@ def test_raw_sse_framing(server):
     payloads = sse_payloads(data)
     assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
-    assert payloads[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    _, content, finish, n_completion = direct_greedy(model, chat_body("frame it")["messages"], 4)
+    assert payloads[-2]["choices"][0]["finish_reason"] == finish
+    assert payloads[-1]["usage"]["completion_tokens"] == n_completion
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"]) == content
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
 
 
@@ -302,14 +328,12 @@ def test_disconnect_cancels_generation(server):
 
 # ------------------------------------------------------------------------------------------------- concurrency
 
-def test_concurrent_requests_fifo(server):
-    """20 streaming requests sent 20 ms apart: all complete, each with its own stream, served in arrival order."""
+def test_concurrent_requests_fifo(server, model):
+    """20 streaming requests sent 20 ms apart: all complete, each with its own stream (the text and finish reason of
+    its own greedy answer), served in arrival order."""
     n = 20
     prompts = [f"Request number {i}" for i in range(n)]
-    expected = {}
-    for i in (0, 7, 19):                     # a sample of the exact greedy answers, computed one by one
-        expected[i] = post_json(server, "/v1/chat/completions", chat_body(prompts[i], max_tokens=3, temperature=0,
-                                                                          **NOTHINK))[1]
+    expected = {i: direct_greedy(model, chat_body(prompts[i])["messages"], 3) for i in range(n)}
     first_token_at: dict[int, float] = {}
     results: dict[int, list] = {}
     host, port = server.url.removeprefix("http://").split(":")
@@ -345,10 +369,9 @@ def test_concurrent_requests_fifo(server):
     assert sorted(results) == list(range(n))
     for i, payloads in results.items():
         assert len({p["id"] for p in payloads}) == 1
-        assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-        if i in expected:
-            text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads)
-            assert text == (expected[i]["choices"][0]["message"]["content"] or "")
+        _, content, finish, _ = expected[i]
+        assert payloads[-1]["choices"][0]["finish_reason"] == finish, i
+        assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads) == content, i
     order = sorted(first_token_at, key=first_token_at.get)
     assert order == sorted(order), f"served out of arrival order: {order}"
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-openai = pytest.importorskip("openai")  # the real OpenAI client (test extra)
+import openai  # the real OpenAI client (test extra: a missing one is an error, not a skip)
 
 from ds4cupy.engines.state import SessionState, chain_of, chain_tokens
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
+from ds4cupy.server.app import STATE
 
 HTTP_TIMEOUT = 20.0
 KEEPALIVE_S = 0.1
@@ -66,7 +67,8 @@ class Delta:
 
 class ScriptedGenerator:
     """Behaviour chosen by words in the prompt: TOOLS -> two tool calls; SLOW -> 50 ms a token; FAILDECODE -> raise
-    mid-stream; else reasoning (thinking mode) then content, one token each."""
+    mid-stream; EOS2 -> finish "stop" after two content tokens; else reasoning (thinking mode) then content, one token
+    each, finishing with "length"."""
 
     def __init__(self, job):
         self.job = job
@@ -89,6 +91,9 @@ class ScriptedGenerator:
                 raise RuntimeError("decode failed")
             if "SLOW" in self.prompt:
                 time.sleep(0.05)
+            if "EOS2" in self.prompt and i == 2:
+                yield Delta(1, finish_reason="stop")             # the end-of-sentence token: no text
+                return
             last = i == self.job.max_tokens - 1
             yield Delta(100 + i, content=f"w{i} ", finish_reason="length" if last else None)
 
@@ -285,3 +290,50 @@ def test_max_tokens_clamped_to_context(server):
     assert status == 200 and body["usage"]["completion_tokens"] == 2000 - body["usage"]["prompt_tokens"]
     status, data = raw_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]})
     assert status == 400 and json.loads(data)["error"]["code"] == "context_length_exceeded"
+
+
+def test_max_completion_tokens_wins_end_to_end(server):
+    for body in ({"max_tokens": 5, "max_completion_tokens": 2}, {"max_completion_tokens": 2, "max_tokens": 5}):
+        status, data = raw_post(server, "/v1/chat/completions", {
+            "model": "deepseek-chat", "messages": [{"role": "user", "content": "count"}], **body})
+        r = json.loads(data)
+        assert status == 200 and r["usage"]["completion_tokens"] == 2, r
+        assert r["choices"][0]["message"]["content"] == "w0 w1 " and r["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("prompt, text, finish", [("go on", "w0 w1 w2 ", "length"), ("EOS2", "w0 w1 ", "stop")])
+def test_streamed_completions_carry_the_finish_reason(client, prompt, text, finish):
+    """/v1/completions streams: the text deltas, then one chunk with the finish reason (and usage when asked); the
+    same finish reason as the non-streamed answer."""
+    whole = client.completions.create(model="m", prompt=prompt, max_tokens=3)
+    assert whole.choices[0].text == text and whole.choices[0].finish_reason == finish
+    chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in with_choices) == text
+    assert [c.choices[0].finish_reason for c in with_choices] == [None] * (len(with_choices) - 1) + [finish]
+    assert with_choices[-1].choices[0].text == ""
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_health_is_503_once_the_engine_is_dead():
+    app = create_app(CharTokenizer(), FakeSession(), ServerSettings(ctx=100), render=render,
+                     make_generator=ScriptedGenerator)
+    with BackgroundServer(app) as srv:
+        def health():
+            host, port = srv.url.removeprefix("http://").split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT)
+            try:
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                return resp.status, json.loads(resp.read())
+            finally:
+                conn.close()
+
+        status, body = health()
+        assert status == 200 and body["status"] == "ok"
+        worker = app[STATE].worker
+        worker.stop()
+        assert not worker.alive
+        status, body = health()
+        assert status == 503 and body["status"] == "engine stopped", body

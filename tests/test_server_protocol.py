@@ -52,6 +52,24 @@ def test_chat_fields_parsed():
     assert req.stop == ["END"] and not req.thinking.enabled
 
 
+def test_max_completion_tokens_wins_over_max_tokens():
+    """OpenAI deprecated max_tokens for max_completion_tokens: when a request sends both, the newer name counts
+    (whichever comes first in the body), and each is still validated."""
+    assert chat(max_tokens=9, max_completion_tokens=4).max_tokens == 4
+    assert protocol.parse_chat_request({"max_completion_tokens": 4, "messages": USER, "max_tokens": 9},
+                                       ctx=CTX).max_tokens == 4
+    assert chat(max_tokens=9).max_tokens == 9 and chat(max_completion_tokens=3).max_tokens == 3
+    assert refused(chat, max_tokens=0, max_completion_tokens=4).param == "max_tokens"
+    completion = protocol.parse_completion_request({"prompt": "p", "max_tokens": 9, "max_completion_tokens": 2},
+                                                   ctx=CTX)
+    assert completion.max_tokens == 2
+
+
+def test_stop_holds_up_to_sixteen_strings():
+    """16 stop strings are accepted (17 are refused: test_chat_field_errors)."""
+    assert chat(stop=[f"s{i}" for i in range(16)]).stop == [f"s{i}" for i in range(16)]
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": -3}, "max_tokens"),
@@ -148,6 +166,9 @@ def test_tools_and_tool_choice():
     ({"think": False}, False, False),
     ({"reasoning_effort": "none"}, False, False),
     ({"reasoning_effort": "high"}, True, False),
+    ({"reasoning_effort": "minimal"}, True, False),                  # only "none" turns thinking off
+    ({"reasoning_effort": "low"}, True, False),
+    ({"reasoning_effort": "xhigh"}, True, False),
     ({"reasoning_effort": "max"}, True, False),                      # ctx 4096 < 393216: plain thinking
     ({"model": "deepseek-chat", "thinking": {"type": "enabled"}}, True, False),
     ({"model": "deepseek-chat", "reasoning_effort": "low"}, True, False),

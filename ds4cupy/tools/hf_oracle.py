@@ -16,10 +16,14 @@ DEFAULT_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heav
 
 
 def random_tiny_model(vocab: int = 1024, seed: int = 3, layer_types=DEFAULT_LAYER_TYPES, hca_rate: int = 16,
-                      hash_layers: int = 2, index_topk: int = 3):
+                      hash_layers: int = 2, index_topk: int = 3, sinkhorn_iters: int = 20, swiglu_limit: float = 10.0,
+                      hc_eps: float = 1e-6):
     """A float32, eval-mode DeepseekV4ForCausalLM: window 8, CSA ratio 4, HCA ratio `hca_rate`, 8 experts (3 used),
     hidden 64, 4 heads of 96 with 32 rope dims (a head size the GPU kernels take too), YaRN (factor 16, original
-    context 32). Needs torch + transformers."""
+    context 32), `sinkhorn_iters` mHC Sinkhorn iterations, the SwiGLU clamp at `swiglu_limit` and the mHC epsilon
+    `hc_eps` (the real model's 20, 10 and 1e-6 by default; few iterations leave the mixing far from converged, a
+    small limit makes the clamp act and a large epsilon makes each place it is added count, so a slip in any of them
+    shows). Needs torch + transformers."""
     import torch
     import transformers
 
@@ -32,7 +36,8 @@ def random_tiny_model(vocab: int = 1024, seed: int = 3, layer_types=DEFAULT_LAYE
         index_n_heads=64, index_head_dim=32, index_topk=index_topk,
         rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 32, "beta_fast": 32,
                       "beta_slow": 1},
-        max_position_embeddings=512, tie_word_embeddings=False)
+        max_position_embeddings=512, tie_word_embeddings=False, hc_sinkhorn_iters=sinkhorn_iters,
+        swiglu_limit=swiglu_limit, hc_eps=hc_eps)
     torch.manual_seed(seed)
     model = transformers.DeepseekV4ForCausalLM(cfg).float().eval()
     g = torch.Generator().manual_seed(seed + 1)
