@@ -17,7 +17,6 @@ q8r_launch_geometry). With Q8_0R weights, matvec / matvec_xgroup / MatvecGroup.r
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from ...format import quants
 from .compile import get_kernel
+from .compile import sm_count as _sm_count
 from .q8_0r import Q8_0R, kernel_constant, repack_q8_0, unpack_q8_0
 
 _SUFFIX = {T.Q8_0: "q8_0", T.Q2_K: "q2_k", T.Q4_K: "q4_k", T.IQ2_XXS: "iq2_xxs", T.MXFP4: "mxfp4", T.NVFP4: "nvfp4",
@@ -109,12 +109,6 @@ def _out(out, shape, what="out"):
 
 def _stream(stream):
     return stream if stream is not None else contextlib.nullcontext()
-
-
-@functools.cache
-def _sm_count(device_id: int) -> int:
-    import cupy
-    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
 def warps_per_row(rows: int) -> int:
