@@ -18,8 +18,8 @@ import json
 
 import pytest
 
-anthropic = pytest.importorskip("anthropic")
-openai = pytest.importorskip("openai")
+import anthropic  # test extra: missing is an error, not a skip
+import openai
 
 import ds4cupy
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-jsonschema = pytest.importorskip("jsonschema")
+import jsonschema  # test extra: missing is an error, not a skip
 
 from ds4cupy.text.chat import render_tool_calls
 from ds4cupy.text.constraints import Constraint, ConstraintError, GrammarError, check_grammar

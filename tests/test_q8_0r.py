@@ -1,7 +1,6 @@
 """The Q8_0R plane layout (ds4cupy.engines.cuda.q8_0r) on the CPU: the NumPy definition against the GGUF decoder,
 its inverse, the repack plan of the model tensors, the pseudo-qtype, and the launch-geometry rule of quant_ops.
 The GPU kernels are checked against these definitions in tests/test_gpu_q8_0r.py."""
-import secrets
 
 import numpy as np
 import pytest
@@ -12,10 +11,11 @@ from ds4cupy.engines.cuda import quant_ops as qo
 from ds4cupy.format import quants as Q
 from ds4cupy.format.config import ModelConfig
 from ds4cupy.format.layout import ds4_file_tensors
+from seeding import current_test_seed
 
 
 def fresh_rng():
-    seed = secrets.randbits(32)
+    seed = current_test_seed()       # fixed per test (tests/seeding.py), named in failure messages
     return np.random.default_rng(seed), seed
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-openai = pytest.importorskip("openai")
-jsonschema = pytest.importorskip("jsonschema")
+import openai  # test extra: missing is an error, not a skip
+import jsonschema
 
 import ds4cupy
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
