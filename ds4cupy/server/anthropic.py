@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .validation import list_items
 from .validation import (DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, ProtocolError,
                          SamplingFields, ThinkingChoice, invalid, is_int, optional_bool, optional_int,
                          optional_number, select_thinking)
@@ -188,13 +189,8 @@ def parse_conversation(body: Mapping) -> tuple[list[dict], bool]:
 
 def parse_tools(value: Any) -> list[dict]:
     """Custom tools {name, description?, input_schema} as function tools."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise invalid("'tools' must be a list", "tools", "invalid_type")
     tools = []
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
+    for where, tool in list_items(value, "tools"):
         if not isinstance(tool, Mapping):
             raise invalid(f"'{where}' must be an object", where, "invalid_type")
         if tool.get("type", "custom") != "custom":

@@ -22,6 +22,7 @@ import orjson
 
 from .request_fields import field_problems
 from .sse import SSE_DONE, SSE_KEEPALIVE, json_bytes, sse_event  # noqa: F401  (re-exported)
+from .validation import list_items
 from .validation import (DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,  # noqa: F401
                          NON_THINKING_ALIAS, REASONING_EFFORTS, THINK_MAX_MIN_CTX, THINKING_ALIAS, ProtocolError,
                          SamplingFields, ThinkingChoice, error_body, invalid, select_thinking)
@@ -194,13 +195,8 @@ def parse_messages(value: Any) -> list[dict]:
 
 def parse_tools(value: Any) -> list[dict]:
     """Validate `tools`: a list of {"type": "function", "function": {"name", "description"?, "parameters"?}}."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise invalid("'tools' must be a list", "tools", "invalid_type")
     tools = []
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
+    for where, tool in list_items(value, "tools"):
         if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
             raise invalid(f"'{where}' must be an object of type \"function\"", where, "invalid_value")
         function = tool.get("function")

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .validation import list_items
 from .validation import (DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingFields,
                          ThinkingChoice, invalid, is_int, optional_bool, optional_number, select_thinking)
 
@@ -162,13 +163,8 @@ def parse_input(value: Any, param: str = "input") -> list[dict]:
 
 
 def parse_tools(value: Any) -> list[dict]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise invalid("'tools' must be a list", "tools", "invalid_type")
     tools = []
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
+    for where, tool in list_items(value, "tools"):
         if not isinstance(tool, Mapping) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, Mapping) else None
             raise invalid(f"'{where}': only function tools are supported, got {kind!r}", where, "unsupported_tool")

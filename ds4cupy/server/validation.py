@@ -169,3 +169,12 @@ def select_thinking(body: Mapping, model_name: str | None, ctx: int, default: bo
             raise invalid("'thinking' must be an object {\"type\": \"enabled\"|\"disabled\"} or a boolean",
                           "thinking", "invalid_type")
     return ThinkingChoice(enabled=enabled, think_max=enabled and think_max)
+
+
+def list_items(value, field: str) -> list[tuple[str, object]]:
+    """(path, item) for each item of an optional list field ('tools' -> 'tools[0]', ...); None is an empty list."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid(f"'{field}' must be a list", field, "invalid_type")
+    return [(f"{field}[{i}]", item) for i, item in enumerate(value)]
