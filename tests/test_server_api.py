@@ -400,6 +400,7 @@ def test_prefix_reuse_second_turn(client):
 
 def test_error_cases(server, model):
     worker = server.app[STATE].worker
+    assert worker.wait_idle(10), "the previous test's job never finished"
     jobs_before = worker.jobs_served
     url = "/v1/chat/completions"
     status, _, data = raw_request(server, "POST", url, raw_body=b'{"messages": [')

@@ -227,6 +227,7 @@ def test_cache_prompt_false_prefills_everything(client):
 ])
 def test_refusals_never_reach_the_engine(server, fields, status, param, code):
     worker = server.app[STATE].worker
+    assert worker.wait_idle(10), "the previous test's job never finished"
     before = worker.jobs_served
     got, data = post(server, "/v1/chat/completions", {"model": NOTHINK, "messages": user("x"), "max_tokens": 1,
                                                       **fields})

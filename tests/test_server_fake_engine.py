@@ -223,8 +223,11 @@ def test_keepalive_and_queue_depth_while_waiting(server):
     while time.monotonic() < deadline and not depth_seen:
         depth_seen = "ds4cupy_queue_depth 1" in metrics(server)
         time.sleep(0.02)
+    worker = server.app[STATE].worker
+    assert not worker.wait_idle(0.01), "two requests are in the engine: it is not idle"
     t.join(HTTP_TIMEOUT)
     waiting.join(HTTP_TIMEOUT)
+    assert worker.wait_idle(5) and worker.queue_depth == 0 and not worker.busy
     assert depth_seen
     status, data = results["queued"]
     lines = data.decode().split("\n")

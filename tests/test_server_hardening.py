@@ -188,6 +188,7 @@ def test_tokenizing_does_not_block_the_event_loop(demo_model):
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None,
                                           "multipart/form-data; boundary=x"])
 def test_non_json_bodies_are_415(fake_server, content_type):
+    assert fake_server.app[STATE].worker.wait_idle(10), "the previous test's job never finished"
     jobs_before = fake_server.app[STATE].worker.jobs_served
     headers = dict(AUTH)
     if content_type:

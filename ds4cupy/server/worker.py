@@ -281,6 +281,12 @@ class EngineWorker:
         with self._cond:
             return self._running_job is not None
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job runs or waits (a job counts itself in `jobs_served` just after its last event went
+        out); True when idle, False after `timeout` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running_job is None and not self._pending, timeout)
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -322,6 +328,7 @@ class EngineWorker:
                 with self._cond:
                     self._running_job = None
                     self.jobs_served += 1
+                    self._cond.notify_all()
 
     def _problem(self) -> str | None:
         """The precheck's answer (a precheck that raises counts as a problem)."""
