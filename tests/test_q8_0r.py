@@ -110,12 +110,24 @@ def test_kernel_constant_read_back():
 def test_launch_geometry_rule(rows, cols, group_rows, dots):
     nr, wpr = qo.q8r_launch_geometry(rows, cols, group_rows, dots_per_row=dots, sm_count=132)
     assert nr in (1, 2, 4) and wpr in (1, 2, 4, 8)
-    assert not group_rows or group_rows % nr == 0
+    assert nr == max(n for n in (1, 2, 4) if not group_rows or group_rows % n == 0)   # the most rows x allows
     stage = max(1, qo._Q8R_INFLIGHT // (nr * dots)) * 32
     assert wpr == 1 or wpr * stage <= 2 * cols // 32          # every warp of a group gets a whole stage
     units = -(-rows // nr)
-    assert wpr == 8 or units * wpr >= 132 * 32 or 2 * wpr * stage > 2 * cols // 32   # else more warps were due
+    target = 132 * qo.Q8R_WARPS_PER_SM
+    assert wpr == 8 or units * wpr >= target or 2 * wpr * stage > 2 * cols // 32   # else more warps were due
+    assert wpr == 1 or units * wpr // 2 < target                                 # and no more than due
     assert qo.q8r_launch_geometry(rows, cols, group_rows, 1, 8, sm_count=132) == (1, 8)   # explicit values kept
+    nr2, _ = qo.q8r_launch_geometry(rows, cols, group_rows, dots_per_row=dots, sm_count=132, max_nr=2)
+    assert nr2 == min(nr, 2)                                  # int8 activations: kernels of 1 or 2 rows per warp
+
+
+def test_launch_geometry_of_the_measured_shapes():
+    """The H200 measurements behind the defaults (BENCHMARKS.md, Q8_0R A/B): 4 rows per warp and one or two warps
+    per row won on attn_output_a (8 groups x 1024 rows x 4096), attn_output_b (4096 x 8192) and the head."""
+    for rows, cols, group_rows in ((8192, 4096, 1024), (4096, 8192, 0), (129280, 4096, 0)):
+        nr, wpr = qo.q8r_launch_geometry(rows, cols, group_rows, sm_count=132)
+        assert nr == 4 and wpr in (1, 2), (rows, cols)
 
 
 def test_launch_geometry_rejects_bad_values():

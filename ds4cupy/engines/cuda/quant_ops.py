@@ -198,28 +198,34 @@ def row_blocks(rows: int, wpr: int) -> int:
 
 # Q8_0R decode kernels (matvec.cu, moe.cu): `nr` rows per warp (kernel suffix _r<nr>), summed by groups of `wpr`
 # warps; each lane keeps Q8R_INFLIGHT / nr chunks of 16 bytes per row in a pipeline stage (q8_0r.cuh)
-Q8R_ROWS_PER_WARP = 2
+# Defaults from the H200 (benchmarks of cd6aef6, BENCHMARKS.md "Q8_0R"): 4 rows per warp and one or two warps per row
+# beat 2 rows per warp spread to ~32 warps per SM on attn_output_a / attn_output_b / the head. The kernels hold 16
+# warps per SM (<= 128 registers, 2 CTAs); WARPS_PER_SM is the fill the warps-per-row rule aims at.
+Q8R_ROWS_PER_WARP = 4
+Q8R_WARPS_PER_SM = 8
 _Q8R_INFLIGHT = kernel_constant("Q8R_INFLIGHT")
 
 
 def q8r_launch_geometry(rows: int, cols: int, group_rows: int = 0, nr: int | None = None,
-                        wpr: int | None = None, dots_per_row: int = 1, sm_count: int | None = None) -> tuple[int, int]:
+                        wpr: int | None = None, dots_per_row: int = 1, sm_count: int | None = None,
+                        max_nr: int = 4) -> tuple[int, int]:
     """(rows per warp, warps per row group) for a Q8_0R decode product of `rows` rows of `cols` elements.
 
-    nr: Q8R_ROWS_PER_WARP (1 when group_rows, rows sharing one input, is odd: a warp's rows share x). wpr: the
-    fewest warps per group (1, 2, 4, 8) that put ~32 warps per SM in flight, but no more than leave every warp a
-    whole pipeline stage (32 * Q8R_INFLIGHT / (nr * dots_per_row) chunks of 16 bytes, q8_0r.cuh) of the row.
-    dots_per_row: dot products per row (2 for gate/up). Explicit nr / wpr (benchmarks, tests) are checked, kept.
-    sm_count: the current device's when None."""
+    nr: the largest of Q8R_ROWS_PER_WARP, 2, 1 that is <= max_nr (the kernels at hand: 2 for int8 activations) and
+    divides group_rows (rows sharing one input: a warp's rows share x). wpr: the fewest warps per group (1, 2, 4, 8)
+    that put Q8R_WARPS_PER_SM warps per SM in flight, but no more than leave every warp a whole pipeline stage
+    (32 * Q8R_INFLIGHT / (nr * dots_per_row) chunks of 16 bytes, q8_0r.cuh) of the row. dots_per_row: dot products
+    per row (2 for gate/up). Explicit nr / wpr (benchmarks, tests) are checked, kept. sm_count: the current
+    device's when None."""
     if nr is None:
-        nr = Q8R_ROWS_PER_WARP if not group_rows or group_rows % Q8R_ROWS_PER_WARP == 0 else 1
+        nr = next(n for n in (Q8R_ROWS_PER_WARP, 2, 1) if n <= max_nr and (not group_rows or group_rows % n == 0))
     if nr not in (1, 2, 4) or (group_rows and group_rows % nr):
         raise ValueError(f"rows per warp must be 1, 2 or 4 and divide group_rows={group_rows}, got {nr}")
     if wpr is None:
         if sm_count is None:
             import cupy
             sm_count = _sm_count(cupy.cuda.Device().id)
-        target = sm_count * 32
+        target = sm_count * Q8R_WARPS_PER_SM
         stage = max(1, _Q8R_INFLIGHT // (nr * dots_per_row)) * 32   # chunks one warp takes per pipeline stage
         nch = 2 * (cols // 32)                                        # chunks of a row
         units = (rows + nr - 1) // nr
@@ -246,7 +252,7 @@ def _launch_matvec(kernel: str, w, t, x, cols: int, out, stream, *extra, geometr
     if isinstance(t, Q8_0R):
         group_rows = int(extra[0]) if extra else 0
         suffix, xargs = _x_args(x, t)
-        nr, wpr = q8r_launch_geometry(rows, cols, group_rows, *(geometry or (None, None)))
+        nr, wpr = q8r_launch_geometry(rows, cols, group_rows, *(geometry or (None, None)), max_nr=2 if suffix else 4)
         if suffix and nr == 4:
             raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
         with _stream(stream):
@@ -337,6 +343,7 @@ class MatvecGroup:
             self._nr, self._wpr = q8r_launch_geometry(self.total_rows, cols, 0, *(geometry or (None, None)))
             self._grid = _q8r_grid(self.total_rows, self._nr, self._wpr)
             self._kernel = get_kernel("matvec", f"matvec_group_q8_0r_r{self._nr}")
+            self._geometry = geometry
         else:
             self._wpr = warps_per_row(self.total_rows)
             self._grid = row_blocks(self.total_rows, self._wpr)
@@ -349,15 +356,18 @@ class MatvecGroup:
         else:
             x = _aligned16(_f32(x, "x", (self.cols,)), "x")
         suffix, xargs = _x_args(x, self.qtype)
-        if suffix and self._nr == 4:
-            raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
-        kernel = self._kernel if not suffix else get_kernel("matvec", f"matvec_group_q8_0r_q8x_r{self._nr}")
+        kernel, grid, wpr = self._kernel, self._grid, self._wpr
+        if suffix:      # int8 activations: kernels of 1 or 2 rows per warp
+            nr, wpr = q8r_launch_geometry(self.total_rows, self.cols, 0, *(self._geometry or (None, None)), max_nr=2)
+            if nr == 4:
+                raise ValueError("the int8-activation kernels take 1 or 2 rows per warp, got 4")
+            kernel, grid = get_kernel("matvec", f"matvec_group_q8_0r_q8x_r{nr}"), _q8r_grid(self.total_rows, nr, wpr)
         y = _out(out, (self.total_rows,))
         stride = np.int32(self._slab_rows) if isinstance(self.qtype, Q8_0R) else np.int64(self.row_stride)
         with _stream(stream):
-            kernel((self._grid,), (_THREADS,),
+            kernel((grid,), (_THREADS,),
                    (self._ptrs, self._row_start, np.int32(len(self.weights)), stride) + xargs
-                   + (y, np.int32(self.total_rows), np.int32(self.cols), np.int32(self._wpr)))
+                   + (y, np.int32(self.total_rows), np.int32(self.cols), np.int32(wpr)))
         return y
 
     def split(self, y):

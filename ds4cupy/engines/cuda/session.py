@@ -92,7 +92,8 @@ class CudaModel:
         given to from_tensors included), so the decode kernels read them with 16-byte loads: every tensor of
         q8_0r.repack_plan, whose qtype becomes Q8_0R(slab_rows); quant_ops dispatches on it. Off by default:
         measured on the H200 (43-layer q2, commit a81730d, benchmarks/h200/2026-12-03-ab-repack*.json) it made
-        decode 5 % slower (72.95 vs 76.75 t/s; its automatic launch geometry picks 2 rows per warp where 4 wins)
+        decode 5 % slower (72.95 vs 76.75 t/s; its automatic launch geometry then picked 2 rows per warp where 4 wins;
+        quant_ops.q8r_launch_geometry now picks 4, not yet measured end to end)
         and prefill 11 % faster. repack_q8_0=True or DS4CUPY_REPACK_Q8_0=1 turns it on."""
         import cupy as cp
 
