@@ -3,6 +3,8 @@
     ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
         python3 scripts/profile_decode.py --layers 6 --depth 4096 > ncu.csv
     python3 scripts/profile_decode.py --summarize ncu.csv
+    ncu --graph-profiling node ... python3 scripts/profile_decode.py --graph ...     (kernel nodes of a graph replay)
+    python3 scripts/profile_decode.py --graph --time 50 ...                         (wall ms a step, no ncu)
 
 The script prefills `depth` tokens, runs two decode steps eagerly (kernels compiled and warm), then profiles exactly one
 eager decode step between cudaProfilerStart/Stop. --summarize groups the ncu CSV by kernel name: launches, total us,
@@ -16,14 +18,16 @@ import sys
 from collections import defaultdict
 
 
-def run(layers: int, depth: int, experts: str, fill: str = "prefill") -> None:
+def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: bool = False, time_steps: int = 0) -> None:
     import cupy as cp
     import numpy as np
 
     from ds4cupy.tools.synthetic import load_synthetic
-    model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64)
-    model._impl.decode_graph = False          # eager launches, so ncu sees each kernel of the step
-    s = model.new_session(depth + 64)
+    model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64 + time_steps)
+    # eager launches, so ncu sees each kernel of the step; or the graph replay (ncu --graph-profiling node profiles
+    # each kernel node of it, with the caches as the replay leaves them)
+    model._impl.decode_graph = graph
+    s = model.new_session(depth + 64 + time_steps)
     ids = np.random.default_rng(0).integers(0, 100000, max(depth, 1))
     if fill == "random":                      # the KV state of depth - 1 tokens (CudaSession.fill_random_state)
         s.fill_random_state(len(ids) - 1)
@@ -32,6 +36,16 @@ def run(layers: int, depth: int, experts: str, fill: str = "prefill") -> None:
     s.decode(5)
     s.decode(6)
     cp.cuda.runtime.deviceSynchronize()
+    if time_steps:        # wall time of whole decode steps (no profiler attached: run this without ncu)
+        import time
+        t = []
+        for i in range(time_steps):
+            t0 = time.perf_counter()
+            s.decode(8 + i)
+            t.append(time.perf_counter() - t0)
+        print(f"decode step ({layers} layers, depth {depth}, graph={graph}): median {1e3 * float(np.median(t)):.3f} ms "
+              f"over {time_steps} steps")
+        return
     cp.cuda.profiler.start()
     s.decode(7)
     cp.cuda.runtime.deviceSynchronize()
@@ -65,10 +79,14 @@ if __name__ == "__main__":
     p.add_argument("--experts", default="q2")
     p.add_argument("--fill", choices=("prefill", "random"), default="prefill",
                    help="reach the depth by prefilling (default) or with random KV rows (fast at 64K and more)")
+    p.add_argument("--graph", action="store_true",
+                   help="profile a replay of the captured decode graph (with ncu --graph-profiling node)")
+    p.add_argument("--time", type=int, default=0, metavar="N",
+                   help="instead of profiling, print the median wall time of N decode steps (run without ncu)")
     p.add_argument("--summarize", metavar="NCU_CSV")
     a = p.parse_args()
     if a.summarize:
         summarize(a.summarize)
     else:
-        run(a.layers, a.depth, a.experts, a.fill)
+        run(a.layers, a.depth, a.experts, a.fill, a.graph, a.time)
     sys.exit(0)

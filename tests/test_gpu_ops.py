@@ -246,6 +246,61 @@ def test_hc_pre_post_head(rng, size, fn_type, T):
     np.testing.assert_array_equal(host(u), host(yn))
 
 
+@pytest.mark.parametrize("size", ["tiny", "flash"])
+@pytest.mark.parametrize("T", [1, 37, 70])
+@pytest.mark.parametrize("post", [True, False])
+def test_hc_step_equals_three_launches(rng, size, T, post):
+    """hc_step (hc_post + hc_mix + hc_split_collapse + block norm in one launch, decode and prefill) against the
+    launches it replaces, for the pre and head modes, twice in a row (its arrival counters must come back to zero).
+    Tolerances: X after the post is the same arithmetic (relative 1e-6: FMA contraction may differ between the two
+    kernels); the mix sums run over other element subsets, so the coefficients and the collapse carry the float32
+    summation-order differences of test_hc_pre_post_head (relative 2e-5)."""
+    from ds4cupy.engines.cuda import ops
+    n, D = DIMS[size]["n"], DIMS[size]["D"]
+    X = (rng.standard_normal((T, n, D)) * rng.uniform(0.5, 2, (T, n, 1))).astype(F32)
+    y = rng.standard_normal((T, D)).astype(F32) if post else None
+    coef_prev = rng.uniform(0.1, 1.0, (T, n + n * n)).astype(F32)
+    w = rng.uniform(0.5, 1.5, D).astype(F32)
+    counter = cp.zeros(T, cp.uint32)
+    for head in (False, True):
+        rows = n if head else 2 * n + n * n
+        fn = (rng.standard_normal((rows, n * D)) * 0.05).astype(np.float16)
+        scale = rng.uniform(0.5, 2.0, 3).astype(F32)
+        base = rng.standard_normal(rows).astype(F32)
+        iters = 0 if head else 20
+        # the three launches
+        gX = dev(X)
+        if post:
+            ops.hc_post(gX, dev(y), dev(coef_prev))
+        ns = ops.hc_nsplit(n * D, T)
+        part = cp.empty((T, ns, rows + 1), cp.float32)
+        ops.hc_mix(gX, dev(fn), ops.DT_F16, rows, part, ns)
+        u_ref, xn_ref = cp.empty((T, D), cp.float32), cp.empty((T, D), cp.float32)
+        coef_ref = None if head else cp.empty((T, n + n * n), cp.float32)
+        ops.hc_split_collapse(gX, part, ns, rows, dev(scale), dev(base), iters, 1e-6, 1e-6, head, u_ref, coef_ref,
+                              dev(w), xn_ref)
+        # one launch, twice (the second from the same inputs must give the same bits)
+        outs = []
+        for _ in range(2):
+            hX = dev(X)
+            ns2 = ops.hc_step_nsplit(n, D, T)
+            part2 = cp.full((T, ns2, rows + 1), np.nan, cp.float32)
+            u, xn = cp.full((T, D), np.nan, cp.float32), cp.full((T, D), np.nan, cp.float32)
+            coef = None if head else cp.full((T, n + n * n), np.nan, cp.float32)
+            ops.hc_step(hX, dev(y) if post else None, dev(coef_prev) if post else None, dev(fn), ops.DT_F16, rows,
+                        part2, ns2, counter, dev(scale), dev(base), iters, 1e-6, 1e-6, head, u, coef, dev(w), xn)
+            assert int(counter.sum()) == 0, "hc_step left its arrival counters non-zero"
+            outs.append([host(a) for a in (hX, u, xn) + (() if head else (coef,))])
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)
+        got = outs[0]
+        rel_close(got[0], host(gX), 1e-6)
+        rel_close(got[1], host(u_ref), 2e-5)
+        rel_close(got[2], host(xn_ref), 2e-5)
+        if not head:
+            np.testing.assert_allclose(got[3], host(coef_ref), rtol=2e-5, atol=2e-6)
+
+
 # ---- embedding -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ttype", ["F16", "F32", "BF16", "Q8_0"])
 def test_embed_hc(rng, ttype):

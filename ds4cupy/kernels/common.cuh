@@ -52,6 +52,30 @@ __device__ __forceinline__ double block_sum_d(double v, double* red) {
     return warp_sum_d(t);
 }
 
+// "Last block done", the one-launch form of a many-block phase followed by a one-block phase. Every block calls it
+// once, with every thread, after writing its results; it returns true in exactly one block (the last to arrive), after
+// fences that make every other block's writes visible to that block (which reads them with ldcg_f32: L2, never a
+// stale L1 line). The last block resets *counter to 0, so the next launch (a graph replay) finds it ready.
+__device__ __forceinline__ bool last_block_done(unsigned* counter, unsigned nblocks) {
+    __shared__ unsigned s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned ticket = atomicAdd(counter, 1u);
+        s_last = ticket == nblocks - 1;
+        if (s_last) *counter = 0u;
+    }
+    __syncthreads();
+    if (s_last) __threadfence();
+    return s_last != 0u;
+}
+
+__device__ __forceinline__ float ldcg_f32(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ float block_max(float v, float* red) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_max(v);

@@ -4,6 +4,7 @@
 #include "common.cuh"
 
 #define HC_MAX_ROWS 32      // 2n + n*n for n = 4 is 24
+#define HC_MAX_STREAMS 5    // n*n <= 32 (hc_split_collapse: one lane per comb entry)
 
 // Split-K partial products of the mix projection plus the sum of squares of the flattened state:
 //   part[t, s, r]    = sum_{k in chunk s} fn[r, k] * X[t, k]       r < rows
@@ -54,21 +55,30 @@ extern "C" __global__ void hc_mix(const float* X, long long K, const void* fn, i
 // result does not depend on the launch shape; block (0, t) writes coef. The collapse is spread over grid.x blocks. grid = (nblk, T), block = 256.
 // With xn != nullptr (grid.x must be 1) the block then writes xn[t] = rms_norm(u[t], norm_w) (norm_w may be null), the
 // rms_norm_rows that follows every collapse, with eps_rms as its epsilon and bit-identical results.
-extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
-                                             const float* scale, const float* base, int iters, float eps_hc,
-                                             float eps_rms, int mode, float* u, float* coef,
-                                             const float* norm_w, float* xn) {
+// split_collapse_block is that work for block `blk` of `nblk` of token t; L2 = read X and part through L2 (ldcg_f32:
+// hc_step's last block reads what other blocks of the same launch wrote).
+template <bool L2>
+__device__ __forceinline__ float hc_ld(const float* p) {
+    if constexpr (L2) return ldcg_f32(p);
+    else return *p;
+}
+
+template <bool L2>
+__device__ __forceinline__ void split_collapse_block(int t, int blk, int nblk, const float* X, const float* part,
+                                                     int n, int D, int rows, int nsplit, const float* scale,
+                                                     const float* base, int iters, float eps_hc, float eps_rms,
+                                                     int mode, float* u, float* coef, const float* norm_w, float* xn) {
     __shared__ double sums[HC_MAX_ROWS + 1];
     __shared__ double redd[32];
     __shared__ double c[32];
     __shared__ float pre_s[8];
-    const int t = blockIdx.y, i = threadIdx.x;
+    const int i = threadIdx.x;
     const long long K = (long long)n * D;
     {   // warp w sums rows w, w + 8, ...: lane l takes splits l, l + 32, ..., then a fixed-order butterfly
         const int lane = i & 31, nw = blockDim.x >> 5;
         for (int r = i >> 5; r <= rows; r += nw) {
             double m = 0.0;
-            for (int s = lane; s < nsplit; s += 32) m += part[((long long)t * nsplit + s) * (rows + 1) + r];
+            for (int s = lane; s < nsplit; s += 32) m += hc_ld<L2>(part + ((long long)t * nsplit + s) * (rows + 1) + r);
             m = warp_sum_d(m);
             if (lane == 0) sums[r] = m;
         }
@@ -76,7 +86,7 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
     __syncthreads();
     if (i < 32) {
         const double rs = 1.0 / sqrt(sums[rows] / (double)K + (double)eps_rms);
-        const bool write = blockIdx.x == 0;
+        const bool write = blk == 0;
         if (mode == 1) {
             if (i < n) pre_s[i] = (float)(1.0 / (1.0 + exp(-(sums[i] * rs * (double)scale[0] + (double)base[i]))) + eps_hc);
         } else {
@@ -122,13 +132,13 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
     }
     __syncthreads();
     const float* x = X + (long long)t * K;
-    for (int d = blockIdx.x * blockDim.x + i; d < D; d += gridDim.x * blockDim.x) {
+    for (int d = blk * blockDim.x + i; d < D; d += nblk * blockDim.x) {
         float acc = 0.0f;
-        for (int q = 0; q < n; ++q) acc += pre_s[q] * x[(long long)q * D + d];
+        for (int q = 0; q < n; ++q) acc += pre_s[q] * hc_ld<L2>(x + (long long)q * D + d);
         u[(long long)t * D + d] = acc;
     }
     if (xn == nullptr) return;
-    // fused rms_norm_rows (norm_rope.cu) of u[t] into xn[t], same arithmetic and order: needs grid.x == 1
+    // fused rms_norm_rows (norm_rope.cu) of u[t] into xn[t], same arithmetic and order: needs nblk == 1
     __syncthreads();
     const float* ur = u + (long long)t * D;
     double ss = 0.0;
@@ -141,6 +151,93 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
     }
 }
 
+extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
+                                             const float* scale, const float* base, int iters, float eps_hc,
+                                             float eps_rms, int mode, float* u, float* coef,
+                                             const float* norm_w, float* xn) {
+    split_collapse_block<false>(blockIdx.y, blockIdx.x, gridDim.x, X, part, n, D, rows, nsplit, scale, base, iters,
+                                eps_hc, eps_rms, mode, u, coef, norm_w, xn);
+}
+
+// hc_step: hc_post of the previous sub-block, the mix projection and the split + collapse + block norm in one launch
+// (decode and prefill), = hc_post(X, y, coef_in); hc_mix(X, fn) -> part; hc_split_collapse(..., u, coef_out, norm_w, xn).
+//   X: [T, n, D] float32, updated in place when y != nullptr (y: [T, D], coef_in: [T, n + n*n] from the previous
+//   step; y == nullptr: X is used as it is, e.g. right after the embedding). fn, dtype, rows, part, mode, scale, base,
+//   iters, eps_*, u, coef_out, norm_w, xn: as hc_mix / hc_split_collapse (mode 1 = the head; xn may alias u).
+//   counter: unsigned [T], zero before the launch and after it.
+// grid = (nsplit, T), block = 256, n * ceil(D / nsplit) <= HC_STEP_TILE. Block s owns the columns
+// d in [s*cd, s*cd + cd) of every stream (cd = ceil(D / nsplit)): it applies hc_post to them (all n streams of a column
+// are in the block, so no other block reads what it writes), stages them in shared memory, and writes the partial mix
+// sums of its n*cd elements to part[t, s]. The last block of token t to finish (last_block_done) then runs
+// split_collapse_block over the whole row. Differences from the three launches: the mix's split sums run over other
+// element subsets (float32 summation order only); hc_post and the collapse are the same arithmetic.
+#define HC_STEP_TILE 4096
+extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_in, int n, int D, const void* fn,
+                                  int dtype, int rows, int nsplit, float* part, unsigned* counter, const float* scale,
+                                  const float* base, int iters, float eps_hc, float eps_rms, int mode, float* u,
+                                  float* coef_out, const float* norm_w, float* xn) {
+    __shared__ float xs[HC_STEP_TILE];
+    __shared__ float red[8][HC_MAX_ROWS + 1];
+    const int t = blockIdx.y, s = blockIdx.x, tid = threadIdx.x;
+    const long long K = (long long)n * D;
+    const int cd = (D + nsplit - 1) / nsplit, d0 = s * cd, nd = max(0, min(D, d0 + cd) - d0);
+    float* x = X + (long long)t * K;
+    if (y != nullptr) {                       // hc_post on this block's columns (the arithmetic of hc_post)
+        const float* cf = coef_in + (long long)t * (n + n * n);
+        const float* yt = y + (long long)t * D;
+        for (int dd = tid; dd < nd; dd += blockDim.x) {
+            const int d = d0 + dd;
+            float xo[HC_MAX_STREAMS];                // registers: loops over the fixed bound, guarded by n
+#pragma unroll
+            for (int j = 0; j < HC_MAX_STREAMS; ++j) xo[j] = j < n ? x[(long long)j * D + d] : 0.f;
+            const float yv = yt[d];
+            for (int k = 0; k < n; ++k) {
+                float acc = cf[k] * yv;
+#pragma unroll
+                for (int j = 0; j < HC_MAX_STREAMS; ++j)
+                    if (j < n) acc += cf[n + j * n + k] * xo[j];
+                x[(long long)k * D + d] = acc;
+                xs[k * cd + dd] = acc;
+            }
+        }
+    } else {
+        for (int e = tid; e < n * nd; e += blockDim.x) {
+            const int k = e / nd, dd = e % nd;
+            xs[k * cd + dd] = x[(long long)k * D + d0 + dd];
+        }
+    }
+    __syncthreads();
+    float acc[HC_MAX_ROWS + 1];
+#pragma unroll
+    for (int r = 0; r <= HC_MAX_ROWS; ++r) acc[r] = 0.0f;
+    for (int e = tid; e < n * nd; e += blockDim.x) {
+        const int k = e / nd, dd = e % nd;
+        const float xv = xs[k * cd + dd];
+        const long long col = (long long)k * D + d0 + dd;
+        acc[HC_MAX_ROWS] += xv * xv;
+#pragma unroll
+        for (int r = 0; r < HC_MAX_ROWS; ++r)
+            if (r < rows) acc[r] += load_w(fn, dtype, (long long)r * K + col) * xv;
+    }
+    const int lane = tid & 31, wid = tid >> 5;
+#pragma unroll
+    for (int r = 0; r <= HC_MAX_ROWS; ++r) {
+        if (r < rows || r == HC_MAX_ROWS) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) red[wid][r < rows ? r : rows] = v;
+        }
+    }
+    __syncthreads();
+    if (tid <= rows) {
+        float v = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) v += red[w][tid];
+        part[((long long)t * nsplit + s) * (rows + 1) + tid] = v;
+    }
+    if (!last_block_done(counter + t, nsplit)) return;
+    split_collapse_block<true>(t, 0, 1, X, part, n, D, rows, nsplit, scale, base, iters, eps_hc, eps_rms, mode, u,
+                               coef_out, norm_w, xn);
+}
+
 // hc_post, in place: X'[t, k, d] = post[k] * y[t, d] + sum_j comb[j, k] * X[t, j, d]   (comb transposed: model.md §7.1)
 // coef: [T, n + n*n] from hc_split_collapse. grid = (ceil(D/256), T), block = 256.
 extern "C" __global__ void hc_post(float* X, const float* y, const float* coef, int n, int D) {
@@ -149,12 +246,15 @@ extern "C" __global__ void hc_post(float* X, const float* y, const float* coef, 
     if (d >= D) return;
     const float* cf = coef + (long long)t * (n + n * n);
     float* x = X + (long long)t * n * D;
-    float xs[8];
-    for (int j = 0; j < n; ++j) xs[j] = x[(long long)j * D + d];
+    float xs[HC_MAX_STREAMS];
+#pragma unroll
+    for (int j = 0; j < HC_MAX_STREAMS; ++j) xs[j] = j < n ? x[(long long)j * D + d] : 0.f;
     const float yv = y[(long long)t * D + d];
     for (int k = 0; k < n; ++k) {
         float acc = cf[k] * yv;
-        for (int j = 0; j < n; ++j) acc += cf[n + j * n + k] * xs[j];
+#pragma unroll
+        for (int j = 0; j < HC_MAX_STREAMS; ++j)
+            if (j < n) acc += cf[n + j * n + k] * xs[j];
         x[(long long)k * D + d] = acc;
     }
 }

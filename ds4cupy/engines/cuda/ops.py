@@ -136,6 +136,39 @@ def hc_split_collapse(X, part, nsplit: int, rows: int, scale, base, iters: int, 
                        _f32(eps_rms), _i32(1 if head else 0), u, _p(coef), _p(norm_w), _p(xn)))
 
 
+HC_STEP_TILE = 4096     # hc.cu: elements (n streams x cd columns) one hc_step block stages
+
+
+def hc_step_nsplit(n: int, D: int, T: int) -> int:
+    """hc_step's blocks per token: hc_nsplit's, or more where a block's n x ceil(D / nsplit) columns would not fit
+    its shared tile."""
+    ns = hc_nsplit(n * D, T)
+    while n * -(-D // ns) > HC_STEP_TILE:
+        ns += 1
+    return ns
+
+
+def hc_step(X, y, coef_in, fn, fn_dtype: int, rows: int, part, nsplit: int, counter, scale, base, iters: int,
+            eps_hc: float, eps_rms: float, head: bool, u, coef_out, norm_w, xn) -> None:
+    """One launch for hc_post(X, y, coef_in) (skipped when y is None) + hc_mix + hc_split_collapse with the fused
+    block norm (xn = rms_norm(u, norm_w)); head=True is the output head's collapse (coef_out unused).
+    X [T, n, D] (updated in place by the post), part [T, nsplit, rows + 1] with nsplit from hc_step_nsplit,
+    counter uint32 [>= T] zeroed once when allocated (every launch leaves it zero)."""
+    T, n, D = X.shape
+    if rows > 32 or n * n > 32:
+        raise ValueError(f"hc_step supports at most 32 mix rows and 5 streams, got rows={rows}, n={n}")
+    if n * -(-D // nsplit) > HC_STEP_TILE:
+        raise ValueError(f"hc_step: nsplit={nsplit} leaves {n * -(-D // nsplit)} elements a block (max "
+                         f"{HC_STEP_TILE}); use hc_step_nsplit")
+    _check(counter, "uint32", "counter")
+    if counter.size < T:
+        raise ValueError(f"hc_step: counter holds {counter.size} entries for {T} tokens")
+    get_kernel("hc", "hc_step")(
+        (nsplit, T), (256,), (X, _p(y), _p(coef_in), _i32(n), _i32(D), fn, _i32(fn_dtype), _i32(rows), _i32(nsplit),
+                              part, counter, scale, base, _i32(iters), _f32(eps_hc), _f32(eps_rms),
+                              _i32(1 if head else 0), u, _p(coef_out), _p(norm_w), xn))
+
+
 def hc_post(X, y, coef) -> None:
     """In place: X[t, k] = post[k] * y[t] + sum_j comb[j, k] X[t, j]. X [T, n, D], y [T, D], coef [T, n + n*n]."""
     T, n, D = X.shape

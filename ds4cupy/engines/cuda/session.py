@@ -183,6 +183,8 @@ class CudaSession:
             self.kv = alloc_kv(model.mem, c, ctx, model.kv_mode, model.chunk)
             self.d_pos = cp.zeros(1, cp.int32)
             self.d_ids = cp.zeros(self.S_max, cp.int32)
+            self._groups = self._projection_groups()
+            self._grp_rows = max([r + g.total_rows for layer in self._groups for g, r, _ in layer] + [1])
             self._alloc_scratch()
         self.tokens: list[int] = []
         self.prefilled_tokens = 0          # tokens consumed by prefill() since the session was made (not decode)
@@ -199,7 +201,7 @@ class CudaSession:
         cw = max([c.compressor_width(il) for il in range(c.n_layer)] + [0])
         HI, ci = c.indexer_n_head, c.indexer_head_dim
         has_csa = any(c.ratio(il) == 4 for il in range(c.n_layer))
-        self.hc_split = max(ops.hc_nsplit(n * D, 1), ops.hc_nsplit(n * D, S))
+        self.hc_split = max(ops.hc_step_nsplit(n, D, 1), ops.hc_step_nsplit(n, D, S))
         # decode attention splits: enough for the longest key list any position of this session can have
         self.att_rows = [ops.attention_rows(c.sliding_window, c.ratio(il), self._att_mode(il), c.indexer_top_k, self.ctx)
                          for il in range(c.n_layer)]
@@ -211,6 +213,7 @@ class CudaSession:
             "og": S * c.q_dim, "low_g": S * c.o_groups * c.o_lora_rank, "low": S * c.o_groups * c.o_lora_rank,
             "y": S * D, "C": S * cw, "Z": S * cw, "rlog": S * E, "ew": S * k,
             "mid": S * k * ff, "mids": S * ff, "logits": c.n_vocab,
+            "grp": self._grp_rows,
         }
         if has_csa:
             sizes.update({"Ci": S * 2 * ci, "Zi": S * 2 * ci, "qi": S * HI * ci, "wts": S * HI,
@@ -218,7 +221,49 @@ class CudaSession:
         self._flat = {name: m.mem.alloc("scratch", (max(v, 1),), np.float32) for name, v in sizes.items()}
         self._eids = m.mem.alloc("scratch", (S * k,), np.int32)
         self._topk = m.mem.alloc("scratch", (S * max(c.indexer_top_k, 1),), np.int32) if has_csa else None
+        self._hc_counter = m.mem.alloc("scratch", (S,), np.uint32)
+        self._hc_counter.fill(0)                 # hc_step's arrival counters: every launch leaves them at zero
         self._ring = {il: self.kv[(il, "raw")][: c.sliding_window] for il in range(c.n_layer)}
+
+    def _xn_projections(self, il: int) -> list[str]:
+        """The attention projections of layer il that read the block's normalised input xn."""
+        c = self.model.config
+        p = f"blk.{il}."
+        names = [p + "attn_q_a.weight", p + "attn_kv.weight"]
+        if c.ratio(il):
+            names += [p + "attn_compressor_kv.weight", p + "attn_compressor_gate.weight"]
+        if c.ratio(il) == 4:
+            names += [p + "indexer_compressor_kv.weight", p + "indexer_compressor_gate.weight",
+                      p + "indexer.proj.weight"]
+        return names
+
+    def _projection_groups(self) -> list[list[tuple]]:
+        """Per layer, the decode launches of _xn_projections: matrices of one block type share one MatvecGroup launch
+        (q_a + kv; the F16 compressor, indexer-compressor and indexer weights), each group writing its slice of the
+        scratch buffer "grp": [(group, first row in grp, names)]. A type with one matrix keeps its own matvec."""
+        m = self.model
+        groups = []
+        for il in range(m.config.n_layer):
+            by_type: dict[str, list[str]] = {}
+            for name in self._xn_projections(il):
+                by_type.setdefault(str(m.qtype[name]), []).append(name)
+            layer, row = [], 0
+            for names in by_type.values():
+                if len(names) > 1:
+                    g = qo.MatvecGroup([m.w[n] for n in names], [m.qtype[n] for n in names], m.config.n_embd)
+                    layer.append((g, row, names))
+                    row += g.total_rows
+            groups.append(layer)
+        return groups
+
+    def _decode_projections(self, xn, il: int) -> dict:
+        """Decode (one token): the grouped projections of layer il, {name: [1, rows] view of "grp"}."""
+        out = {}
+        grp = self._b("grp", self._grp_rows)
+        for g, row, names in self._groups[il]:
+            y = g.run(xn[0], out=grp[row: row + g.total_rows])
+            out.update({n: v.reshape(1, -1) for n, v in zip(names, g.split(y))})
+        return out
 
     def _att_mode(self, il: int) -> int:
         """Attention key-list mode of layer il: 0 window only, 1 every compressed row (HCA), 2 indexed (CSA)."""
@@ -350,8 +395,11 @@ class CudaSession:
         return logits[0]
 
     # ---- the forward pass ----------------------------------------------------------------------------------------------
-    def _proj(self, name: str, x, out):
-        """out[S, rows] = x[S, cols] @ W^T for a weight in its GGUF block format (matvec for one row)."""
+    def _proj(self, name: str, x, out, done: dict | None = None):
+        """out[S, rows] = x[S, cols] @ W^T for a weight in its GGUF block format (matvec for one row). done: products
+        already computed by a grouped launch ({name: array}); `name` is taken from there when present."""
+        if done and name in done:
+            return done[name]
         m = self.model
         if x.shape[0] == 1:
             qo.matvec(m.w[name], m.qtype[name], x[0], out=out[0])
@@ -359,27 +407,30 @@ class CudaSession:
             qo.matmul(m.w[name], m.qtype[name], x, out=out)
         return out
 
-    def _hc_pre(self, X, name: str, S: int, norm: str, xn):
-        """mHC pre (mix, Sinkhorn split, collapse) and the block's RMS norm in two launches: xn = rms_norm(u, norm).
-        Returns coef (post, comb) for hc_post."""
+    def _hc(self, X, name: str, S: int, norm: str, xn, post, head: bool = False):
+        """One launch: hc_post of the previous sub-block (post = its (y, coef), or None), then mHC pre (mix, Sinkhorn
+        split, collapse; head=True: the output head's sigmoid collapse) and the block's RMS norm:
+        xn = rms_norm(u, norm). Returns (post, comb) coefficients for the next hc_post (None for the head)."""
         c, m = self.model.config, self.model
         n, D = c.hc_mult, c.n_embd
-        rows = c.hc_mix
-        ns = ops.hc_nsplit(n * D, S)
-        part = self._b("hcpart", S, ns, rows + 1)
+        rows = n if head else c.hc_mix
+        ns = ops.hc_step_nsplit(n, D, S)
         fn = f"{name}fn.weight"
-        ops.hc_mix(X, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, part, ns)
-        u, coef = self._b("u", S, D), self._b("coef", S, n + n * n)
-        ops.hc_split_collapse(X, part, ns, rows, m.v[f"{name}scale.weight"], m.v[f"{name}base.weight"],
-                              c.hc_sinkhorn_iters, c.hc_eps, c.rms_eps, False, u, coef, m.v[norm], xn)
+        y, coef_in = post if post is not None else (None, None)
+        coef = None if head else self._b("coef", S, n + n * n)
+        ops.hc_step(X, y, coef_in, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, self._b("hcpart", S, ns, rows + 1), ns,
+                    self._hc_counter, m.v[f"{name}scale.weight"], m.v[f"{name}base.weight"],
+                    0 if head else c.hc_sinkhorn_iters, c.hc_eps, c.rms_eps, head, self._b("u", S, D), coef,
+                    m.v[norm], xn)
         return coef
 
     def _attention(self, xn, S: int, il: int):
         c, m = self.model.config, self.model
         p = f"blk.{il}."
         H, hd, r, fr = c.n_head, c.head_dim, c.n_rot, m.freqs[il]
-        qa = self._proj(p + "attn_q_a.weight", xn, self._b("qa", S, c.q_lora_rank))
-        kvp = self._proj(p + "attn_kv.weight", xn, self._b("kvp", S, hd))
+        done = self._decode_projections(xn, il) if S == 1 else None
+        qa = self._proj(p + "attn_q_a.weight", xn, self._b("qa", S, c.q_lora_rank), done)
+        kvp = self._proj(p + "attn_kv.weight", xn, self._b("kvp", S, hd), done)
         qr, kvcur = self._b("qr", S, c.q_lora_rank), self._b("kvcur", S, hd)
         ops.rms_norm_qkv(qa, m.v[p + "attn_q_a_norm.weight"], qr, kvp, m.v[p + "attn_kv_a_norm.weight"], kvcur, fr,
                          self.d_pos, r, m.qat, c.rms_eps)
@@ -390,8 +441,8 @@ class CudaSession:
         comp, idx, mode = None, None, 0
         if ratio:
             cw = c.compressor_width(il)
-            C = self._proj(p + "attn_compressor_kv.weight", xn, self._b("C", S, cw))
-            Z = self._proj(p + "attn_compressor_gate.weight", xn, self._b("Z", S, cw))
+            C = self._proj(p + "attn_compressor_kv.weight", xn, self._b("C", S, cw), done)
+            Z = self._proj(p + "attn_compressor_gate.weight", xn, self._b("Z", S, cw), done)
             comp = self.kv[(il, "comp")]
             ops.compressor_step(C, Z, m.v[p + "attn_compressor_ape.weight"], self.kv[(il, "comp_kv_state")],
                                 self.kv[(il, "comp_score_state")], self.d_pos, ratio,
@@ -399,7 +450,7 @@ class CudaSession:
                                 ops.QAT_FP8 if m.qat else ops.QAT_NONE, comp, c.rms_eps)
             mode = 1
             if ratio == 4:
-                idx = self._indexer(xn, qr, S, il)
+                idx = self._indexer(xn, qr, S, il, done)
                 mode = 2
         att = self._b("att", S, H, hd)
         rows = self.att_rows[il]
@@ -428,12 +479,12 @@ class CudaSession:
             cp.copyto(low.reshape(S, G, R), lg.transpose(1, 0, 2))
         return self._proj(p + "attn_output_b.weight", low, self._b("y", S, c.n_embd))
 
-    def _indexer(self, xn, qr, S: int, il: int):
+    def _indexer(self, xn, qr, S: int, il: int, done: dict | None):
         c, m = self.model.config, self.model
         p = f"blk.{il}."
         HI, ci, r, fr = c.indexer_n_head, c.indexer_head_dim, c.n_rot, m.freqs[il]
-        Ci = self._proj(p + "indexer_compressor_kv.weight", xn, self._b("Ci", S, 2 * ci))
-        Zi = self._proj(p + "indexer_compressor_gate.weight", xn, self._b("Zi", S, 2 * ci))
+        Ci = self._proj(p + "indexer_compressor_kv.weight", xn, self._b("Ci", S, 2 * ci), done)
+        Zi = self._proj(p + "indexer_compressor_gate.weight", xn, self._b("Zi", S, 2 * ci), done)
         index = self.kv[(il, "index")]
         qat = ops.QAT_HADAMARD_FP4 if m.qat else ops.QAT_NONE
         ops.compressor_step(Ci, Zi, m.v[p + "indexer_compressor_ape.weight"], self.kv[(il, "index_kv_state")],
@@ -441,7 +492,7 @@ class CudaSession:
                             m.v[p + "indexer_compressor_norm.weight"], r, fr, qat, index, c.rms_eps)
         qi = self._proj(p + "indexer.attn_q_b.weight", qr, self._b("qi", S, HI * ci)).reshape(S, HI, ci)
         ops.heads_prep(qi, False, r, fr, self.d_pos, qat, c.rms_eps)
-        wts = self._proj(p + "indexer.proj.weight", xn, self._b("wts", S, HI))
+        wts = self._proj(p + "indexer.proj.weight", xn, self._b("wts", S, HI), done)
         stride = self.ctx // 4 + 2
         scores = self._b("scores", S, stride)
         nblk = ops.indexer_blocks(self.ctx // 4, S)          # from ctx, never the position (graph capture)
@@ -483,25 +534,20 @@ class CudaSession:
         emb = "token_embd.weight"
         ops.embed_hc(self.d_ids[:S], m.w[emb], ops.dtype_code(m.qtype[emb]), X)
         xn = self._b("xn", S, D)
+        post = None                     # (y, coef) of the sub-block whose hc_post the next hc step applies
         for il in range(c.n_layer):
             p = f"blk.{il}."
-            coef = self._hc_pre(X, p + "hc_attn_", S, p + "attn_norm.weight", xn)
-            y = self._attention(xn, S, il)
-            ops.hc_post(X, y, coef)
-            coef = self._hc_pre(X, p + "hc_ffn_", S, p + "ffn_norm.weight", xn)
-            y = self._moe(xn, S, il)
-            ops.hc_post(X, y, coef)
-        logits = None
+            coef = self._hc(X, p + "hc_attn_", S, p + "attn_norm.weight", xn, post)
+            post = (self._attention(xn, S, il), coef)
+            coef = self._hc(X, p + "hc_ffn_", S, p + "ffn_norm.weight", xn, post)
+            post = (self._moe(xn, S, il), coef)
+        logits = None                   # X is the chunk's own (the next chunk starts from its embeddings)
         if want_logits:
             rows = S if all_logits else 1
-            Xh = X if all_logits else X[S - 1:S]
-            ns = ops.hc_nsplit(n * D, rows)
-            part = self._b("hcpart", rows, ns, n + 1)
-            fn = "output_hc_fn.weight"
-            ops.hc_mix(Xh, m.w[fn], ops.dtype_code(m.qtype[fn]), n, part, ns)
+            if not all_logits:          # the head reads the last row: only it gets the last hc_post
+                X, post = X[S - 1:S], (post[0][S - 1:S], post[1][S - 1:S])
             yh = self._b("u", rows, D)
-            ops.hc_split_collapse(Xh, part, ns, n, m.v["output_hc_scale.weight"], m.v["output_hc_base.weight"], 0,
-                                  c.hc_eps, c.rms_eps, True, yh, None, m.v["output_norm.weight"], yh)
+            self._hc(X, "output_hc_", rows, "output_norm.weight", yh, post, head=True)
             if rows == 1:
                 logits = self._b("logits", 1, c.n_vocab)
             else:
