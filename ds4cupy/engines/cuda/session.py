@@ -83,18 +83,17 @@ class CudaModel:
                 raise NotImplementedError(f"{n}: hyper-connection projections in {self.qtype[n].name} are not "
                                           "supported by the GPU backend yet (F32 / F16 / BF16)")
         if repack_q8_0 is None:
-            repack_q8_0 = os.environ.get("DS4CUPY_REPACK_Q8_0", "0") != "0"
+            repack_q8_0 = os.environ.get("DS4CUPY_REPACK_Q8_0", "1") != "0"
         if repack_q8_0:
             self._repack_q8_0()
 
     def _repack_q8_0(self) -> None:
         """Q8_0 weights into the plane layout of engines/cuda/q8_0r.py, in place (same bytes and allocation; arrays
         given to from_tensors included), so the decode kernels read them with 16-byte loads: every tensor of
-        q8_0r.repack_plan, whose qtype becomes Q8_0R(slab_rows); quant_ops dispatches on it. Off by default:
-        measured on the H200 (43-layer q2, commit a81730d, benchmarks/h200/2026-12-03-ab-repack*.json) it made
-        decode 5 % slower (72.95 vs 76.75 t/s; its automatic launch geometry then picked 2 rows per warp where 4 wins;
-        quant_ops.q8r_launch_geometry now picks 4, not yet measured end to end)
-        and prefill 11 % faster. repack_q8_0=True or DS4CUPY_REPACK_Q8_0=1 turns it on."""
+        q8_0r.repack_plan, whose qtype becomes Q8_0R(slab_rows); quant_ops dispatches on it. On by default since
+        the launch geometry of q8r_launch_geometry (4 rows a warp): measured on the H200 (43-layer q2, commit dfbc8a5,
+        benchmarks/h200/2026-12-03-ab-repack*-dfbc8a5.json) decode 80.9 vs 77.0 t/s at depth 0, 77.2 vs 73.4 at
+        4,096, prefill pp512 267 vs 241 t/s. repack_q8_0=False or DS4CUPY_REPACK_Q8_0=0 keeps the GGUF blocks."""
         import cupy as cp
 
         from .q8_0r import Q8_0R, repack_plan, repack_q8_0
