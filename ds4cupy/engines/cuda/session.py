@@ -33,6 +33,7 @@ from ..numerics import rope_freqs
 from ..state import SessionState, chain_of, chain_rows, chain_tokens
 from . import ops
 from . import quant_ops as qo
+from .q8_0r import Q8_0R
 
 DEFAULT_CHUNK = 2048
 DECODE_ROWS_PER_SPLIT = 32   # decode attention: key-list entries per split (splits = longest list / 32, from ctx)
@@ -96,7 +97,7 @@ class CudaModel:
         4,096, prefill pp512 267 vs 241 t/s. repack_q8_0=False or DS4CUPY_REPACK_Q8_0=0 keeps the GGUF blocks."""
         import cupy as cp
 
-        from .q8_0r import Q8_0R, repack_plan, repack_q8_0
+        from .q8_0r import repack_plan, repack_q8_0
         plan = repack_plan(((n, t, self.w[n].shape) for n, t in self.qtype.items() if n in self.w),
                            self.config.o_groups)
         with cp.cuda.Device(self.device):
@@ -245,7 +246,9 @@ class CudaSession:
         for il in range(m.config.n_layer):
             by_type: dict[str, list[str]] = {}
             for name in self._xn_projections(il):
-                by_type.setdefault(str(m.qtype[name]), []).append(name)
+                q = m.qtype[name]       # Q8_0R matrices of one slab each share a launch whatever their row counts
+                one_slab = isinstance(q, Q8_0R) and q.slab_rows == m.w[name].shape[0]
+                by_type.setdefault("Q8_0R, one slab" if one_slab else str(q), []).append(name)
             layer, row = [], 0
             for names in by_type.values():
                 if len(names) > 1:
