@@ -17,6 +17,7 @@ import numpy as np
 
 from ..format.config import ModelConfig
 from ..format.model_file import ModelFile
+from ..text.candidates import TopCandidates, top_candidates
 from .contract import check_token_ids
 from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, rope_apply, rope_cos_sin, rope_freqs,
                        sigmoid, silu, softplus)
@@ -339,6 +340,11 @@ class ReferenceSession:
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._forward(check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx), False)
+
+    def decode_top(self, token_id: int, temperature: float) -> TopCandidates:
+        """decode(token_id), handed back as the sampler's candidate set (the contract; computed with NumPy)."""
+        logits = self.decode(token_id)
+        return top_candidates(logits, temperature, fetch_logits=lambda: logits)
 
     def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         out = []

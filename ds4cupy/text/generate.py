@@ -23,6 +23,9 @@ complete tool call), "length" (max_tokens or the context is full).
 Before each sample the logits go through, in this order: the LogitAdjustments (logit_bias, penalties, min_tokens;
 text.logit_processors), then the grammar Constraint's mask (text.constraints). The Sampler, and the logprobs
 (text.logprobs, when `logprobs` is set: the sampled token's and the `logprobs` most likely), see the result.
+Decode fast path: when nothing needs the whole row (no adjustments, no constraint, no logprobs) and the session has
+`decode_top`, decode steps return a TopCandidates (text.candidates: a few KB instead of the row) and the sampler
+draws from it (Sampler.sample_top: the same token ids; it fetches the row itself in the cases the set cannot decide).
 `ignore_eos` (vLLM's): EOS does not end generation; it is generated, releases no text, and decoding goes on.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 from .logit_processors import LogitAdjustments, LogitProcessor
 from .logprobs import TokenLogprob, token_logprob
 from .output_parser import OutputParser, new_tool_call_id
+from .candidates import TopCandidates
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -128,6 +132,7 @@ class Generator:
         self.completion_tokens: list[int] = []
         self.text = ""                 # all released text (stop string and what follows excluded)
         self.finish_reason: str | None = None
+        self.fast_path = False         # set by stream(): decode steps use session.decode_top (module docstring)
         self._used = False
 
     # totals, for non-streaming callers
@@ -157,12 +162,16 @@ class Generator:
         ctx = getattr(session, "ctx", None) or getattr(session, "n_ctx", None)
         processor = (LogitProcessor(self.adjust, getattr(session, "tokens", ()), self.end_ids)
                      if self.adjust.active else None)
+        # decode steps hand over candidates (a few KB) unless something needs the whole logits row
+        self.fast_path = (processor is None and self.constraint is None and self.logprobs is None
+                          and callable(getattr(session, "decode_top", None)))
         while True:
             if processor is not None:
                 logits = processor.apply(logits)
             if self.constraint is not None:
                 logits = self.constraint.apply(logits)
-            token = self.sampler.sample(logits)
+            token = (self.sampler.sample_top(logits) if isinstance(logits, TopCandidates)
+                     else self.sampler.sample(logits))
             logprob = None if self.logprobs is None else token_logprob(logits, token, self.logprobs)
             if processor is not None:
                 processor.record(token)
@@ -198,7 +207,7 @@ class Generator:
                 yield delta
                 return
             yield delta
-            logits = session.decode(token)
+            logits = session.decode_top(token, self.params.temperature) if self.fast_path else session.decode(token)
 
     def _parse(self, token: int, text: str, final: bool) -> GenerationDelta:
         self.text += text

@@ -16,7 +16,9 @@ position counter.
 Decode-step rules (design.md "Decode speed"): every buffer is allocated when the session is made; a step reads the
 position from device memory (`d_pos`, advanced by a kernel at the end of each call) and the token id from `d_ids`;
 expert ids and weights go from the router kernel to the MoE kernels through device memory. The only host transfers
-of a decode step are the token id upload and the logits download at the end.
+of a decode step are the token id upload and the logits download at the end; decode_top (the fast path) runs the
+sampler's candidate kernels in the same graph (engines/cuda/sample_ops.py) and downloads ~8 KB through pinned memory
+instead of the row.
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ import numpy as np
 
 from ...format.config import ModelConfig
 from ...format.model_file import ModelFile
+from ...text.candidates import TopCandidates
 from ..contract import check_token_ids
 from ..numerics import rope_freqs
 from ..state import SessionState, chain_of, chain_rows, chain_tokens
 from . import ops
 from . import quant_ops as qo
 from .q8_0r import Q8_0R
+from .sample_ops import DeviceCandidates
 
 DEFAULT_CHUNK = 2048
 DECODE_ROWS_PER_SPLIT = 32   # decode attention: key-list entries per split (splits = longest list / 32, from ctx)
@@ -186,11 +190,15 @@ class CudaSession:
             self._groups = self._projection_groups()
             self._grp_rows = max([r + g.total_rows for layer in self._groups for g, r, _ in layer] + [1])
             self._alloc_scratch()
+            self._cand = DeviceCandidates(c.n_vocab, lambda shape, dtype: model.mem.alloc("scratch", shape, dtype))
         self.tokens: list[int] = []
         self.prefilled_tokens = 0          # tokens consumed by prefill() since the session was made (not decode)
         self._graph = None
         self._graph_stream = None
         self._eager_decodes = 0
+        self._steps = 0                    # decode steps run: a TopCandidates' logits() is valid for its step only
+        self.decode_timing = False         # bench: CUDA events around each decode step's GPU work
+        self._events = None
 
     # ---- buffers -----------------------------------------------------------------------------------------------------
     def _alloc_scratch(self) -> None:
@@ -372,29 +380,83 @@ class CudaSession:
 
     def decode(self, token_id: int) -> np.ndarray:
         import cupy as cp
-        if not self.model.decode_graph or self._eager_decodes < 1:
-            self._eager_decodes += 1          # the first step runs eagerly: kernels get compiled and loaded
-            logits = self.prefill([token_id])
-            self.prefilled_tokens -= 1        # a decode step: not counted as prefilled
-            return logits
-        ids = check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx)
+        stream = self._decode_step(token_id, None)
         with cp.cuda.Device(self.model.device):
-            if self._graph is None:
-                self._graph_stream = cp.cuda.Stream(non_blocking=True)
-                with self._graph_stream:
-                    self._graph_stream.begin_capture()
-                    try:
-                        self._forward(1, True, False)
-                    finally:
-                        self._graph = self._graph_stream.end_capture()
-            stream = self._graph_stream
-            stream.wait_event(cp.cuda.get_current_stream().record())   # after prefill / restore / reset work
-            self.d_ids[:1].set(ids.astype(np.int32), stream=stream)
-            self._graph.launch(stream)
             logits = cp.asnumpy(self._b("logits", 1, self.model.config.n_vocab), stream=stream)
             stream.synchronize()
-        self.tokens.append(int(ids[0]))
         return logits[0]
+
+    def decode_top(self, token_id: int, temperature: float) -> TopCandidates:
+        """The decode fast path (contract): the step's candidate set (kernels/sample.cu, computed in the decode graph
+        for `temperature`), one ~8 KB copy into pinned memory; .logits() downloads the row until the next step."""
+        import cupy as cp
+        stream = self._decode_step(token_id, temperature)
+        with cp.cuda.Device(self.model.device):
+            self._cand.copy_to_host(stream)
+            stream.synchronize()
+        return self._cand.result(self._logits_fetcher(self._steps))
+
+    def _logits_fetcher(self, step: int):
+        def fetch() -> np.ndarray:
+            import cupy as cp
+            if step != self._steps:
+                raise RuntimeError(f"the logits of decode step {step} are gone: the session has run step {self._steps}")
+            with cp.cuda.Device(self.model.device):
+                return cp.asnumpy(self._b("logits", 1, self.model.config.n_vocab)[0])
+        return fetch
+
+    @property
+    def last_decode_gpu_ms(self) -> float | None:
+        """With decode_timing: GPU milliseconds between the CUDA events around the last decode step's kernels (the
+        graph replay, or the eager launches of the first steps); the uploads and the download are outside."""
+        if self._events is None:
+            return None
+        import cupy as cp
+        self._events[1].synchronize()
+        return float(cp.cuda.get_elapsed_time(*self._events))
+
+    def _decode_step(self, token_id: int, temperature: float | None):
+        """Queue one decode step (the forward of one token, then the candidate kernels) and return its stream; nothing
+        is downloaded. The first step runs eagerly (kernels get compiled and loaded); with model.decode_graph the
+        second captures the same launches into a CUDA graph that every later step replays."""
+        import cupy as cp
+        ids = check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx)
+        V = self.model.config.n_vocab
+        with cp.cuda.Device(self.model.device):
+            timing = self.decode_timing
+            if timing and self._events is None:
+                self._events = (cp.cuda.Event(), cp.cuda.Event())
+            if not self.model.decode_graph or self._eager_decodes < 1:
+                self._eager_decodes += 1
+                stream = cp.cuda.get_current_stream()
+                self._cand.set_temperature(temperature, stream)
+                self.d_ids[:1].set(ids.astype(np.int32))
+                if timing:
+                    self._events[0].record(stream)
+                self._forward(1, True, False)
+                self._cand.launch(self._b("logits", 1, V)[0])
+            else:
+                if self._graph is None:
+                    self._graph_stream = cp.cuda.Stream(non_blocking=True)
+                    with self._graph_stream:
+                        self._graph_stream.begin_capture()
+                        try:
+                            self._forward(1, True, False)
+                            self._cand.launch(self._b("logits", 1, V)[0])
+                        finally:
+                            self._graph = self._graph_stream.end_capture()
+                stream = self._graph_stream
+                stream.wait_event(cp.cuda.get_current_stream().record())   # after prefill / restore / reset work
+                self._cand.set_temperature(temperature, stream)
+                self.d_ids[:1].set(ids.astype(np.int32), stream=stream)
+                if timing:
+                    self._events[0].record(stream)
+                self._graph.launch(stream)
+            if timing:
+                self._events[1].record(stream)
+        self.tokens.append(int(ids[0]))
+        self._steps += 1
+        return stream
 
     # ---- the forward pass ----------------------------------------------------------------------------------------------
     def _proj(self, name: str, x, out, done: dict | None = None):

@@ -15,6 +15,13 @@ Method (BENCHMARKS.md has the long form):
   feeding the greedy token (argmax of the logits, EOS excluded) of the step before. With t0 the end of the prefill and
   t1..tN the ends of the steps: steady state = (N-1) / (tN - t1) (llama-benchy), average = N / (tN - t0) (ds4-bench:
   every decode step counted, the first too).
+- Decode path: `decode_top` (default, `--decode-path top`: the session's candidate set, greedy = its first id that is
+  not EOS; on the GPU the candidates are computed inside the decode graph and ~8 KB come back) or `decode` (`logits`:
+  the whole row comes back and argmax runs on the host).
+- Host time per decoded token (cuda backend): for each step, the wall time of the decode call plus the token choice,
+  minus the GPU time between two CUDA events the session records on its stream just before and just after the step's
+  kernels (the graph replay); what is left is the Python, the uploads (token id, temperature), the launch, the
+  download and the wake-up after the synchronize: the time the GPU idles between steps. Median over the steps.
 - Bytes read per decoded token: weights (info.decode_bytes_per_token: dense tensors, n_expert_used of n_expert
   experts per layer, one embedding row, the head) + KV rows attention reads at that position (window ring, compressed
   rows of HCA layers, the indexer's rows and the top-k selected rows of CSA layers, compressor state), averaged over

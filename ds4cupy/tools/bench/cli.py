@@ -69,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how decode tests reach their depth: prefill the prompt (default), or random = fill the KV "
                         "state of depth-1 tokens with random rows and prefill one token (cuda backend only; decode "
                         "speed at depths whose prefill would take minutes; TTFT is then not the prompt's)")
+    p.add_argument("--decode-path", choices=("top", "logits"), default="top",
+                   help="decode steps: top = session.decode_top (the sampler's candidate set, computed on the GPU inside "
+                        "the decode graph, ~8 KB copied back; default) or logits = session.decode (the whole logits "
+                        "row copied back, argmax on the host). Host time per token (cuda) = wall time of the call and "
+                        "the token choice minus the GPU time between CUDA events around the step's kernels")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids and synthetic weights")
     p.add_argument("--page-cache", choices=("drop", "fadvise", "keep"), default="drop",
                    help="before each run: drop = /proc/sys/vm/drop_caches when permitted, else posix_fadvise "
@@ -119,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
                   "python": platform.python_version(), "commit": args.commit or git_commit(), "gpu": None,
                   "settings": {"runs": args.runs, "pp": args.pp, "tg": args.tg, "depth": args.depth,
                                "seed": args.seed, "warmup": not args.no_warmup,
-                               "depth_fill": args.depth_fill}}
+                               "depth_fill": args.depth_fill, "decode_path": args.decode_path}}
     from ... import __version__
     meta["ds4cupy"] = __version__
     from ...memory.budget import kv_bytes_per_token

@@ -211,6 +211,15 @@ def greedy(logits: np.ndarray, exclude: int | None) -> int:
     return int(np.argmax(logits))
 
 
+def greedy_top(top, exclude: int | None) -> int:
+    """greedy() from a decode_top candidate set: the first candidate (value descending, then id) that is not
+    `exclude` (the set holds 1,024 ids, so one besides EOS is always there)."""
+    for i in top.ids:
+        if int(i) != exclude:
+            return int(i)
+    raise ValueError("no candidate besides the excluded id")
+
+
 def bench_ids(cfg, tokenizer, n: int, seed: int) -> np.ndarray:
     """n fixed token ids (seeded), drawn from the non-control tokens when a tokenizer is known."""
     rng = np.random.default_rng(seed)
@@ -266,6 +275,12 @@ def engine_run(target: EngineTarget, args, ctx: int, run: int) -> dict:
                                    "first_token": first})
 
         out["decode"] = []
+        # decode steps: the candidate fast path (decode_top, greedy from its sorted ids) unless --decode-path logits;
+        # host time per token = wall time of the call + token choice - GPU time between the session's CUDA events
+        fast = getattr(args, "decode_path", "top") == "top" and callable(getattr(session, "decode_top", None))
+        timing = hasattr(session, "decode_timing")
+        if timing:
+            session.decode_timing = True
         for depth in args.depth:
             for n in args.tg:
                 session.reset()
@@ -279,15 +294,25 @@ def engine_run(target: EngineTarget, args, ctx: int, run: int) -> dict:
                 t = greedy(lg, eos)
                 gpu_sync(on_gpu)
                 t_first = time.perf_counter()
-                stamps = []
+                stamps, host_ms = [], []
                 for _ in range(n):
-                    lg = session.decode(t)
-                    t = greedy(lg, eos)
+                    c0 = time.perf_counter()
+                    if fast:
+                        t = greedy_top(session.decode_top(t, 0.0), eos)
+                    else:
+                        t = greedy(session.decode(t), eos)
+                    wall_ms = (time.perf_counter() - c0) * 1e3
+                    gpu_ms = session.last_decode_gpu_ms if timing else None
+                    if gpu_ms is not None:
+                        host_ms.append(wall_ms - gpu_ms)
                     gpu_sync(on_gpu)
                     stamps.append(time.perf_counter())
                 mem.sample()
-                out["decode"].append(decode_record(target, depth, max(depth, 1), n, t_req, t_first, stamps,
-                                                   out["bandwidth"]))
+                rec = decode_record(target, depth, max(depth, 1), n, t_req, t_first, stamps, out["bandwidth"])
+                rec["decode_path"] = "top" if fast else "logits"
+                rec["host_ms_per_token"] = float(np.median(host_ms)) if host_ms else None
+                rec["host_ms_mean"] = float(np.mean(host_ms)) if host_ms else None
+                out["decode"].append(rec)
         del session
     finally:
         model.close()

@@ -21,6 +21,7 @@ def metric_rows(runs: list[dict]) -> list[tuple[str, str, str, float]]:
                  (f"{k}.avg_tps", f"{k} decode avg (incl. first)", "t/s", 1.0),
                  (f"{k}.ttft_s", f"{k} TTFT", "s", 1.0),
                  (f"{k}.bytes_per_token", f"{k} bytes read/token", "MB", 1e-6),
+                 (f"{k}.host_ms_per_token", f"{k} host time/token (median)", "ms", 1.0),
                  (f"{k}.gbps", f"{k} achieved", "GB/s", 1.0),
                  (f"{k}.roofline_fraction", f"{k} roofline", "%", 100.0)]
     return rows
