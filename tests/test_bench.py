@@ -44,7 +44,9 @@ def _check_report(report: dict, pp: list[int], tg: int, depths: list[int], runs:
             assert s["min"] <= s["median"] <= s["max"] and len(s["values"]) == s["n"]
 
 
-def test_bench_end_to_end_reference(tiny_model_path, tmp_path, capsys):
+def test_bench_end_to_end_reference(tiny_model_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DS4CUPY_REPACK_Q8_0", "0")       # engine switches are recorded with the report
+    monkeypatch.setenv("NOT_DS4CUPY_X", "1")
     out, csv_out = tmp_path / "b.json", tmp_path / "b.csv"
     rc = cli_main(["bench", "-m", str(tiny_model_path), "--backend", "reference", "--pp", "64", "--tg", "8",
                    "--depth", "0,32", "--runs", "2", "--page-cache", "fadvise", "--json-out", str(out),
@@ -55,6 +57,8 @@ def test_bench_end_to_end_reference(tiny_model_path, tmp_path, capsys):
     m = report["meta"]
     assert m["backend"] == "reference" and m["mode"] == "engine" and m["gpu"] is None
     assert m["page_cache"] == ["fadvise", "fadvise"]
+    assert m["env"] == {k: v for k, v in os.environ.items() if k.startswith("DS4CUPY_")}
+    assert m["env"]["DS4CUPY_REPACK_Q8_0"] == "0" and "NOT_DS4CUPY_X" not in m["env"]
     for r in report["runs"]:
         assert r["load_s"] > 0 and r["bandwidth"] is None and r["peak_gpu_mem_bytes"] is None
         assert r["peak_rss_bytes"] > 0

@@ -155,6 +155,28 @@ def test_decode_graph_replay_equals_eager(tiny_file, rng):
     np.testing.assert_array_equal(graph.decode(int(steps[0])), eager.decode(int(steps[0])))
 
 
+def test_fused_hc_step_equals_three_launches(tiny_file, rng, monkeypatch):
+    """hc_step (one launch per hyper-connection step, the default) against DS4CUPY_HC_FUSED=0 (hc_post, hc_mix,
+    hc_split_collapse) through a whole model, QAT off: a 300-token prefill (chunks of 64) and 30 graph-replayed decode
+    steps. They differ only in float32 summation order (the mix's split sums, the norm's grouping), so the logits agree
+    to 1e-4 of their range (a wrong post, counter or collapse gives O(1)) with the same greedy tokens."""
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.format.model_file import ModelFile
+
+    mf = ModelFile(tiny_file)
+    ids = rng.integers(0, mf.config.n_vocab, 300)
+    fused = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(512)
+    monkeypatch.setenv("DS4CUPY_HC_FUSED", "0")
+    three = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(512)
+    assert fused.model.hc_fused and not three.model.hc_fused
+    a, b = fused.prefill(ids), three.prefill(ids)
+    for _ in range(30):
+        assert _rel(a, b) <= 1e-4
+        assert _same_greedy(a, b, 1e-4, strict=False)
+        tok = int(np.argmax(b))
+        a, b = fused.decode(tok), three.decode(tok)
+
+
 def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng):
     """No launch parameter of the decode graph depends on the position at capture (issue 18): a graph captured at
     depth ~12 and replayed past depth 4,096 gives the eager step's logits bit for bit, and both match the reference

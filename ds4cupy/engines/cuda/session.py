@@ -87,6 +87,8 @@ class CudaModel:
             if self.qtype[n].name not in ("F32", "F16", "BF16"):
                 raise NotImplementedError(f"{n}: hyper-connection projections in {self.qtype[n].name} are not "
                                           "supported by the GPU backend yet (F32 / F16 / BF16)")
+        # hc_step (one launch per hyper-connection step) or the three launches it fuses: DS4CUPY_HC_FUSED=0
+        self.hc_fused = os.environ.get("DS4CUPY_HC_FUSED", "1") != "0"
         if repack_q8_0 is None:
             repack_q8_0 = os.environ.get("DS4CUPY_REPACK_Q8_0", "1") != "0"
         if repack_q8_0:
@@ -472,19 +474,28 @@ class CudaSession:
         return out
 
     def _hc(self, X, name: str, S: int, norm: str, xn, post, head: bool = False):
-        """One launch: hc_post of the previous sub-block (post = its (y, coef), or None), then mHC pre (mix, Sinkhorn
-        split, collapse; head=True: the output head's sigmoid collapse) and the block's RMS norm:
+        """One launch (hc_step): hc_post of the previous sub-block (post = its (y, coef), or None), then mHC pre (mix,
+        Sinkhorn split, collapse; head=True: the output head's sigmoid collapse) and the block's RMS norm:
         xn = rms_norm(u, norm). Returns (post, comb) coefficients for the next hc_post (None for the head)."""
         c, m = self.model.config, self.model
         n, D = c.hc_mult, c.n_embd
         rows = n if head else c.hc_mix
-        ns = ops.hc_step_nsplit(n, D, S)
         fn = f"{name}fn.weight"
         y, coef_in = post if post is not None else (None, None)
         coef = None if head else self._b("coef", S, n + n * n)
+        scale, base, iters = m.v[f"{name}scale.weight"], m.v[f"{name}base.weight"], 0 if head else c.hc_sinkhorn_iters
+        if not m.hc_fused:              # the three launches hc_step fuses (DS4CUPY_HC_FUSED=0)
+            if post is not None:
+                ops.hc_post(X, y, coef_in)
+            ns = ops.hc_nsplit(n * D, S)
+            part = self._b("hcpart", S, ns, rows + 1)
+            ops.hc_mix(X, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, part, ns)
+            ops.hc_split_collapse(X, part, ns, rows, scale, base, iters, c.hc_eps, c.rms_eps, head, self._b("u", S, D),
+                                  coef, m.v[norm], xn)
+            return coef
+        ns = ops.hc_step_nsplit(n, D, S)
         ops.hc_step(X, y, coef_in, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, self._b("hcpart", S, ns, rows + 1), ns,
-                    self._hc_counter, m.v[f"{name}scale.weight"], m.v[f"{name}base.weight"],
-                    0 if head else c.hc_sinkhorn_iters, c.hc_eps, c.rms_eps, head, self._b("u", S, D), coef,
+                    self._hc_counter, scale, base, iters, c.hc_eps, c.rms_eps, head, self._b("u", S, D), coef,
                     m.v[norm], xn)
         return coef
 

@@ -127,6 +127,9 @@ def main(args: argparse.Namespace) -> int:
                                "depth_fill": args.depth_fill, "decode_path": args.decode_path}}
     from ... import __version__
     meta["ds4cupy"] = __version__
+    # the engine switches in effect (DS4CUPY_* environment variables: kernel paths, repacking), so a report says
+    # which code paths it measured
+    meta["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("DS4CUPY_")}
     from ...memory.budget import kv_bytes_per_token
 
     if args.server:
