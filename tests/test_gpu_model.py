@@ -177,6 +177,29 @@ def test_fused_hc_step_equals_three_launches(tiny_file, rng, monkeypatch):
         a, b = fused.decode(tok), three.decode(tok)
 
 
+@pytest.mark.parametrize("qat", [True, False])
+def test_side_branches_equal_one_stream(tiny_file, qat, rng, monkeypatch):
+    """The side-stream branches (compressors and indexer beside the query path, the shared expert beside the routed
+    ones) against DS4CUPY_BRANCHES=0 (one stream, program order): the same kernels on the same inputs, so the logits
+    are bit-identical through a chunked prefill (eager, concurrent streams) and graph-replayed decode steps (parallel
+    graph branches); a missing dependency between the branches shows up as a difference."""
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.format.model_file import ModelFile
+
+    mf = ModelFile(tiny_file)
+    ids = rng.integers(0, mf.config.n_vocab, 300)
+    two = CudaModel.from_file(mf, qat=qat, memory="device", chunk=64).new_session(512)
+    monkeypatch.setenv("DS4CUPY_BRANCHES", "0")
+    one = CudaModel.from_file(mf, qat=qat, memory="device", chunk=64).new_session(512)
+    assert two.model.branches and not one.model.branches
+    a, b = two.prefill(ids), one.prefill(ids)
+    for _ in range(30):
+        np.testing.assert_array_equal(a, b)
+        tok = int(np.argmax(b))
+        a, b = two.decode(tok), one.decode(tok)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng):
     """No launch parameter of the decode graph depends on the position at capture (issue 18): a graph captured at
     depth ~12 and replayed past depth 4,096 gives the eager step's logits bit for bit, and both match the reference

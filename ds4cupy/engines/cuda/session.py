@@ -22,6 +22,7 @@ instead of the row.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -89,6 +90,10 @@ class CudaModel:
                                           "supported by the GPU backend yet (F32 / F16 / BF16)")
         # hc_step (one launch per hyper-connection step) or the three launches it fuses: DS4CUPY_HC_FUSED=0
         self.hc_fused = os.environ.get("DS4CUPY_HC_FUSED", "1") != "0"
+        # independent chains (the compressors and the indexer beside the query path, the shared expert beside the
+        # router and routed experts) on a side stream: parallel branches of the decode graph. DS4CUPY_BRANCHES=0: one
+        # stream, program order.
+        self.branches = os.environ.get("DS4CUPY_BRANCHES", "1") != "0"
         if repack_q8_0 is None:
             repack_q8_0 = os.environ.get("DS4CUPY_REPACK_Q8_0", "1") != "0"
         if repack_q8_0:
@@ -189,6 +194,7 @@ class CudaSession:
             self.kv = alloc_kv(model.mem, c, ctx, model.kv_mode, model.chunk)
             self.d_pos = cp.zeros(1, cp.int32)
             self.d_ids = cp.zeros(self.S_max, cp.int32)
+            self._side = cp.cuda.Stream(non_blocking=True)      # the side branch (_side_branch)
             self._groups = self._projection_groups()
             self._grp_rows = max([r + g.total_rows for layer in self._groups for g, r, _ in layer] + [1])
             self._alloc_scratch()
@@ -461,6 +467,32 @@ class CudaSession:
         return stream
 
     # ---- the forward pass ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _side_branch(self):
+        """Launches in the block go to the side stream, after everything queued so far on the current one (a parallel
+        branch of the decode graph; concurrent streams in eager calls). Every use is followed by
+        _join_side_branch before anything reads what the branch wrote. model.branches False (DS4CUPY_BRANCHES=0):
+        the launches stay on the current stream, in program order."""
+        if not self.model.branches:
+            yield
+            return
+        import cupy as cp
+        main = cp.cuda.get_current_stream()
+        fork = cp.cuda.Event(disable_timing=True)
+        fork.record(main)
+        self._side.wait_event(fork)
+        with self._side:
+            yield
+
+    def _join_side_branch(self) -> None:
+        """The current stream waits for everything queued on the side stream."""
+        if not self.model.branches:
+            return
+        import cupy as cp
+        done = cp.cuda.Event(disable_timing=True)
+        done.record(self._side)
+        cp.cuda.get_current_stream().wait_event(done)
+
     def _proj(self, name: str, x, out, done: dict | None = None):
         """out[S, rows] = x[S, cols] @ W^T for a weight in its GGUF block format (matvec for one row). done: products
         already computed by a grouped launch ({name: array}); `name` is taken from there when present."""
@@ -506,27 +538,24 @@ class CudaSession:
         done = self._decode_projections(xn, il) if S == 1 else None
         qa = self._proj(p + "attn_q_a.weight", xn, self._b("qa", S, c.q_lora_rank), done)
         kvp = self._proj(p + "attn_kv.weight", xn, self._b("kvp", S, hd), done)
+        ratio = c.ratio(il)
+        comp, idx, mode = None, None, 0
+        if ratio:                       # side branch: the compressors (they need only xn)
+            mode = 2 if ratio == 4 else 1
+            with self._side_branch():
+                comp = self._compress(xn, S, il, done)
+                if mode == 2:
+                    self._index_rows(xn, S, il, done)
         qr, kvcur = self._b("qr", S, c.q_lora_rank), self._b("kvcur", S, hd)
         ops.rms_norm_qkv(qa, m.v[p + "attn_q_a_norm.weight"], qr, kvp, m.v[p + "attn_kv_a_norm.weight"], kvcur, fr,
                          self.d_pos, r, m.qat, c.rms_eps)
+        if mode == 2:                   # the side branch continues with the indexer once qr is ready
+            with self._side_branch():
+                idx = self._index_select(xn, qr, S, il, done)
         q = self._proj(p + "attn_q_b.weight", qr, self._b("q", S, c.q_dim)).reshape(S, H, hd)
         ops.heads_prep(q, True, r, fr, self.d_pos, ops.QAT_NONE, c.rms_eps)
-
-        ratio = c.ratio(il)
-        comp, idx, mode = None, None, 0
         if ratio:
-            cw = c.compressor_width(il)
-            C = self._proj(p + "attn_compressor_kv.weight", xn, self._b("C", S, cw), done)
-            Z = self._proj(p + "attn_compressor_gate.weight", xn, self._b("Z", S, cw), done)
-            comp = self.kv[(il, "comp")]
-            ops.compressor_step(C, Z, m.v[p + "attn_compressor_ape.weight"], self.kv[(il, "comp_kv_state")],
-                                self.kv[(il, "comp_score_state")], self.d_pos, ratio,
-                                m.v[p + "attn_compressor_norm.weight"], r, fr,
-                                ops.QAT_FP8 if m.qat else ops.QAT_NONE, comp, c.rms_eps)
-            mode = 1
-            if ratio == 4:
-                idx = self._indexer(xn, qr, S, il, done)
-                mode = 2
+            self._join_side_branch()
         att = self._b("att", S, H, hd)
         rows = self.att_rows[il]
         rps = DECODE_ROWS_PER_SPLIT if S == 1 else rows       # sized from ctx: the decode graph fits any depth
@@ -554,24 +583,46 @@ class CudaSession:
             cp.copyto(low.reshape(S, G, R), lg.transpose(1, 0, 2))
         return self._proj(p + "attn_output_b.weight", low, self._b("y", S, c.n_embd))
 
-    def _indexer(self, xn, qr, S: int, il: int, done: dict | None):
+    def _compress(self, xn, S: int, il: int, done: dict | None):
+        """The attention compressor of layer il: its projections of xn and compressor_step (new rows of comp)."""
         c, m = self.model.config, self.model
         p = f"blk.{il}."
-        HI, ci, r, fr = c.indexer_n_head, c.indexer_head_dim, c.n_rot, m.freqs[il]
+        cw, ratio = c.compressor_width(il), c.ratio(il)
+        C = self._proj(p + "attn_compressor_kv.weight", xn, self._b("C", S, cw), done)
+        Z = self._proj(p + "attn_compressor_gate.weight", xn, self._b("Z", S, cw), done)
+        comp = self.kv[(il, "comp")]
+        ops.compressor_step(C, Z, m.v[p + "attn_compressor_ape.weight"], self.kv[(il, "comp_kv_state")],
+                            self.kv[(il, "comp_score_state")], self.d_pos, ratio,
+                            m.v[p + "attn_compressor_norm.weight"], c.n_rot, m.freqs[il],
+                            ops.QAT_FP8 if m.qat else ops.QAT_NONE, comp, c.rms_eps)
+        return comp
+
+    def _index_rows(self, xn, S: int, il: int, done: dict | None) -> None:
+        """The indexer's compressor of layer il (ratio 4): new rows of `index`."""
+        c, m = self.model.config, self.model
+        p = f"blk.{il}."
+        ci = c.indexer_head_dim
         Ci = self._proj(p + "indexer_compressor_kv.weight", xn, self._b("Ci", S, 2 * ci), done)
         Zi = self._proj(p + "indexer_compressor_gate.weight", xn, self._b("Zi", S, 2 * ci), done)
-        index = self.kv[(il, "index")]
         qat = ops.QAT_HADAMARD_FP4 if m.qat else ops.QAT_NONE
         ops.compressor_step(Ci, Zi, m.v[p + "indexer_compressor_ape.weight"], self.kv[(il, "index_kv_state")],
                             self.kv[(il, "index_score_state")], self.d_pos, 4,
-                            m.v[p + "indexer_compressor_norm.weight"], r, fr, qat, index, c.rms_eps)
+                            m.v[p + "indexer_compressor_norm.weight"], c.n_rot, m.freqs[il], qat,
+                            self.kv[(il, "index")], c.rms_eps)
+
+    def _index_select(self, xn, qr, S: int, il: int, done: dict | None):
+        """The indexer of layer il: its queries from qr, scores against every index row, the top-k row ids."""
+        c, m = self.model.config, self.model
+        p = f"blk.{il}."
+        HI, ci, r, fr = c.indexer_n_head, c.indexer_head_dim, c.n_rot, m.freqs[il]
+        qat = ops.QAT_HADAMARD_FP4 if m.qat else ops.QAT_NONE
         qi = self._proj(p + "indexer.attn_q_b.weight", qr, self._b("qi", S, HI * ci)).reshape(S, HI, ci)
         ops.heads_prep(qi, False, r, fr, self.d_pos, qat, c.rms_eps)
         wts = self._proj(p + "indexer.proj.weight", xn, self._b("wts", S, HI), done)
         stride = self.ctx // 4 + 2
         scores = self._b("scores", S, stride)
         nblk = ops.indexer_blocks(self.ctx // 4, S)          # from ctx, never the position (graph capture)
-        ops.indexer_scores(qi, wts, index, self.d_pos, 4, scores, nblk)
+        ops.indexer_scores(qi, wts, self.kv[(il, "index")], self.d_pos, 4, scores, nblk)
         K = c.indexer_top_k
         topk = self._topk[: S * K].reshape(S, K)
         ops.indexer_topk(scores, self.d_pos, 4, topk)
