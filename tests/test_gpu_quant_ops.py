@@ -104,7 +104,7 @@ def test_matmul(qtype, n):
     rows, cols = 67, 768
     w, wref = make_weight(qtype, (rows, cols), rng)
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    y = quant_ops().matmul(w, qtype, cupy.asarray(x))
+    y = quant_ops().matmul(w, qtype, cupy.asarray(x), precise=True)   # matmul.cu (tensor cores: test_gpu_matmul_mma)
     assert y.shape == (n, rows)
     assert rel_err(cupy.asnumpy(y), x.astype(np.float64) @ wref.T) <= RTOL, f"{qtype.name} n={n} seed={seed}"
 

@@ -1,4 +1,4 @@
-"""Quantized products on the GPU: thin wrappers over kernels/matvec.cu, matmul.cu and moe.cu.
+"""Quantized products on the GPU: thin wrappers over kernels/matvec.cu, matmul.cu, matmul_mma.cu and moe.cu.
 
 Weights are the raw GGUF bytes on the device, exactly as ds4cupy.format.quants lays them out: uint8 [rows, row_bytes]
 (or [experts, rows, row_bytes]) for block types, float32 / float16 / uint16 (bfloat16 bits) [rows, cols] for plain
@@ -17,6 +17,7 @@ q8r_launch_geometry). With Q8_0R weights, matvec / matvec_xgroup / MatvecGroup.r
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -376,8 +377,63 @@ class MatvecGroup:
 
 
 # ---- matmul, dequantize --------------------------------------------------------------------------------------------
-def matmul(w, qtype, x, out=None, stream=None):
-    """Y[n, rows] = X[n, cols] @ dequant(w)^T (float32), any n >= 1."""
+# Prefill products have two kernel families: matmul.cu (float32 FMAs on CUDA cores, every type, the precise path) and
+# matmul_mma.cu (tensor cores, mma.sync f16 -> f32, Q8_0 / Q8_0R / F16; float32-level results: the kernel header says
+# why). use_mma is the one rule that picks between them.
+MMA_MIN_TOKENS = 16
+MMA_TYPES = frozenset({T.Q8_0, T.F16})   # and every Q8_0R(slab_rows)
+MMA_MIN_CAPABILITY = 80                    # mma.sync.m16n8k16 f16 needs sm_80
+
+
+def use_mma(qtype, n: int, capability: int | None = None) -> bool:
+    """Whether matmul / matmul_xgroup run an [n, cols] x [rows, cols]^T product on tensor cores (matmul_mma.cu).
+
+    Rule: qtype is Q8_0, Q8_0R or F16, n >= MMA_MIN_TOKENS (16) and the device is sm_80 or newer (capability: e.g.
+    90; the current device's when None). Everything else (other types, fewer tokens, precise=True) takes the float32
+    CUDA-core kernels of matmul.cu.
+    Why 16: a CTA of the mma kernel covers 128 tokens, so at n tokens it does 128 / n times the useful tensor work;
+    with hi + lo fp16 operands the kernel's useful rate on full tiles is ~1/4 of the H200's ~990 TFLOP/s fp16 peak
+    (2 mma per product, mma.sync at ~1/2 of peak), ~8x the ~30 TFLOP/s the float32 64 x 64 tiles reach. Below
+    ~128 / 8 = 16 tokens the padding eats that advantage; both kernels then read each weight row once, so the product
+    is bound by weight bytes either way (the decode-like regime, n = 1 goes to matvec).
+    BF16 / F32 weights stay on the float32 kernel: their range and precision do not fit fp16 operands."""
+    t = qtype if isinstance(qtype, Q8_0R) else quants.qtype_of(qtype)
+    if not (isinstance(t, Q8_0R) or t in MMA_TYPES) or int(n) < MMA_MIN_TOKENS:
+        return False
+    if capability is None:
+        capability = _device_capability()
+    return int(capability) >= MMA_MIN_CAPABILITY
+
+
+def _device_capability() -> int:
+    import cupy
+    return _capability_of(cupy.cuda.Device().id)
+
+
+@functools.cache
+def _capability_of(device_id: int) -> int:
+    import cupy
+    return int(cupy.cuda.Device(device_id).compute_capability)
+
+
+def _launch_mma(w, t, rb: int, x, ldx: int, xgoff: int, y, ldy: int, ygoff: int, n: int, R: int, cols: int,
+                groups: int, stream) -> None:
+    """One launch of matmul_mma.cu (its header gives the arguments)."""
+    q8r = isinstance(t, Q8_0R)
+    name = "mma_matmul_q8_0r" if q8r else f"mma_matmul_{_SUFFIX[t]}"
+    with _stream(stream):
+        get_kernel("matmul_mma", name)(
+            ((R + 127) // 128, (n + 127) // 128, groups), (_THREADS,),
+            (w, np.int64(t.slab_rows if q8r else rb), x, np.int64(ldx), np.int64(xgoff), y, np.int64(ldy),
+             np.int64(ygoff), np.int32(n), np.int32(R), np.int32(cols)))
+
+
+def matmul(w, qtype, x, out=None, stream=None, precise: bool = False):
+    """Y[n, rows] = X[n, cols] @ dequant(w)^T (float32), any n >= 1.
+
+    Kernel: tensor cores (matmul_mma.cu) when use_mma(qtype, n) and not precise, else the float32 CUDA-core kernel
+    (matmul.cu). Both are float32-accurate (the mma kernel splits activations into two fp16 terms and keeps Q8_0
+    quants exact); they differ in summation order."""
     t = _qtype(qtype)
     x = _f32(x, "x")
     if x.ndim != 2:
@@ -389,11 +445,56 @@ def matmul(w, qtype, x, out=None, stream=None):
     y = _out(out, (n, rows))
     if n == 0:
         return y
+    if not precise and use_mma(t, n):
+        _aligned16(x, "x")
+        _launch_mma(w, t, rb, x, cols, 0, y, rows, 0, n, rows, cols, 1, stream)
+        return y
     q8r = isinstance(t, Q8_0R)
     k = get_kernel("matmul", "matmul_q8_0r" if q8r else f"matmul_{_SUFFIX[t]}")
     with _stream(stream):
         k(((rows + 63) // 64, (n + 63) // 64), (_THREADS,),
           (w, np.int32(t.slab_rows) if q8r else np.int64(rb), x, y, np.int32(n), np.int32(rows), np.int32(cols)))
+    return y
+
+
+def matmul_xgroup(w, qtype, x, groups: int, out=None, stream=None, precise: bool = False):
+    """Grouped product, the prefill form of matvec_xgroup (the attention output projection, model.md §2.4):
+    Y[t, g*R + r] = sum_c dequant(w)[g*R + r, c] * X[t, g*cin + c] for groups g < G, R = rows / G, cin = cols / G.
+
+    x: float32 [n, G * cin] (the attention output [n, H, head_dim] reshaped: group g = heads g*H/G ..), w: raw rows
+    [G * R, row_bytes of cin], out: float32 [n, G * R]. Q8_0R weights need slab_rows dividing R (one slab per group
+    or several). One launch on tensor cores when use_mma(qtype, n) and not precise; otherwise G float32 products on
+    per-group copies of x (matmul.cu)."""
+    t = _qtype(qtype)
+    x = _f32(x, "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [n, groups * cols], got shape {x.shape}")
+    groups = int(groups)
+    n, width = x.shape
+    if groups <= 0 or width % groups:
+        raise ValueError(f"x's {width} columns do not split into groups={groups}")
+    cols = width // groups
+    _check_cols(t, cols)
+    rb = _weight_geometry(w, t, cols, 2, "w")
+    rows = int(w.shape[0])
+    if rows % groups:
+        raise ValueError(f"w has {rows} rows, not a multiple of groups={groups}")
+    R = rows // groups
+    if isinstance(t, Q8_0R) and R % t.slab_rows:
+        raise ValueError(f"w: {t} does not divide the {R} rows of one group")
+    y = _out(out, (n, rows))
+    if n == 0:
+        return y
+    if not precise and use_mma(t, n):
+        _aligned16(x, "x")
+        _launch_mma(w, t, rb, x, width, cols, y, rows, R, n, R, cols, groups, stream)
+        return y
+    import cupy
+    with _stream(stream):
+        for g in range(groups):
+            xg = cupy.ascontiguousarray(x[:, g * cols:(g + 1) * cols])
+            yg = matmul(w[g * R:(g + 1) * R], t, xg, precise=True)
+            y[:, g * R:(g + 1) * R] = yg
     return y
 
 
@@ -588,4 +689,5 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
 
 
 __all__ = ["SUPPORTED_TYPES", "Q8_0R", "Q8Activations", "quantize_q8x", "quantize_q8x_np", "matvec", "matvec_xgroup", "MatvecGroup", "matmul", "dequantize",
-           "moe_gate_up", "moe_down", "warps_per_row", "q8r_launch_geometry", "repack_q8_0", "unpack_q8_0"]
+           "moe_gate_up", "moe_down", "warps_per_row", "q8r_launch_geometry", "repack_q8_0", "unpack_q8_0",
+           "matmul_xgroup", "use_mma", "MMA_MIN_TOKENS", "MMA_TYPES"]

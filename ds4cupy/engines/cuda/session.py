@@ -226,7 +226,7 @@ class CudaSession:
             "X": S * n * D, "u": S * D, "xn": S * D, "coef": S * (n + n * n), "hcpart": S * self.hc_split * 32,
             "qa": S * c.q_lora_rank, "qr": S * c.q_lora_rank, "kvp": S * hd, "kvcur": S * hd,
             "q": S * H * hd, "att": S * H * hd, "part_ml": max(S, ns) * H * 2, "part_o": max(S, ns) * H * hd,
-            "og": S * c.q_dim, "low_g": S * c.o_groups * c.o_lora_rank, "low": S * c.o_groups * c.o_lora_rank,
+            "low": S * c.o_groups * c.o_lora_rank,
             "y": S * D, "C": S * cw, "Z": S * cw, "rlog": S * E, "ew": S * k,
             "mid": S * k * ff, "mids": S * ff, "logits": c.n_vocab,
             "grp": self._grp_rows,
@@ -569,18 +569,11 @@ class CudaSession:
         G, R, gin = c.o_groups, c.o_lora_rank, c.o_group_in
         wa = m.w[p + "attn_output_a.weight"]
         qt = m.qtype[p + "attn_output_a.weight"]
-        rows_per = wa.shape[0] // G
         low = self._b("low", S, G * R)
         if S == 1:        # one launch: row block g of wo_a reads the heads of group g
             qo.matvec_xgroup(wa, qt, att.reshape(G, gin), out=low.reshape(G * R))
-        else:
-            import cupy as cp
-            og = self._b("og", G, S, gin)
-            cp.copyto(og, att.reshape(S, G, gin).transpose(1, 0, 2))
-            lg = self._b("low_g", G, S, R)
-            for g in range(G):
-                qo.matmul(wa[g * rows_per:(g + 1) * rows_per], qt, og[g], out=lg[g])
-            cp.copyto(low.reshape(S, G, R), lg.transpose(1, 0, 2))
+        else:             # one launch for S >= MMA_MIN_TOKENS (tensor cores, strided, no copies)
+            qo.matmul_xgroup(wa, qt, att.reshape(S, G * gin), G, out=low)
         return self._proj(p + "attn_output_b.weight", low, self._b("y", S, c.n_embd))
 
     def _compress(self, xn, S: int, il: int, done: dict | None):
