@@ -17,6 +17,7 @@ q8r_launch_geometry). With Q8_0R weights, matvec / matvec_xgroup / MatvecGroup.r
 from __future__ import annotations
 
 import contextlib
+import os
 import functools
 from typing import NamedTuple
 
@@ -396,7 +397,10 @@ def use_mma(qtype, n: int, capability: int | None = None) -> bool:
     (2 mma per product, mma.sync at ~1/2 of peak), ~8x the ~30 TFLOP/s the float32 64 x 64 tiles reach. Below
     ~128 / 8 = 16 tokens the padding eats that advantage; both kernels then read each weight row once, so the product
     is bound by weight bytes either way (the decode-like regime, n = 1 goes to matvec).
-    BF16 / F32 weights stay on the float32 kernel: their range and precision do not fit fp16 operands."""
+    BF16 / F32 weights stay on the float32 kernel: their range and precision do not fit fp16 operands.
+    DS4CUPY_PREFILL_MMA=0 in the environment turns the tensor-core path off (every product on matmul.cu)."""
+    if os.environ.get("DS4CUPY_PREFILL_MMA", "1") == "0":
+        return False
     t = qtype if isinstance(qtype, Q8_0R) else quants.qtype_of(qtype)
     if not (isinstance(t, Q8_0R) or t in MMA_TYPES) or int(n) < MMA_MIN_TOKENS:
         return False
