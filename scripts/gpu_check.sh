@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install the carried wheels, run every GPU test, verify, and benchmark.
-#   scripts/gpu_check.sh [tests|verify|bench|all] [bench args...]
-# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-check-out.
+# One call on a GPU machine: install the carried wheels, check the engine's switchable kernel paths, benchmark, run
+# every GPU test.
+#   scripts/gpu_check.sh [all|gate|bench|tests|verify] [bench args...]
+#   all = gate, then bench (with the switches gate left on), then the other GPU tests (same switches).
+# gate: each switchable path (DS4CUPY_<NAME>=0 turns it off, see SWITCHES) runs its own GPU tests first; a path whose
+# tests fail is switched off for everything after it, and $OUT/switches.txt says so. The bench report records the
+# DS4CUPY_* variables in effect (meta.env), so a benchmark never silently measures a path that failed its tests.
+# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-check-out. The test files are named (not the
+# whole tests/ folder): the device image lacks the CPU suite's test extras (openai, anthropic, jsonschema, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
@@ -15,20 +21,48 @@ else
 fi
 export PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt"
+pytest_gpu() { python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$@"; }
+
+# switch name | the tests that decide it (pytest arguments)
+SWITCHES=(
+  "MOE_GROUPED|tests/test_gpu_moe_grouped.py"
+  "PREFILL_MMA|tests/test_gpu_matmul_mma.py"
+  "HC_FUSED|tests/test_gpu_ops.py -k hc_step"
+  "BRANCHES|tests/test_gpu_model.py -k side_branches"
+)
+gate_files=()
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  # the GPU test files only: the device image lacks the test extras (openai, anthropic, jsonschema, llama_benchy)
-  # whose imports are errors, not skips, in the CPU suite
-  python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_gpu_*.py 2>&1 | tee "$out/gpu-tests.log" | tail -n 25
-  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-fi
-if [ "$what" = verify ] || [ "$what" = all ]; then
-  python3 -m ds4cupy verify 2>&1 | tee "$out/verify.log" | tail -n 30
-  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+if [ "$what" = gate ] || [ "$what" = all ]; then
+  : > "$out/switches.txt"
+  for entry in "${SWITCHES[@]}"; do
+    name=${entry%%|*}; args=${entry#*|}
+    read -r -a argv <<< "$args"
+    [ -e "${argv[0]}" ] || continue
+    [ "${argv[1]:-}" = -k ] || gate_files+=("${argv[0]}")
+    if pytest_gpu "${argv[@]}" > "$out/gate-$name.log" 2>&1; then
+      echo "DS4CUPY_$name on: $args passed ($(tail -n 1 "$out/gate-$name.log"))" | tee -a "$out/switches.txt"
+    else
+      export "DS4CUPY_$name=0"
+      rc=1
+      echo "DS4CUPY_$name=0: $args FAILED, path off for what follows" | tee -a "$out/switches.txt"
+      tail -n 30 "$out/gate-$name.log"
+    fi
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m ds4cupy bench "$@" --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | tail -n 40
+  python3 -m ds4cupy bench "$@" --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | tail -n 45
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  files=()                                  # every GPU test file but those gate already ran whole
+  for f in tests/test_gpu_*.py; do
+    [[ " ${gate_files[*]} " == *" $f "* ]] || files+=("$f")
+  done
+  pytest_gpu "${files[@]}" 2>&1 | tee "$out/gpu-tests.log" | tail -n 25
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = verify ]; then
+  python3 -m ds4cupy verify 2>&1 | tee "$out/verify.log" | tail -n 30
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc
