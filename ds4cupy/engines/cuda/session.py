@@ -622,27 +622,33 @@ class CudaSession:
         return topk
 
     def _moe(self, xn, S: int, il: int):
+        """Routed experts + the shared expert: y = sum_j w_j expert_j(xn) + shared(xn). The shared expert runs on the
+        side branch (it needs only xn), beside the router and the routed gate/up; the routed down then adds onto its
+        output (y = shared + routed: the same float32 sum as routed + shared)."""
         c, m = self.model.config, self.model
         p = f"blk.{il}."
         E, k, ff = c.n_expert, c.n_expert_used, c.n_ff_exp
+        lim = c.swiglu_clamp[il]
+        y = self._b("y", S, c.n_embd)
+        if c.n_expert_shared:
+            with self._side_branch():
+                sq = m.qtype[p + "ffn_gate_shexp.weight"]
+                mids = qo.moe_gate_up(m.w[p + "ffn_gate_shexp.weight"], m.w[p + "ffn_up_shexp.weight"], sq, xn,
+                                      clamp=lim, out=self._b("mids", S, 1, ff))
+                qo.moe_down(m.w[p + "ffn_down_shexp.weight"], m.qtype[p + "ffn_down_shexp.weight"], mids, out=y)
         rlog = self._proj(p + "ffn_gate_inp.weight", xn, self._b("rlog", S, E))
         eids = self._eids[: S * k].reshape(S, k)
         ew = self._b("ew", S, k)
         tid = m.w.get(p + "ffn_gate_tid2eid.weight") if c.is_hash_layer(il) else None
         ops.router_select(rlog, None if tid is not None else m.v.get(p + "exp_probs_b.bias"), tid, self.d_ids, k,
                           c.expert_weights_norm, c.expert_weights_scale, eids, ew)
-        lim = c.swiglu_clamp[il]
         gq = m.qtype[p + "ffn_gate_exps.weight"]
         mid = qo.moe_gate_up(m.w[p + "ffn_gate_exps.weight"], m.w[p + "ffn_up_exps.weight"], gq, xn, eids, ew,
                              clamp=lim, out=self._b("mid", S, k, ff))
-        y = qo.moe_down(m.w[p + "ffn_down_exps.weight"], m.qtype[p + "ffn_down_exps.weight"], mid, eids,
-                        out=self._b("y", S, c.n_embd))
         if c.n_expert_shared:
-            sq = m.qtype[p + "ffn_gate_shexp.weight"]
-            mids = qo.moe_gate_up(m.w[p + "ffn_gate_shexp.weight"], m.w[p + "ffn_up_shexp.weight"], sq, xn,
-                                  clamp=lim, out=self._b("mids", S, 1, ff))
-            qo.moe_down(m.w[p + "ffn_down_shexp.weight"], m.qtype[p + "ffn_down_shexp.weight"], mids, out=y,
-                        accumulate=True)
+            self._join_side_branch()
+        qo.moe_down(m.w[p + "ffn_down_exps.weight"], m.qtype[p + "ffn_down_exps.weight"], mid, eids, out=y,
+                    accumulate=bool(c.n_expert_shared))
         return y
 
     def _forward(self, S: int, want_logits: bool, all_logits: bool):
