@@ -3,7 +3,8 @@ before) against the grouped tensor-core GEMMs (moe_grouped.cu).
 
     python scripts/bench_moe_prefill.py [--tokens 512,2048] [--experts q2,q4] [--reps 5] [--old-max 2048]
 
-Shapes: 256 experts, 6 selected per token, hidden 4096, expert ff 2048, plus the shared expert (Q8_0, ff 2048).
+Shapes: 256 experts, 6 selected per token, hidden 4096, expert ff 2048, plus the shared expert (Q8_0, ff 2048,
+repacked into planes (Q8_0R) as the engine does by default).
 q2: IQ2_XXS gate/up + Q2_K down (ds4's q2 files); q4: Q4_K. Weights are random valid blocks made on the GPU (no file);
 routing is uniform random (distinct experts per token, weights uniform in [0.1, 1.5]). Each variant runs the whole
 layer MoE (routed + shared) `reps` times after a warm-up, timed by CUDA events around each run; the median is shown.
@@ -25,6 +26,7 @@ from gguf import GGMLQuantizationType as T
 
 from ds4cupy.engines.cuda import moe_grouped as mg
 from ds4cupy.engines.cuda import quant_ops as qo
+from ds4cupy.engines.cuda.q8_0r import Q8_0R, repack_q8_0
 from ds4cupy.engines.cuda.random_weights import random_tensor
 from ds4cupy.format import quants
 
@@ -74,6 +76,9 @@ def bench_preset(preset, args, rng):
     sg = random_tensor(SHARED, (FF, D), seed=4, std=0.02)
     su = random_tensor(SHARED, (FF, D), seed=5, std=0.02)
     sd = random_tensor(SHARED, (D, FF), seed=6, std=0.02)
+    shared_t = {"gu": Q8_0R(FF), "dn": Q8_0R(D)}
+    for w, cols in ((sg, D), (su, D), (sd, FF)):
+        repack_q8_0(w, cols)
     rb = {gu_t: quants.row_bytes(gu_t, D), dn_t: quants.row_bytes(dn_t, FF)}
     for S in (int(s) for s in args.tokens.split(",")):
         ids_h = np.stack([rng.choice(E, size=K, replace=False) for _ in range(S)]).astype(np.int32)
@@ -90,8 +95,8 @@ def bench_preset(preset, args, rng):
         def old():
             qo.moe_gate_up(gate, up, gu_t, x, ids, w, clamp=CLAMP, out=mid)
             qo.moe_down(down, dn_t, mid, ids, out=y_old)
-            qo.moe_gate_up(sg, su, SHARED, x, clamp=CLAMP, out=mids)
-            qo.moe_down(sd, SHARED, mids, out=y_old, accumulate=True)
+            qo.moe_gate_up(sg, su, shared_t["gu"], x, clamp=CLAMP, out=mids)
+            qo.moe_down(sd, shared_t["dn"], mids, out=y_old, accumulate=True)
 
         state = {}
 
@@ -108,8 +113,8 @@ def bench_preset(preset, args, rng):
             mg.sum_slots(yp, K, out=y_new)
 
         def new_shared():
-            mg.gate_up(sg, su, SHARED, x, None, None, CLAMP, out=mids)
-            mg.down(sd, SHARED, mids, None, out=y_new, accumulate=True)
+            mg.gate_up(sg, su, shared_t["gu"], x, None, None, CLAMP, out=mids)
+            mg.down(sd, shared_t["dn"], mids, None, out=y_new, accumulate=True)
 
         def new():
             new_route()

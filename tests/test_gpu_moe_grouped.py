@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from ds4cupy.engines.cuda.q8_0r import Q8_0R
 from ds4cupy.format import quants as Q
 from gpu_util import GPU_MARKS
 from seeding import current_test_seed
@@ -43,8 +44,15 @@ def rel_err(y, ref):
 
 
 def make_weight(qtype, shape, rng, std=0.05):
-    """(cupy raw array, float64 dequantized reference) for fresh random valid blocks."""
+    """(cupy raw array, float64 dequantized reference) for fresh random valid blocks. qtype Q8_0R: Q8_0 blocks
+    repacked on the device into planes, one slab per matrix (the engine's layout of Q8_0 stacks)."""
     import cupy
+    if isinstance(qtype, Q8_0R):
+        from ds4cupy.engines.cuda.q8_0r import repack_q8_0
+        raw = Q.random_blocks(T.Q8_0, shape, rng, std)
+        w = cupy.asarray(raw)
+        repack_q8_0(w, shape[-1], qtype.slab_rows)
+        return w, Q.dequantize(raw, T.Q8_0, shape).astype(np.float64)
     raw = Q.random_blocks(qtype, shape, rng, std)
     return cupy.asarray(raw), Q.dequantize(raw, qtype, shape).astype(np.float64)
 
@@ -133,8 +141,9 @@ def test_route_equals_numpy_stable_sort(n, k, E, kind):
 # ---- grouped GEMMs -------------------------------------------------------------------------------------------------
 # (gate/up type, down type, D, ff): the K-quants and IQ2_XXS need multiples of 256 for both reduction lengths; Q8_0
 # takes multiples of 64, so its shapes leave partial row tiles (ff = 320: 128-row tiles; D = 448: 256-row tiles)
+# (Q8_0R: slab = one expert matrix, gate/up ff rows, down D rows)
 FORMATS = [(T.IQ2_XXS, T.Q2_K, 512, 768), (T.Q4_K, T.Q4_K, 768, 512), (T.Q8_0, T.Q8_0, 448, 320),
-           (T.Q2_K, T.IQ2_XXS, 256, 256)]
+           (T.Q2_K, T.IQ2_XXS, 256, 256), (Q8_0R(320), Q8_0R(448), 448, 320)]
 
 
 def _run_routed(gu_t, dn_t, D, ff, n, k, E, kind, rng, clamp_quantile=0.5):
@@ -167,7 +176,7 @@ def test_grouped_moe_against_float64(gu_t, dn_t, D, ff, n, k, E, kind):
     ids, x, c = o["ids"], o["x"].astype(np.float64), o["clamp"]
     assert o["mid"].shape == (n, ids.shape[1], ff) and o["y"].shape == (n, D)
     assert np.isfinite(o["mid"]).all() and np.isfinite(o["y"]).all()
-    tag = f"{gu_t.name}/{dn_t.name} n={n} kind={kind} seed={seed}"
+    tag = f"{gu_t}/{dn_t} n={n} kind={kind} seed={seed}"
     # tight: the same fp16 operands in float64
     mid16 = gate_up_ref(f16(o["gate"]), f16(o["up"]), f16(o["x"]), ids, o["weights"], c)
     assert rel_err(o["mid"], mid16) <= RTOL_F16_OPERANDS, f"gate/up vs fp16 operands {tag}"
@@ -219,26 +228,28 @@ def test_bad_expert_ids_give_nan_rows():
     assert rel_err(mid[~bad], mid_ref[~bad]) <= RTOL_F16_OPERANDS, f"seed={seed}"
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, "Q8_0R"], ids=str)
 def test_shared_expert_and_accumulate(qtype):
-    """routed=None: one expert, every token (2 token tiles + a partial one), weight 1; down adds onto out."""
+    """routed=None: one expert, every token (2 token tiles + a partial one), weight 1; down adds onto out.
+    Q8_0R: the engine's default layout of the shared expert (Q8_0 repacked, one slab per matrix)."""
     import cupy
     ops = mg()
     rng, seed = fresh_rng()
     D, ff, n = 512, 256, 150
-    gate, gate_ref = make_weight(qtype, (ff, D), rng)
-    up, up_ref = make_weight(qtype, (ff, D), rng)
-    down, down_ref = make_weight(qtype, (D, ff), rng)
+    gu_t, dn_t = (Q8_0R(ff), Q8_0R(D)) if qtype == "Q8_0R" else (qtype, qtype)
+    gate, gate_ref = make_weight(gu_t, (ff, D), rng)
+    up, up_ref = make_weight(gu_t, (ff, D), rng)
+    down, down_ref = make_weight(dn_t, (D, ff), rng)
     x = rng.standard_normal((n, D)).astype(np.float32)
     clamp = 0.3
-    mid = ops.gate_up(gate, up, qtype, cupy.asarray(x), None, None, clamp)
+    mid = ops.gate_up(gate, up, gu_t, cupy.asarray(x), None, None, clamp)
     assert mid.shape == (n, 1, ff)
     ids0 = np.zeros((n, 1), np.int32)
     mid16 = gate_up_ref(f16(gate_ref)[None], f16(up_ref)[None], f16(x), ids0, np.ones((n, 1)), clamp)
     assert rel_err(cupy.asnumpy(mid), mid16) <= RTOL_F16_OPERANDS, f"seed={seed}"
     base = rng.standard_normal((n, D)).astype(np.float32)
     out = cupy.asarray(base)
-    ops.down(down, qtype, mid, None, out=out, accumulate=True)
+    ops.down(down, dn_t, mid, None, out=out, accumulate=True)
     ref = down_ref(f16(down_ref)[None], f16(cupy.asnumpy(mid)), ids0)
     # one float32 rounding of base + product on top of the fp32 accumulation
     assert rel_err(cupy.asnumpy(out) - base, ref) <= RTOL_F16_OPERANDS + 1e-5, f"seed={seed}"

@@ -186,7 +186,36 @@ def decode64_iq2_xxs(row, k0):
     return out
 
 
+def decode64_q8_0r(planes, r, k0, slab_rows, cols):
+    """MgQ8_0R: q8r_row (slab r // slab_rows: qs int8 [S, cols] then d f16 [S, cols / 32]) and 4 chunks of 16."""
+    nblk = cols // 32
+    flat = planes.reshape(-1)
+    slab, lr = divmod(r, slab_rows)
+    sb = slab * slab_rows * 34 * nblk
+    qs = sb + lr * 32 * nblk
+    d_at = sb + slab_rows * 32 * nblk + 2 * lr * nblk
+    out = []
+    for b in range(2):
+        d = _h(_u16(flat, d_at + 2 * ((k0 >> 5) + b)))
+        for c in range(2):
+            chunk = flat[qs + 16 * ((k0 >> 4) + 2 * b + c):][:16]
+            out += [float(np.int8(v)) * d for v in chunk]
+    return out
+
+
 DECODERS = {T.Q8_0: decode64_q8_0, T.Q2_K: decode64_q2_k, T.Q4_K: decode64_q4_k, T.IQ2_XXS: decode64_iq2_xxs}
+
+
+@pytest.mark.parametrize("slab_rows", [6, 2])
+def test_q8_0r_tile_decoder_index_math(slab_rows, rng):
+    from ds4cupy.engines.cuda.q8_0r import repack_q8_0_np
+    rows, cols = 6, 256
+    raw = Q.random_blocks(T.Q8_0, (rows, cols), rng, 0.3)
+    ref = Q.dequantize(raw, T.Q8_0, (rows, cols)).astype(np.float64)
+    planes = repack_q8_0_np(raw, slab_rows)
+    for r in range(rows):
+        got = np.concatenate([decode64_q8_0r(planes, r, k0, slab_rows, cols) for k0 in range(0, cols, 64)])
+        np.testing.assert_array_equal(got, ref[r], err_msg=f"row {r}")
 
 
 @pytest.mark.parametrize("qtype", list(DECODERS), ids=lambda t: t.name)
@@ -257,7 +286,9 @@ def test_fp16_range_rule():
 
 
 def test_supported_types_and_errors_before_device_work():
-    assert all(mg.grouped_supported(t) for t in (T.IQ2_XXS, T.Q2_K, T.Q4_K, T.Q8_0))
+    from ds4cupy.engines.cuda.q8_0r import Q8_0R
+    assert all(mg.grouped_supported(t) for t in (T.IQ2_XXS, T.Q2_K, T.Q4_K, T.Q8_0, Q8_0R(64)))
+    assert mg._suffix(Q8_0R(64)) == "q8_0r" and mg._row_arg(Q8_0R(64), 1088) == 64 and mg._row_arg(T.Q8_0, 1088) == 1088
     assert not any(mg.grouped_supported(t) for t in (T.MXFP4, T.F16, "no-such-type"))
     with pytest.raises(ValueError, match="n_expert=600"):
         mg.alloc_routing(10, 600)

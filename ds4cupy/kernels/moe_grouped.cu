@@ -19,7 +19,8 @@
 //
 // moe_grouped_gate_up_<type>(gate, up, expert_stride, row_stride, tiles, n_tiles, sorted, weights, k, n_expert,
 //                            n_pairs, X, cols, mid, ff, clamp)
-//   gate, up: uint8 [n_expert, ff, row_stride] raw GGUF expert stacks (expert_stride = ff * row_stride bytes);
+//   gate, up: uint8 [n_expert, ff, row_stride] raw GGUF expert stacks (expert_stride = ff * row_stride bytes; for
+//   moe_grouped_*_q8_0r, Q8_0 stacks repacked into planes (q8_0r.cuh) and row_stride = their slab rows);
 //   X: float32 [n, cols]; weights: float32 [n_pairs] (nullptr: 1); mid: float32 [n_pairs, ff] (moe.cu's [n, k, ff]).
 //   For the pairs p of each tile (expert e):  g = gate[e] . X[p / k],  u = up[e] . X[p / k]  (per row f)
 //       mid[p, f] = silu(min(g, clamp)) * min(max(u, -clamp), clamp) * weights[p]      (NaN in the bad-id bucket)
@@ -58,7 +59,7 @@
 // weight: |mid| <= clamp^2 * max weight (10^2 * 1.5 on DeepSeek-V4-Flash, 1 for the shared expert). The engine uses
 // this path only where both bounds are far below 65504 (engines/cuda/moe_grouped.py, fp16_range_ok); weights decode to
 // |w| <= 127 d (Q8_0) or ~ d * 15 * 3 (K-quants) with f16 scales d of trained weights, also far inside the range.
-#include "quant_blocks.cuh"
+#include "q8_0r.cuh"
 
 #define MG_BN 64          // tokens (pairs) per tile
 #define MG_BM 256         // weight rows per CTA (gate/up: 128 + 128)
@@ -103,8 +104,15 @@ __device__ __forceinline__ float mg_silu(float g) { return g / (1.f + expf(-g));
 
 // ---- tile decoders: columns [k0, k0 + 64) of one weight row (k0 % 64 == 0) -> dst[0 .. 64) as fp16 ----------------
 // Values are those of quant_blocks.cuh's BT::value (== gguf dequantize) up to one float32 rounding (an FMA), then
-// rounded to fp16 once.
-struct MgQ8_0 {  // two 34-byte blocks: f16 d | int8 q[32]
+// rounded to fp16 once. row(matrix, r, stride, cols) locates row r of one matrix: GGUF rows are `stride` bytes apart;
+// Q8_0R (q8_0r.cuh planes) takes stride = slab rows.
+struct MgGgufRow {
+    typedef const u8* Row;
+    static __device__ __forceinline__ Row row(const u8* m, int r, long long stride, int) {
+        return m + (size_t)r * stride;
+    }
+};
+struct MgQ8_0 : MgGgufRow {  // two 34-byte blocks: f16 d | int8 q[32]
     static constexpr int QK = 32;
     static constexpr bool GRID = false;
     static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64*, u16* dst) {
@@ -123,7 +131,7 @@ struct MgQ8_0 {  // two 34-byte blocks: f16 d | int8 q[32]
     }
 };
 
-struct MgQ2_K {  // u8 scales[16] | u8 qs[64] | f16 d | f16 dmin; element 128h + 32s + l = (qs[32h + l] >> 2s) & 3
+struct MgQ2_K : MgGgufRow {  // u8 scales[16] | u8 qs[64] | f16 d | f16 dmin; element 128h + 32s + l = (qs[32h + l] >> 2s) & 3
     static constexpr int QK = 256;
     static constexpr bool GRID = false;
     static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64*, u16* dst) {
@@ -152,7 +160,7 @@ struct MgQ2_K {  // u8 scales[16] | u8 qs[64] | f16 d | f16 dmin; element 128h +
     }
 };
 
-struct MgQ4_K {  // f16 d | f16 dmin | u8 scales[12] | u8 qs[128]; element 64i + l = qs[32i + l%32] lo (l<32) / hi
+struct MgQ4_K : MgGgufRow {  // f16 d | f16 dmin | u8 scales[12] | u8 qs[128]; element 64i + l = qs[32i + l%32] lo (l<32) / hi
     static constexpr int QK = 256;
     static constexpr bool GRID = false;
     static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64*, u16* dst) {
@@ -180,7 +188,7 @@ struct MgQ4_K {  // f16 d | f16 dmin | u8 scales[12] | u8 qs[128]; element 64i +
     }
 };
 
-struct MgIQ2_XXS {  // f16 d | 8 x (u32 aux0: 4 grid indices, u32 aux1: 4 x 7-bit sign indices + 4-bit scale)
+struct MgIQ2_XXS : MgGgufRow {  // f16 d | 8 x (u32 aux0: 4 grid indices, u32 aux1: 4 x 7-bit sign indices + 4-bit scale)
     static constexpr int QK = 256;
     static constexpr bool GRID = true;
     static __device__ __forceinline__ float sgn(float v, u32 s8, int k) {
@@ -204,6 +212,31 @@ struct MgIQ2_XXS {  // f16 d | 8 x (u32 aux0: 4 grid indices, u32 aux1: 4 x 7-bi
                     sgn(db * byte_f32(glo, 2), s8, 2), sgn(db * byte_f32(glo, 3), s8, 3),
                     sgn(db * byte_f32(ghi, 0), s8, 4), sgn(db * byte_f32(ghi, 1), s8, 5),
                     sgn(db * byte_f32(ghi, 2), s8, 6), sgn(db * byte_f32(ghi, 3), s8, 7));
+            }
+        }
+    }
+};
+
+struct MgQ8_0R {  // Q8_0 repacked into planes (q8_0r.cuh): the row's int8 qs contiguous, its f16 scales apart
+    static constexpr int QK = 32;
+    static constexpr bool GRID = false;
+    typedef Q8RRow Row;
+    static __device__ __forceinline__ Row row(const u8* m, int r, long long slab_rows, int cols) {
+        return q8r_row(m, r, cols >> 5, (int)slab_rows);
+    }
+    static __device__ __forceinline__ void decode64(const Row& row, int k0, const u64*, u16* dst) {
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+            const float d = f16_to_f32(row.d[(k0 >> 5) + b]);
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const uint4 q = row.qs[(k0 >> 4) + 2 * b + c];
+                const u32 w[4] = {q.x ^ 0x80808080u, q.y ^ 0x80808080u, q.z ^ 0x80808080u, q.w ^ 0x80808080u};
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    st8(dst + 32 * b + 16 * c + 8 * h, sbyte_f32(w[2 * h], 0) * d, sbyte_f32(w[2 * h], 1) * d,
+                        sbyte_f32(w[2 * h], 2) * d, sbyte_f32(w[2 * h], 3) * d, sbyte_f32(w[2 * h + 1], 0) * d,
+                        sbyte_f32(w[2 * h + 1], 1) * d, sbyte_f32(w[2 * h + 1], 2) * d, sbyte_f32(w[2 * h + 1], 3) * d);
             }
         }
     }
@@ -252,7 +285,8 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
     // this thread's weight row (decoded into shared row tid) and activation quarter-row (token tid / 4, 16 columns)
     const int ar = GATE_UP ? r0 + (tid & 127) : r0 + tid;
     const bool a_ok = ar < rows;
-    const u8* arow = ((GATE_UP && tid >= 128) ? A1 : A0) + (size_t)e * expert_stride + (size_t)(a_ok ? ar : 0) * row_stride;
+    const typename DEC::Row arow =
+        DEC::row(((GATE_UP && tid >= 128) ? A1 : A0) + (size_t)e * expert_stride, a_ok ? ar : 0, row_stride, cols);
     const int bp = s_pair[tid >> 2];
     const float* brow = bp >= 0 ? Xin + (size_t)(GATE_UP ? bp / k : bp) * cols + 16 * (tid & 3) : nullptr;
     u16* a_dst = sA + tid * MG_LD;
@@ -363,6 +397,7 @@ DS4_MOE_GROUPED(q8_0, MgQ8_0)
 DS4_MOE_GROUPED(q2_k, MgQ2_K)
 DS4_MOE_GROUPED(q4_k, MgQ4_K)
 DS4_MOE_GROUPED(iq2_xxs, MgIQ2_XXS)
+DS4_MOE_GROUPED(q8_0r, MgQ8_0R)
 
 // ---- routing: stable counting sort of the pairs by expert, tile table ----------------------------------------------
 __device__ __forceinline__ int mg_bucket(int e, int n_expert) { return (e >= 0 && e < n_expert) ? e : n_expert; }

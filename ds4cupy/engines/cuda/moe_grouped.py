@@ -13,7 +13,8 @@ one GEMM (fp16 operands, fp32 accumulation, mma.sync), reading each selected exp
 
 No call synchronises with the host or allocates (given out=); results are bit-identical run to run (no float atomics).
 An expert id outside [0, n_expert) gives NaN rows, as moe.cu does, and no weight is read for it.
-Formats: IQ2_XXS, Q2_K, Q4_K, Q8_0 (GROUPED_TYPES); others keep the moe.cu path.
+Formats: IQ2_XXS, Q2_K, Q4_K, Q8_0 (GROUPED_TYPES) and Q8_0 repacked into planes (Q8_0R, the engine's default for
+Q8_0 tensors); others keep the moe.cu path.
 
 Precision: fp16 operands (relative rounding 2^-11) with fp32 accumulation: ~4e-4 relative error per product, ~1e-3
 through gate/up -> SwiGLU -> down (kernels/moe_grouped.cu header). fp16's range holds only for bounded activations:
@@ -33,6 +34,7 @@ from gguf import GGMLQuantizationType as T
 
 from ...format import quants
 from .compile import get_kernel
+from .q8_0r import Q8_0R
 from .quant_ops import _aligned16, _f32, _out, _stream, _weight_geometry
 
 GROUPED_TYPES = {T.IQ2_XXS: "iq2_xxs", T.Q2_K: "q2_k", T.Q4_K: "q4_k", T.Q8_0: "q8_0"}
@@ -52,14 +54,28 @@ _THREADS = 256
 
 
 def grouped_supported(qtype) -> bool:
-    """True when the grouped kernels decode this block type."""
+    """True when the grouped kernels decode this block type (GROUPED_TYPES, or Q8_0 repacked: a Q8_0R marker)."""
+    if isinstance(qtype, Q8_0R):
+        return True
     try:
         return quants.qtype_of(qtype) in GROUPED_TYPES
     except Exception:
         return False
 
 
+def _suffix(t) -> str:
+    return "q8_0r" if isinstance(t, Q8_0R) else GROUPED_TYPES[t]
+
+
+def _row_arg(t, rb: int) -> np.int64:
+    """The kernels' row_stride argument: bytes between GGUF rows, or the slab rows of a Q8_0R stack."""
+    return np.int64(t.slab_rows if isinstance(t, Q8_0R) else rb)
+
+
 def _gtype(qtype):
+    """The GGMLQuantizationType of qtype, or the Q8_0R marker itself; ValueError without grouped kernels."""
+    if isinstance(qtype, Q8_0R):
+        return qtype
     t = quants.qtype_of(qtype)
     if t not in GROUPED_TYPES:
         raise ValueError(f"no grouped MoE kernels for {t.name} (supported: "
@@ -68,7 +84,7 @@ def _gtype(qtype):
 
 
 def _reduction_step(t) -> int:
-    return max(quants.BLOCK_SIZES[t][0], K_STEP)
+    return K_STEP if isinstance(t, Q8_0R) else max(quants.BLOCK_SIZES[t][0], K_STEP)
 
 
 def _check_reduction(t, cols: int, what: str) -> None:
@@ -227,11 +243,11 @@ def gate_up(gate, up, qtype, x, routed: Routed | None = None, weights=None, clam
             raise ValueError("routed experts need weights float32 [n, k]")
         _f32(weights, "weights", (n, k))
     mid = _out(out, (n, k, ff), "out")
-    kern = get_kernel("moe_grouped", f"moe_grouped_gate_up_{GROUPED_TYPES[t]}")
+    kern = get_kernel("moe_grouped", f"moe_grouped_gate_up_{_suffix(t)}")
     tiles, n_tiles, sorted_ = _tile_args(routed)
     with _stream(stream):
         kern((-(-ff // GATE_UP_ROWS), _grid_y(routed, n)), (_THREADS,),
-             (gate, up, np.int64(ff * rb), np.int64(rb), tiles, n_tiles, sorted_,
+             (gate, up, np.int64(ff * rb), _row_arg(t, rb), tiles, n_tiles, sorted_,
               weights if weights is not None else np.uint64(0), np.int32(k), np.int32(n_expert), np.int32(n_pairs),
               x, np.int32(cols), mid, np.int32(ff), np.float32(clamp)))
     return mid
@@ -265,11 +281,11 @@ def down(down_w, qtype, mid, routed: Routed | None = None, out=None, accumulate:
     if accumulate and out is None:
         raise ValueError("accumulate=True needs out= (the array to add into)")
     y = _out(out, (n_pairs, D), "out")
-    kern = get_kernel("moe_grouped", f"moe_grouped_down_{GROUPED_TYPES[t]}")
+    kern = get_kernel("moe_grouped", f"moe_grouped_down_{_suffix(t)}")
     tiles, n_tiles, sorted_ = _tile_args(routed)
     with _stream(stream):
         kern((-(-D // DOWN_ROWS), _grid_y(routed, n_pairs)), (_THREADS,),
-             (down_w, np.int64(D * rb), np.int64(rb), tiles, n_tiles, sorted_, np.int32(n_expert),
+             (down_w, np.int64(D * rb), _row_arg(t, rb), tiles, n_tiles, sorted_, np.int32(n_expert),
               np.int32(n_pairs), mid, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0)))
     return y
 
@@ -334,7 +350,7 @@ class PrefillMoE:
         c = self.config
         for s, cols in (("gate", c.n_embd), ("up", c.n_embd), ("down", c.n_ff_exp)):
             qt = qtypes.get(pattern.format(s))
-            if qt is None or not grouped_supported(qt) or cols % _reduction_step(quants.qtype_of(qt)):
+            if qt is None or not grouped_supported(qt) or cols % _reduction_step(_gtype(qt)):
                 return False
         return True
 
