@@ -35,7 +35,7 @@ from ...text.candidates import TopCandidates
 from ..contract import check_token_ids
 from ..numerics import rope_freqs
 from ..state import SessionState, chain_of, chain_rows, chain_tokens
-from . import ops
+from . import moe_grouped, ops
 from . import quant_ops as qo
 from .q8_0r import Q8_0R
 from .sample_ops import DeviceCandidates
@@ -240,6 +240,9 @@ class CudaSession:
         self._hc_counter = m.mem.alloc("scratch", (S,), np.uint32)
         self._hc_counter.fill(0)                 # hc_step's arrival counters: every launch leaves them at zero
         self._ring = {il: self.kv[(il, "raw")][: c.sliding_window] for il in range(c.n_layer)}
+        # prefill MoE as grouped GEMMs (S >= moe_grouped.MIN_TOKENS): routing buffers and per-pair output rows
+        self._moe_prefill = moe_grouped.PrefillMoE(c, m.qtype, m.v, S, lambda shape, dt: m.mem.alloc("scratch", shape,
+                                                                                                      dt))
 
     def _xn_projections(self, il: int) -> list[str]:
         """The attention projections of layer il that read the block's normalised input xn."""
@@ -630,18 +633,22 @@ class CudaSession:
         E, k, ff = c.n_expert, c.n_expert_used, c.n_ff_exp
         lim = c.swiglu_clamp[il]
         y = self._b("y", S, c.n_embd)
-        if c.n_expert_shared:
+        eids = self._eids[: S * k].reshape(S, k)
+        ew = self._b("ew", S, k)
+        grouped = S > 1 and self._moe_prefill.use(il, S)      # prefill: grouped GEMMs, shared expert included
+        if c.n_expert_shared and not grouped:
             with self._side_branch():
                 sq = m.qtype[p + "ffn_gate_shexp.weight"]
                 mids = qo.moe_gate_up(m.w[p + "ffn_gate_shexp.weight"], m.w[p + "ffn_up_shexp.weight"], sq, xn,
                                       clamp=lim, out=self._b("mids", S, 1, ff))
                 qo.moe_down(m.w[p + "ffn_down_shexp.weight"], m.qtype[p + "ffn_down_shexp.weight"], mids, out=y)
         rlog = self._proj(p + "ffn_gate_inp.weight", xn, self._b("rlog", S, E))
-        eids = self._eids[: S * k].reshape(S, k)
-        ew = self._b("ew", S, k)
         tid = m.w.get(p + "ffn_gate_tid2eid.weight") if c.is_hash_layer(il) else None
         ops.router_select(rlog, None if tid is not None else m.v.get(p + "exp_probs_b.bias"), tid, self.d_ids, k,
                           c.expert_weights_norm, c.expert_weights_scale, eids, ew)
+        if grouped:
+            return self._moe_prefill.run(m.w, m.qtype, il, xn, eids, ew, self._b("mid", S, k, ff),
+                                         self._b("mids", S, 1, ff), y)
         gq = m.qtype[p + "ffn_gate_exps.weight"]
         mid = qo.moe_gate_up(m.w[p + "ffn_gate_exps.weight"], m.w[p + "ffn_up_exps.weight"], gq, xn, eids, ew,
                              clamp=lim, out=self._b("mid", S, k, ff))
