@@ -8,6 +8,7 @@
 # DS4CUPY_* variables in effect (meta.env), so a benchmark never silently measures a path that failed its tests.
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-check-out. The test files are named (not the
 # whole tests/ folder): the device image lacks the CPU suite's test extras (openai, anthropic, jsonschema, ...).
+# GATE_TIMEOUT (seconds, default 150) bounds each gate run: a hung kernel counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
@@ -39,7 +40,8 @@ if [ "$what" = gate ] || [ "$what" = all ]; then
     read -r -a argv <<< "$args"
     [ -e "${argv[0]}" ] || continue
     [ "${argv[1]:-}" = -k ] || gate_files+=("${argv[0]}")
-    if pytest_gpu "${argv[@]}" > "$out/gate-$name.log" 2>&1; then
+    if timeout "${GATE_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${argv[@]}" \
+        > "$out/gate-$name.log" 2>&1; then
       echo "DS4CUPY_$name on: $args passed ($(tail -n 1 "$out/gate-$name.log"))" | tee -a "$out/switches.txt"
     else
       export "DS4CUPY_$name=0"
