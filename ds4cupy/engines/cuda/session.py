@@ -277,13 +277,17 @@ class CudaSession:
             groups.append(layer)
         return groups
 
-    def _decode_projections(self, xn, il: int) -> dict:
-        """Decode (one token): the grouped projections of layer il, {name: [1, rows] view of "grp"}."""
+    def _decode_projections(self, xn, il: int, query: bool) -> dict:
+        """Decode (one token): the grouped projections of layer il, {name: [1, rows] view of "grp"}; query=True the
+        groups holding the query path's q_a / kv, False the others (the compressors' and the indexer's, which the
+        side branch runs)."""
         out = {}
         grp = self._b("grp", self._grp_rows)
+        q_a = f"blk.{il}.attn_q_a.weight"
         for g, row, names in self._groups[il]:
-            y = g.run(xn[0], out=grp[row: row + g.total_rows])
-            out.update({n: v.reshape(1, -1) for n, v in zip(names, g.split(y))})
+            if (q_a in names) == query:
+                y = g.run(xn[0], out=grp[row: row + g.total_rows])
+                out.update({n: v.reshape(1, -1) for n, v in zip(names, g.split(y))})
         return out
 
     def _att_mode(self, il: int) -> int:
@@ -538,7 +542,7 @@ class CudaSession:
         c, m = self.model.config, self.model
         p = f"blk.{il}."
         H, hd, r, fr = c.n_head, c.head_dim, c.n_rot, m.freqs[il]
-        done = self._decode_projections(xn, il) if S == 1 else None
+        done = self._decode_projections(xn, il, query=True) if S == 1 else None
         qa = self._proj(p + "attn_q_a.weight", xn, self._b("qa", S, c.q_lora_rank), done)
         kvp = self._proj(p + "attn_kv.weight", xn, self._b("kvp", S, hd), done)
         ratio = c.ratio(il)
@@ -546,6 +550,8 @@ class CudaSession:
         if ratio:                       # side branch: the compressors (they need only xn)
             mode = 2 if ratio == 4 else 1
             with self._side_branch():
+                if S == 1:
+                    done.update(self._decode_projections(xn, il, query=False))
                 comp = self._compress(xn, S, il, done)
                 if mode == 2:
                     self._index_rows(xn, S, il, done)
