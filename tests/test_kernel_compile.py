@@ -50,6 +50,19 @@ def test_cache_reuses_binary(tmp_path, monkeypatch):
     assert p1 == p2 and p2.stat().st_mtime_ns == mtime and p1.stat().st_size > 1000
 
 
+def test_precompile_fills_the_cache_in_parallel(tmp_path, monkeypatch, capsys):
+    """precompile (and `python -m ds4cupy.engines.cuda.compile`) writes each family's binary where
+    compiled_binary_path then finds it, from worker processes; an unknown family is an error naming it."""
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    assert kc.precompile("sm_90a", jobs=2, fams=["embed", "router"]) == {}
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "ds4cupy").glob("*.cubin"))
+    assert cached == ["embed", "router"]
+    mtime = kc.compiled_binary_path("embed", "sm_90a").stat().st_mtime_ns     # found, not rebuilt
+    assert kc.compiled_binary_path("embed", "sm_90a").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="'nope'"):
+        kc.precompile("sm_90a", jobs=1, fams=["nope"])
+
+
 def test_unknown_family_names_it():
     with pytest.raises(ValueError, match="'nope'"):
         kc.expanded_source("nope")

@@ -230,6 +230,49 @@ def get_kernel(family: str, name: str):
     return _kernel(family, name, cupy.cuda.Device().id)
 
 
+def _precompile_one(args: tuple[str, str]) -> tuple[str, str | None]:
+    family, arch = args
+    try:
+        compiled_binary_path(family, arch)
+        return family, None
+    except KernelCompileError as e:
+        return family, str(e)
+
+
+def precompile(arch: str, jobs: int | None = None, fams: list[str] | None = None) -> dict[str, str]:
+    """Compile kernel families for `arch` into the cache in `jobs` processes (NVRTC only, no GPU needed), so the
+    first launches do not wait for the compiler. Returns {family: error} for the ones that failed."""
+    import multiprocessing
+
+    todo = [(f, arch) for f in (fams or families())]
+    with multiprocessing.get_context("spawn").Pool(max(1, min(jobs or os.cpu_count() or 1, len(todo)))) as pool:
+        return {f: err for f, err in pool.imap_unordered(_precompile_one, todo) if err}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m ds4cupy.engines.cuda.compile",
+                                 description="Compile every kernel family into the kernel cache (CUPY_CACHE_DIR) "
+                                             "ahead of time, in parallel.")
+    ap.add_argument("--arch", help="target, e.g. sm_90a (H100/H200), sm_121a (GB10), sm_120; default: the GPU's")
+    ap.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per CPU core)")
+    a = ap.parse_args(argv)
+    arch = a.arch or device_arch()
+    t0 = time.perf_counter()
+    errors = precompile(arch, a.jobs)
+    for fam, err in sorted(errors.items()):
+        print(err)
+    print(f"compiled {len(families()) - len(errors)} of {len(families())} kernel families for {arch} in "
+          f"{time.perf_counter() - t0:.1f} s ({_cache_dir()})")
+    return 1 if errors else 0
+
+
 __all__ = ["KERNEL_DIR", "COMPILE_OPTIONS", "KernelCompileError", "families", "arch_for_capability",
            "compile_options", "expanded_source", "compile_for_arch", "compiled_binary_path", "device_arch",
-           "get_module", "get_kernel", "nvrtc_version", "sm_count"]
+           "get_module", "get_kernel", "nvrtc_version", "sm_count", "precompile"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
