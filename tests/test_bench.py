@@ -76,6 +76,16 @@ def test_bench_end_to_end_reference(tiny_model_path, tmp_path, capsys, monkeypat
     assert "pp64 prefill" in text and "tg8@d32 decode steady" in text
     rows = csv_out.read_text().splitlines()
     assert rows[0].startswith("metric,") and any(r.startswith("pp64.tps,") for r in rows)
+    # --show prints the saved report: BENCHMARKS.md's Markdown rows carry the JSON's medians
+    capsys.readouterr()
+    assert cli_main(["bench", "--show", str(out), "--markdown", "--match", "pp64"]) == 0
+    shown = capsys.readouterr().out
+    med = report["summary"]["pp64.tps"]
+    assert "DS4CUPY_REPACK_Q8_0" in shown.splitlines()[0]
+    rows = [ln for ln in shown.splitlines() if ln.startswith("| pp64 prefill |")]
+    assert len(rows) == 1 and float(rows[0].split("|")[3].replace(",", "")) == pytest.approx(med["median"], rel=1e-2)
+    assert all("pp64" in ln for ln in shown.splitlines()[3:])          # after the commit line, header, separator
+    assert cli_main(["bench", "--show", str(tmp_path / "missing.json")]) == 2
 
 
 def test_kv_read_bytes_follows_the_cache_layout():

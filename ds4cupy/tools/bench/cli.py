@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="DeepSeek-V4-Flash shapes with random valid quantized weights generated on the GPU")
     src.add_argument("--server", metavar="URL", default=None,
                      help="measure through an OpenAI-compatible endpoint with streaming (e.g. http://127.0.0.1:8000)")
+    src.add_argument("--show", metavar="REPORT", default=None,
+                     help="measure nothing: print a saved report (--json-out) as the console table, or with "
+                          "--markdown as BENCHMARKS.md's table")
+    p.add_argument("--markdown", action="store_true", help="--show: BENCHMARKS.md's Markdown table")
+    p.add_argument("--match", default="", metavar="TEXT", help="--show: only metrics whose key contains TEXT")
     p.add_argument("--experts", choices=("q2", "q4"), default="q2", help="--synthetic: routed expert types (q2)")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="--synthetic: first N of 43 layers")
     p.add_argument("--backend", choices=("auto", "reference", "cuda"), default="auto",
@@ -92,14 +97,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the summary as CSV (to stdout when no FILE is given)")
 
 
+def show(path: str, markdown: bool, match: str) -> int:
+    """Print a saved report: its commit, date, runs and engine switches, then the table (report.format_*)."""
+    from .report import format_markdown, format_table
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        m = report["meta"]
+        head = (f"commit {m.get('commit') or '?'}, {m['date']}, {m['settings']['runs']} run(s), "
+                f"engine switches {m.get('env') or '{}'}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {path!r} is not a readable bench report: {e!r}", file=sys.stderr)
+        return 2
+    print(head)
+    print(format_markdown(report, match) if markdown else format_table(report))
+    return 0
+
+
 def _gpu() -> bool:
     from ...engines import gpu_available
     return gpu_available()
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.show:
+        return show(args.show, args.markdown, args.match)
     if not (args.model or args.synthetic or args.server):
-        print("error: give -m MODEL, --synthetic flash or --server URL", file=sys.stderr)
+        print("error: give -m MODEL, --synthetic flash, --server URL or --show REPORT", file=sys.stderr)
         return 2
     if args.runs < 1:
         print(f"error: --runs must be >= 1, got {args.runs}", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""`ds4cupy bench` reports: the median / min / max / spread of every metric over runs, as a table and as CSV."""
+"""`ds4cupy bench` reports: the median / min / max / spread of every metric over runs, as a table, as CSV and as the
+Markdown table of BENCHMARKS.md (`ds4cupy bench --show REPORT.json --markdown` prints a saved report, so the numbers
+in BENCHMARKS.md are copied from the JSON by a program, never typed)."""
 from __future__ import annotations
 
 import csv
@@ -104,3 +106,17 @@ def format_csv(report: dict) -> str:
         w.writerow([key, s["label"], s["unit"], conv(s["median"]), conv(s["min"]), conv(s["max"]), s["spread_pct"],
                     s["n"], " ".join(repr(v * sc) for v in s["values"])])
     return buf.getvalue()
+
+
+def format_markdown(report: dict, match: str = "") -> str:
+    """BENCHMARKS.md's table of a report: | metric | unit | median | min | max |, the metrics whose key contains
+    `match` (all when empty)."""
+    lines = ["| metric | unit | median | min | max |", "|---|---|---|---|---|"]
+    for key, s in report["summary"].items():
+        if s["n"] == 0 or match not in key:
+            continue
+        sc = s["scale"]
+        lines.append(f"| {s['label']} | {s['unit']} | {_fmt(s['median'], sc)} | {_fmt(s['min'], sc)} | "
+                     f"{_fmt(s['max'], sc)} |")
+    return "\n".join(lines)
+
