@@ -19,7 +19,7 @@
 // converted into the single shared stage (2 __syncthreads a step). mma operands come through ldmatrix.x4 from
 // shared rows of 40 halfs (80 bytes: the 8 rows of an 8x8 matrix fall in distinct banks).
 //
-// Numerics (why the result is float32-accurate, not fp16-accurate):
+// Numerics (why the result is float32-accurate, not fp16-accurate; the helpers are in mma_f16.cuh):
 // - W: the int8 quants of a Q8_0 block are exact in fp16 (|q| <= 128 < 2^11); the f16 block scale d is applied to
 //   the block's float32 partial sums (acc += d * partial, per 32 columns), so the weight side carries no rounding at
 //   all. F16 weights are fp16 already (d = 1).
@@ -32,41 +32,13 @@
 //   (with truncation inside an mma); the block's partial is scaled by s * d (exact: s is a power of two) and added
 //   to the float32 accumulator. The result differs from the FP32 CUDA-core kernel (matmul.cu) by float32
 //   summation-level errors (~1e-6 relative), not by fp16 rounding (~3e-4; tests/test_gpu_matmul_mma.py).
+#include "mma_f16.cuh"
 #include "q8_0r.cuh"
 
 #define MMA_BM 128   // tokens per CTA
 #define MMA_BN 128   // weight rows per CTA
 #define MMA_BK 32    // columns per k step (one Q8_0 block)
 #define MMA_LDS 40   // shared row stride in halfs (80 bytes)
-
-// ---- PTX helpers ----------------------------------------------------------------------------------------------------
-__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {  // {fp16(lo) in bits 0-15, fp16(hi) in 16-31}
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-// 2 int8 (bytes sel of w) -> 2 exact fp16: the half 1024 + (b ^ 0x80) minus 1152
-__device__ __forceinline__ u32 s8x2_to_f16x2(u32 w_xor80, u32 sel) {
-    const u32 h = __byte_perm(w_xor80, 0x64646464u, sel);
-    u32 r;
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x64806480u));
-    return r;
-}
-
-__device__ __forceinline__ void ldsm_x4(u32* r, const u16* p) {
-    const u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
-// c += a (16x16, row) * b (16x8, col), f16 operands, f32 accumulators
-__device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // ---- weight tiles: thread (row 0..127, half 0/1) holds 16 columns of one row in registers ---------------------------
 // load(): global -> registers for the tile at (global row gr, column k0) (valid: the row exists);
@@ -162,19 +134,15 @@ __device__ __forceinline__ void mma_store_x(const float4* xv, u16* xh, u16* xl, 
     for (int j = 0; j < 4; ++j)
         amax = fmaxf(amax, fmaxf(fmaxf(fabsf(xv[j].x), fabsf(xv[j].y)), fmaxf(fabsf(xv[j].z), fabsf(xv[j].w))));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    int e = (int)((__float_as_uint(amax) >> 23) & 0xffu);   // biased exponent; NaN/inf -> 255
-    e = min(max(e, 15), 254);
-    const float inv = __uint_as_float((u32)(268 - e) << 23);  // 2^(14 - (e - 127))
+    const int e = mma_split_exp(amax);
+    const float inv = mma_split_inv(e);
     u32 h[8], l[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const float v[4] = {xv[j].x * inv, xv[j].y * inv, xv[j].z * inv, xv[j].w * inv};
         float vh[4], vl[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            vh[i] = __uint_as_float(__float_as_uint(v[i]) & 0xffffe000u);
-            vl[i] = v[i] - vh[i];   // exact
-        }
+        for (int i = 0; i < 4; ++i) mma_split(v[i], vh[i], vl[i]);
         h[2 * j] = pack_f16x2(vh[0], vh[1]);
         h[2 * j + 1] = pack_f16x2(vh[2], vh[3]);
         l[2 * j] = pack_f16x2(vl[0], vl[1]);
@@ -184,7 +152,7 @@ __device__ __forceinline__ void mma_store_x(const float4* xv, u16* xh, u16* xl, 
     *reinterpret_cast<uint4*>(xh + 16 * half + 8) = make_uint4(h[4], h[5], h[6], h[7]);
     *reinterpret_cast<uint4*>(xl + 16 * half) = make_uint4(l[0], l[1], l[2], l[3]);
     *reinterpret_cast<uint4*>(xl + 16 * half + 8) = make_uint4(l[4], l[5], l[6], l[7]);
-    if (half == 0) *xsc = __uint_as_float((u32)(e - 14) << 23);  // s = 2^(e - 127 - 14)
+    if (half == 0) *xsc = mma_split_scale(e);
 }
 
 // ---- the kernel body ------------------------------------------------------------------------------------------------
