@@ -1,7 +1,7 @@
 // moe_grouped.cu: the routed (and shared) expert FFN of a prefill chunk (model.md §2.8) as grouped GEMMs on tensor
 // cores: (token, expert) pairs sorted by expert on the device, then per expert the tokens routed to it times its
 // matrices, so each expert's weights are read once per (row tile, token tile) of the chunk instead of once per pair
-// (moe.cu, the decode kernels, reads them once per pair).
+// (moe.cu, the decode kernels, reads them once per pair). float32-accurate (Numerics below), like matmul_mma.cu.
 //
 // Pairs: p = t * k + j for token t and slot j of ids [n, k] (token-major, as moe.cu); n_pairs = n * k.
 //
@@ -26,7 +26,7 @@
 //       mid[p, f] = silu(min(g, clamp)) * min(max(u, -clamp), clamp) * weights[p]      (NaN in the bad-id bucket)
 //   Shared expert: tiles = sorted = nullptr: expert 0, pairs = tokens (k = 1), tile y = tokens [64 y, 64 y + 64).
 //   Launch: 256 threads, grid (ceil(ff / 128), max_tiles) (shared expert: ceil(n / 64)).
-//   Reference: moe_gate_up_<type> of moe.cu (float32), within the fp16 tolerance below.
+//   Reference: moe_gate_up_<type> of moe.cu (float32), to float32 summation level.
 // moe_grouped_down_<type>(down, expert_stride, row_stride, tiles, n_tiles, sorted, n_expert, n_pairs, mid, cols,
 //                         out, rows, accumulate)
 //   down: uint8 [n_expert, rows, row_stride] (rows = D outputs of cols = ff inputs); mid as above;
@@ -34,210 +34,169 @@
 //   Routed experts write one row per pair (plain stores) and moe_grouped_sum adds the k rows of a token; the shared
 //   expert (tiles = sorted = nullptr, out = Y [n, D], accumulate = 1) adds straight onto Y.
 //   Launch: 256 threads, grid (ceil(rows / 256), max_tiles) (shared expert: ceil(n / 64)).
-//   Reference: moe_down_<type> of moe.cu, within the fp16 tolerance below.
+//   Reference: moe_down_<type> of moe.cu, to float32 summation level.
 // moe_grouped_sum(Yp, k, Y, n, D)
 //   Y[t, d] = ((Yp[t k, d] + Yp[t k + 1, d]) + ...) + Yp[t k + k - 1, d]: slots in order j = 0 .. k-1, so the result
 //   does not depend on scheduling (no float atomics anywhere: bit-identical run to run). Any grid; D % 4 == 0.
 //
 // GEMM tiles. A CTA (8 warps) holds 256 weight rows x 64 tokens: gate/up = 128 rows of gate and the same 128 rows of
 // up (so a thread holds g and u of the same (f, token) and the SwiGLU epilogue needs no exchange), down = 256 rows.
-// Per k-step of 64 columns: thread tid decodes columns [k0, k0 + 64) of weight row tid (the format's block layout,
-// decoders below on quant_blocks.cuh helpers) into fp16 in shared memory, and 4 threads per token convert 64 floats
-// of its activation row (X[t] or mid[p], gathered through the sorted pair table) to fp16. Warp (wm = warp & 3,
-// wn = warp >> 2) computes rows {32 wm .. +32} of each 128-row half and tokens 32 wn .. +32 with
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (fragments by ldmatrix; shared rows padded to 72 halves so the
-// 8 rows of an 8x8 matrix fall in distinct banks): 4 m16 x 4 n8 tiles, 64 fp32 accumulators per thread.
+// Per k-step of 32 columns: thread tid decodes columns [k0, k0 + 32) of weight row tid into its integer codes (fp16,
+// shared) and the scale a and min m of each sub-block (decoders below, on quant_blocks.cuh helpers), and 4 threads
+// per token split 8 floats each of its activation row (X[t] or mid[p], gathered through the sorted pair table) into
+// hi + lo fp16 with the token's power-of-two scale s for the 32 columns (mma_f16.cuh), and sum the sub-block's
+// floats (SX, formats with a min). Warp (wm = warp & 3, wn = warp >> 2) computes rows {32 wm .. +32} of each 128-row
+// half and tokens 32 wn .. +32 with mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (fragments by ldmatrix;
+// shared rows padded to 40 halves so the 8 rows of an 8x8 matrix fall in distinct banks): 4 m16 x 4 n8 tiles, 64
+// fp32 accumulators per thread, plus a 4-register partial per (m16, n8) tile and sub-block and the hi + lo B
+// fragments: ~200 registers (ptxas -v, sm_90a / sm_121a, no spills), so one CTA of 256 threads per SM
+// (__launch_bounds__(256, 1); two would cap a thread at 128 registers and spill).
 // Portable sm_80+ (sm_90a, sm_100a, sm_120, sm_121a): no wgmma / tcgen05.
 //
-// Precision: weights and activations are rounded to fp16 (11-bit significand, relative rounding <= 2^-11, rms
-// ~2^-11 / sqrt(3) per operand for random mantissas) and multiplied-accumulated in fp32. For a dot product of
-// independent rounding errors the error relative to the norm of the result stays ~sqrt(2/3) 2^-11 ~ 4e-4 whatever the
-// length (errors and terms both grow like sqrt(n)); gate/up -> SwiGLU -> down compounds it to ~1e-3 at most.
-// tests/test_gpu_moe_grouped.py holds the outputs to 3e-3 of a float64 reference (norm-wise).
-// fp16 range (max 65504): the gate/up activations are RMS-normalised rows times ffn_norm's weights: |x_i| <=
-// sqrt(D) max|w_norm| (64 max|w_norm| at D = 4096); the down activations are clamped SwiGLU outputs times the routing
-// weight: |mid| <= clamp^2 * max weight (10^2 * 1.5 on DeepSeek-V4-Flash, 1 for the shared expert). The engine uses
-// this path only where both bounds are far below 65504 (engines/cuda/moe_grouped.py, fp16_range_ok); weights decode to
-// |w| <= 127 d (Q8_0) or ~ d * 15 * 3 (K-quants) with f16 scales d of trained weights, also far inside the range.
+// Numerics (float32-accurate, as matmul_mma.cu): a weight is w = a * code - m per sub-block of SB columns
+// (IQ2_XXS: SB = 32, a = d (0.5 + s4) / 4, code = +/- grid byte, m = 0; Q8_0 / Q8_0R: SB = 32, a = d, code = int8,
+// m = 0; Q2_K: SB = 16, a = d sc, m = dmin mn, code 0..3; Q4_K: SB = 32, 6-bit sc / mn, code 0..15). The codes are
+// exact in fp16 (|code| <= 128) and are the mma operands; a and m are exact in float32 (an f16 times a small
+// integer). Per (m16, n8) tile and sub-block the partial P = sum code * (hi + lo) (2 mma per 16 columns: products
+// exact, summed in float32) is folded in float32: acc = fma(a * s, P, acc), then acc = fma(-m, SX, acc) (SX = the
+// float32 sum of the sub-block's activations). So the weight side carries no rounding, the activations carry 2^-21,
+// and the result differs from moe.cu's float32 dot products by float32 summation-level errors (~1e-6 relative), not
+// by fp16 rounding (~4e-4; tests/test_gpu_moe_grouped.py, tests/test_moe_grouped.py's NumPy emulation). No range
+// condition: the scale s keeps every fp16 operand below 2^15 whatever the activations.
+#include "mma_f16.cuh"
 #include "q8_0r.cuh"
 
 #define MG_BN 64          // tokens (pairs) per tile
 #define MG_BM 256         // weight rows per CTA (gate/up: 128 + 128)
-#define MG_BK 64          // columns per k-step
-#define MG_LD 72          // shared row stride in halves (144 bytes: 16-byte aligned, ldmatrix conflict-free)
+#define MG_BK 32          // columns per k-step
+#define MG_LD 40          // shared row stride in halves (80 bytes: 16-byte aligned, ldmatrix conflict-free)
 #define MG_MAX_EXPERT 512 // buckets of moe_grouped_route: experts + the bad-id bucket
 #define MG_RT_WARPS 16
 
-// ---- fp16 staging, ldmatrix, mma ---------------------------------------------------------------------------------
-__device__ __forceinline__ u32 pack_h2(float lo, float hi) {  // lo -> bits 0..15, hi -> bits 16..31
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 __device__ __forceinline__ void st8(u16* dst, float v0, float v1, float v2, float v3, float v4, float v5, float v6,
                                     float v7) {
-    *reinterpret_cast<uint4*>(dst) = make_uint4(pack_h2(v0, v1), pack_h2(v2, v3), pack_h2(v4, v5), pack_h2(v6, v7));
+    *reinterpret_cast<uint4*>(dst) =
+        make_uint4(pack_f16x2(v0, v1), pack_f16x2(v2, v3), pack_f16x2(v4, v5), pack_f16x2(v6, v7));
 }
 
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
+// 4 bytes (4 x 2 bits or 4 x 4 bits already masked) of v -> 8 codes' worth: 4 exact fp16 of bytes of v0, then v1
+__device__ __forceinline__ void st8_bytes(u16* dst, u32 v0, u32 v1) {
+    st8(dst, byte_f32(v0, 0), byte_f32(v0, 1), byte_f32(v0, 2), byte_f32(v0, 3), byte_f32(v1, 0), byte_f32(v1, 1),
+        byte_f32(v1, 2), byte_f32(v1, 3));
 }
 
-__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {  // addr: shared-window byte address
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// 16 int8 (4 words) -> 16 exact fp16 at dst
+__device__ __forceinline__ void st16_s8(u16* dst, u32 w0, u32 w1, u32 w2, u32 w3) {
+    w0 ^= 0x80808080u; w1 ^= 0x80808080u; w2 ^= 0x80808080u; w3 ^= 0x80808080u;
+    *reinterpret_cast<uint4*>(dst) = make_uint4(s8x2_to_f16x2(w0, 0x4140u), s8x2_to_f16x2(w0, 0x4342u),
+                                                s8x2_to_f16x2(w1, 0x4140u), s8x2_to_f16x2(w1, 0x4342u));
+    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(s8x2_to_f16x2(w2, 0x4140u), s8x2_to_f16x2(w2, 0x4342u),
+                                                    s8x2_to_f16x2(w3, 0x4140u), s8x2_to_f16x2(w3, 0x4342u));
 }
 
 __device__ __forceinline__ float mg_silu(float g) { return g / (1.f + expf(-g)); }
 
-// ---- tile decoders: columns [k0, k0 + 64) of one weight row (k0 % 64 == 0) -> dst[0 .. 64) as fp16 ----------------
-// Values are those of quant_blocks.cuh's BT::value (== gguf dequantize) up to one float32 rounding (an FMA), then
-// rounded to fp16 once. row(matrix, r, stride, cols) locates row r of one matrix: GGUF rows are `stride` bytes apart;
-// Q8_0R (q8_0r.cuh planes) takes stride = slab rows.
+// ---- tile decoders: columns [k0, k0 + 32) of one weight row (k0 % 32 == 0) -> codes dst[0 .. 32) (exact fp16) and
+// the scale a[j] / min m[j] of the 32 / SB sub-blocks (w = a * code - m; header). row(matrix, r, stride, cols) locates
+// row r of one matrix: GGUF rows are `stride` bytes apart; Q8_0R (q8_0r.cuh planes) takes stride = slab rows.
+// Loads: 2-byte aligned for Q8_0 (34-byte blocks) and IQ2_XXS (66), 4-byte aligned for Q2_K (84) and Q4_K (144).
 struct MgGgufRow {
     typedef const u8* Row;
     static __device__ __forceinline__ Row row(const u8* m, int r, long long stride, int) {
         return m + (size_t)r * stride;
     }
 };
-struct MgQ8_0 : MgGgufRow {  // two 34-byte blocks: f16 d | int8 q[32]
-    static constexpr int QK = 32;
-    static constexpr bool GRID = false;
-    static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64*, u16* dst) {
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-            const u8* blk = row + (size_t)((k0 >> 5) + b) * 34;
-            const float d = f16_to_f32(ld_u16(blk));
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const u32 w0 = ld_u32_a2(blk + 2 + 8 * q) ^ 0x80808080u, w1 = ld_u32_a2(blk + 6 + 8 * q) ^ 0x80808080u;
-                st8(dst + 32 * b + 8 * q, sbyte_f32(w0, 0) * d, sbyte_f32(w0, 1) * d, sbyte_f32(w0, 2) * d,
-                    sbyte_f32(w0, 3) * d, sbyte_f32(w1, 0) * d, sbyte_f32(w1, 1) * d, sbyte_f32(w1, 2) * d,
-                    sbyte_f32(w1, 3) * d);
-            }
-        }
-    }
-};
 
-struct MgQ2_K : MgGgufRow {  // u8 scales[16] | u8 qs[64] | f16 d | f16 dmin; element 128h + 32s + l = (qs[32h + l] >> 2s) & 3
-    static constexpr int QK = 256;
-    static constexpr bool GRID = false;
-    static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64*, u16* dst) {
-        const u8* blk = row + (size_t)(k0 >> 8) * 84;
-        const int h = (k0 >> 7) & 1, s0 = ((k0 >> 6) & 1) * 2;  // elements 128h + 32s + l, s = s0, s0 + 1
-        const u32 dm = ld_u32(blk + 80);
-        const float d = f16_to_f32((u16)dm), dmin = f16_to_f32((u16)(dm >> 16));
-        const u32 sc4 = ld_u32(blk + 8 * h + 2 * s0);  // scale bytes of sub-blocks 8h + 2s0 .. 8h + 2s0 + 3
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {  // l in [16 half, 16 half + 16): qs words 4 half .. 4 half + 3
-            const uint4 q = *reinterpret_cast<const uint4*>(blk + 16 + 32 * h + 16 * half);
-#pragma unroll
-            for (int si = 0; si < 2; ++si) {  // s = s0 + si: sub-block 8h + 2s + half
-                const int sh = 2 * (s0 + si);
-                const u32 sc = (sc4 >> (8 * (2 * si + half))) & 0xFFu;
-                const float a = d * small_f32(sc & 15u), m = dmin * small_f32(sc >> 4);
-#pragma unroll
-                for (int g = 0; g < 2; ++g) {
-                    const u32 v0 = ((g ? q.z : q.x) >> sh) & 0x03030303u, v1 = ((g ? q.w : q.y) >> sh) & 0x03030303u;
-                    st8(dst + 32 * si + 16 * half + 8 * g, fmaf(a, byte_f32(v0, 0), -m), fmaf(a, byte_f32(v0, 1), -m),
-                        fmaf(a, byte_f32(v0, 2), -m), fmaf(a, byte_f32(v0, 3), -m), fmaf(a, byte_f32(v1, 0), -m),
-                        fmaf(a, byte_f32(v1, 1), -m), fmaf(a, byte_f32(v1, 2), -m), fmaf(a, byte_f32(v1, 3), -m));
-                }
-            }
-        }
-    }
-};
-
-struct MgQ4_K : MgGgufRow {  // f16 d | f16 dmin | u8 scales[12] | u8 qs[128]; element 64i + l = qs[32i + l%32] lo (l<32) / hi
-    static constexpr int QK = 256;
-    static constexpr bool GRID = false;
-    static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64*, u16* dst) {
-        const u8* blk = row + (size_t)(k0 >> 8) * 144;
-        const int i = (k0 >> 6) & 3;
-        const u32 dm = ld_u32(blk);
-        const float d = f16_to_f32((u16)dm), dmin = f16_to_f32((u16)(dm >> 16));
-        u32 sc, mn;
-        q4_k_scale_min(blk + 4, 2 * i, sc, mn);
-        const float a0 = d * small_f32(sc), m0 = dmin * small_f32(mn);
-        q4_k_scale_min(blk + 4, 2 * i + 1, sc, mn);
-        const float a1 = d * small_f32(sc), m1 = dmin * small_f32(mn);
-#pragma unroll
-        for (int g = 0; g < 4; ++g) {  // qs bytes 32i + 8g .. +8: elements 64i + 8g + l (lo) and 64i + 32 + 8g + l (hi)
-            const uint2 q = *reinterpret_cast<const uint2*>(blk + 16 + 32 * i + 8 * g);
-#pragma unroll
-            for (int hi = 0; hi < 2; ++hi) {
-                const float a = hi ? a1 : a0, m = hi ? m1 : m0;
-                const u32 v0 = (q.x >> (4 * hi)) & 0x0F0F0F0Fu, v1 = (q.y >> (4 * hi)) & 0x0F0F0F0Fu;
-                st8(dst + 32 * hi + 8 * g, fmaf(a, byte_f32(v0, 0), -m), fmaf(a, byte_f32(v0, 1), -m),
-                    fmaf(a, byte_f32(v0, 2), -m), fmaf(a, byte_f32(v0, 3), -m), fmaf(a, byte_f32(v1, 0), -m),
-                    fmaf(a, byte_f32(v1, 1), -m), fmaf(a, byte_f32(v1, 2), -m), fmaf(a, byte_f32(v1, 3), -m));
-            }
-        }
-    }
-};
-
-struct MgIQ2_XXS : MgGgufRow {  // f16 d | 8 x (u32 aux0: 4 grid indices, u32 aux1: 4 x 7-bit sign indices + 4-bit scale)
-    static constexpr int QK = 256;
-    static constexpr bool GRID = true;
-    static __device__ __forceinline__ float sgn(float v, u32 s8, int k) {
-        return __uint_as_float(__float_as_uint(v) ^ (((s8 >> k) & 1u) << 31));
-    }
-    static __device__ __forceinline__ void decode64(const u8* row, int k0, const u64* grid, u16* dst) {
-        const u8* blk = row + (size_t)(k0 >> 8) * 66;
-        const int ib0 = (k0 >> 5) & 7;  // sub-blocks ib0, ib0 + 1 of 32 elements
-        const float d = f16_to_f32(ld_u16(blk));
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-            const u8* sb = blk + 2 + 8 * (ib0 + b);
-            const u32 aux0 = ld_u32_a2(sb), aux1 = ld_u32_a2(sb + 4);
-            const float db = __fmul_rn(__fmul_rn(d, 0.5f + small_f32(aux1 >> 28)), 0.25f);
-#pragma unroll
-            for (int l = 0; l < 4; ++l) {
-                const u64 g = grid[(aux0 >> (8 * l)) & 0xFFu];
-                const u32 glo = (u32)g, ghi = (u32)(g >> 32);
-                const u32 s8 = iq2_signs((aux1 >> (7 * l)) & 127u);
-                st8(dst + 32 * b + 8 * l, sgn(db * byte_f32(glo, 0), s8, 0), sgn(db * byte_f32(glo, 1), s8, 1),
-                    sgn(db * byte_f32(glo, 2), s8, 2), sgn(db * byte_f32(glo, 3), s8, 3),
-                    sgn(db * byte_f32(ghi, 0), s8, 4), sgn(db * byte_f32(ghi, 1), s8, 5),
-                    sgn(db * byte_f32(ghi, 2), s8, 6), sgn(db * byte_f32(ghi, 3), s8, 7));
-            }
-        }
+struct MgQ8_0 : MgGgufRow {  // 34-byte blocks: f16 d | int8 q[32]
+    static constexpr int QK = 32, SB = 32;
+    static constexpr bool GRID = false, MIN = false;
+    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64*, u16* dst, float* a, float*) {
+        const u8* blk = row + (size_t)(k0 >> 5) * 34;
+        a[0] = f16_to_f32(ld_u16(blk));
+        st16_s8(dst, ld_u32_a2(blk + 2), ld_u32_a2(blk + 6), ld_u32_a2(blk + 10), ld_u32_a2(blk + 14));
+        st16_s8(dst + 16, ld_u32_a2(blk + 18), ld_u32_a2(blk + 22), ld_u32_a2(blk + 26), ld_u32_a2(blk + 30));
     }
 };
 
 struct MgQ8_0R {  // Q8_0 repacked into planes (q8_0r.cuh): the row's int8 qs contiguous, its f16 scales apart
-    static constexpr int QK = 32;
-    static constexpr bool GRID = false;
+    static constexpr int QK = 32, SB = 32;
+    static constexpr bool GRID = false, MIN = false;
     typedef Q8RRow Row;
     static __device__ __forceinline__ Row row(const u8* m, int r, long long slab_rows, int cols) {
         return q8r_row(m, r, cols >> 5, (int)slab_rows);
     }
-    static __device__ __forceinline__ void decode64(const Row& row, int k0, const u64*, u16* dst) {
+    static __device__ __forceinline__ void decode32(const Row& row, int k0, const u64*, u16* dst, float* a, float*) {
+        a[0] = f16_to_f32(row.d[k0 >> 5]);
+        const uint4 q0 = row.qs[k0 >> 4], q1 = row.qs[(k0 >> 4) + 1];
+        st16_s8(dst, q0.x, q0.y, q0.z, q0.w);
+        st16_s8(dst + 16, q1.x, q1.y, q1.z, q1.w);
+    }
+};
+
+// u8 scales[16] | u8 qs[64] | f16 d | f16 dmin; element 128h + 32s + l = (qs[32h + l] >> 2s) & 3, sub-block of 16
+// (element / 16 = 8h + 2s + l / 16) with scale byte scales[8h + 2s + l / 16]: a = d (sc & 15), m = dmin (sc >> 4)
+struct MgQ2_K : MgGgufRow {
+    static constexpr int QK = 256, SB = 16;
+    static constexpr bool GRID = false, MIN = true;
+    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64*, u16* dst, float* a, float* m) {
+        const u8* blk = row + (size_t)(k0 >> 8) * 84;
+        const int j = (k0 >> 5) & 7, h = j >> 2, sh = 2 * (j & 3);  // columns = elements 128h + 32s + l, s = j & 3
+        const u32 dm = ld_u32(blk + 80);
+        const float d = f16_to_f32((u16)dm), dmin = f16_to_f32((u16)(dm >> 16));
+        const u32 sc2 = ld_u16(blk + 2 * j);  // scale bytes 8h + 2s, 8h + 2s + 1 (= 2j, 2j + 1)
 #pragma unroll
-        for (int b = 0; b < 2; ++b) {
-            const float d = f16_to_f32(row.d[(k0 >> 5) + b]);
+        for (int half = 0; half < 2; ++half) {
+            const u32 sc = (sc2 >> (8 * half)) & 0xFFu;
+            a[half] = d * small_f32(sc & 15u);
+            m[half] = dmin * small_f32(sc >> 4);
+        }
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const uint4 q = row.qs[(k0 >> 4) + 2 * b + c];
-                const u32 w[4] = {q.x ^ 0x80808080u, q.y ^ 0x80808080u, q.z ^ 0x80808080u, q.w ^ 0x80808080u};
+        for (int w = 0; w < 8; w += 2)  // qs words: l = 4w .. 4w + 7
+            st8_bytes(dst + 4 * w, (ld_u32(blk + 16 + 32 * h + 4 * w) >> sh) & 0x03030303u,
+                      (ld_u32(blk + 16 + 32 * h + 4 * w + 4) >> sh) & 0x03030303u);
+    }
+};
+
+// f16 d | f16 dmin | u8 scales[12] | u8 qs[128]; element 64i + 32hi + l = (qs[32i + l] >> 4hi) & 15, sub-block 2i + hi
+struct MgQ4_K : MgGgufRow {
+    static constexpr int QK = 256, SB = 32;
+    static constexpr bool GRID = false, MIN = true;
+    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64*, u16* dst, float* a, float* m) {
+        const u8* blk = row + (size_t)(k0 >> 8) * 144;
+        const int j = (k0 >> 5) & 7, i = j >> 1, sh = 4 * (j & 1);
+        const u32 dm = ld_u32(blk);
+        u32 sc, mn;
+        q4_k_scale_min(blk + 4, j, sc, mn);
+        a[0] = f16_to_f32((u16)dm) * small_f32(sc);
+        m[0] = f16_to_f32((u16)(dm >> 16)) * small_f32(mn);
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    st8(dst + 32 * b + 16 * c + 8 * h, sbyte_f32(w[2 * h], 0) * d, sbyte_f32(w[2 * h], 1) * d,
-                        sbyte_f32(w[2 * h], 2) * d, sbyte_f32(w[2 * h], 3) * d, sbyte_f32(w[2 * h + 1], 0) * d,
-                        sbyte_f32(w[2 * h + 1], 1) * d, sbyte_f32(w[2 * h + 1], 2) * d, sbyte_f32(w[2 * h + 1], 3) * d);
-            }
+        for (int w = 0; w < 8; w += 2)
+            st8_bytes(dst + 4 * w, (ld_u32(blk + 16 + 32 * i + 4 * w) >> sh) & 0x0F0F0F0Fu,
+                      (ld_u32(blk + 16 + 32 * i + 4 * w + 4) >> sh) & 0x0F0F0F0Fu);
+    }
+};
+
+// f16 d | 8 x (u32 aux0: 4 grid indices, u32 aux1: 4 x 7-bit sign indices + 4-bit scale); sub-block ib = 32 elements
+struct MgIQ2_XXS : MgGgufRow {
+    static constexpr int QK = 256, SB = 32;
+    static constexpr bool GRID = true, MIN = false;
+    static __device__ __forceinline__ float sgn(float v, u32 s8, int k) {
+        return __uint_as_float(__float_as_uint(v) ^ (((s8 >> k) & 1u) << 31));
+    }
+    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64* grid, u16* dst, float* a,
+                                                    float*) {
+        const u8* blk = row + (size_t)(k0 >> 8) * 66;
+        const u8* sb = blk + 2 + 8 * ((k0 >> 5) & 7);
+        const u32 aux0 = ld_u32_a2(sb), aux1 = ld_u32_a2(sb + 4);
+        a[0] = __fmul_rn(__fmul_rn(f16_to_f32(ld_u16(blk)), 0.5f + small_f32(aux1 >> 28)), 0.25f);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u64 g = grid[(aux0 >> (8 * l)) & 0xFFu];
+            const u32 glo = (u32)g, ghi = (u32)(g >> 32);
+            const u32 s8 = iq2_signs((aux1 >> (7 * l)) & 127u);
+            st8(dst + 8 * l, sgn(byte_f32(glo, 0), s8, 0), sgn(byte_f32(glo, 1), s8, 1), sgn(byte_f32(glo, 2), s8, 2),
+                sgn(byte_f32(glo, 3), s8, 3), sgn(byte_f32(ghi, 0), s8, 4), sgn(byte_f32(ghi, 1), s8, 5),
+                sgn(byte_f32(ghi, 2), s8, 6), sgn(byte_f32(ghi, 3), s8, 7));
         }
     }
 };
@@ -250,8 +209,13 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
                                         const int* tiles, const int* n_tiles, const int* sorted,
                                         const float* weights, int k, int n_expert, int n_pairs, const float* Xin,
                                         int cols, float* out, int rows, float clamp, int accumulate) {
-    __shared__ __align__(16) u16 sA[MG_BM * MG_LD];
-    __shared__ __align__(16) u16 sB[MG_BN * MG_LD];
+    constexpr int NSB = MG_BK / DEC::SB;  // sub-blocks per k-step (1 or 2)
+    constexpr int KS = DEC::SB / 16;      // m16n8k16 steps per sub-block (2 or 1)
+    __shared__ __align__(16) u16 sA[MG_BM * MG_LD];   // codes
+    __shared__ __align__(16) u16 sXh[MG_BN * MG_LD];  // activations / s: hi
+    __shared__ __align__(16) u16 sXl[MG_BN * MG_LD];  // and lo
+    __shared__ float s_a[NSB][MG_BM], s_m[DEC::MIN ? NSB : 1][MG_BM];  // per sub-block: scale, min of each row
+    __shared__ float s_s[MG_BN], s_sx[DEC::MIN ? NSB : 1][MG_BN];      // per token: scale s, sub-block sums SX
     __shared__ int s_pair[MG_BN];
     __shared__ u64 s_grid[DEC::GRID ? 256 : 1];
 
@@ -282,19 +246,21 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
         return;
     }
 
-    // this thread's weight row (decoded into shared row tid) and activation quarter-row (token tid / 4, 16 columns)
+    // this thread's weight row (decoded into shared row tid) and activation slice (token tid / 4, 8 columns)
     const int ar = GATE_UP ? r0 + (tid & 127) : r0 + tid;
     const bool a_ok = ar < rows;
     const typename DEC::Row arow =
         DEC::row(((GATE_UP && tid >= 128) ? A1 : A0) + (size_t)e * expert_stride, a_ok ? ar : 0, row_stride, cols);
-    const int bp = s_pair[tid >> 2];
-    const float* brow = bp >= 0 ? Xin + (size_t)(GATE_UP ? bp / k : bp) * cols + 16 * (tid & 3) : nullptr;
+    const int bt = tid >> 2, bq = tid & 3;
+    const int bp = s_pair[bt];
+    const float* brow = bp >= 0 ? Xin + (size_t)(GATE_UP ? bp / k : bp) * cols + 8 * bq : nullptr;
     u16* a_dst = sA + tid * MG_LD;
-    u16* b_dst = sB + (tid >> 2) * MG_LD + 16 * (tid & 3);
+    const int b_off = bt * MG_LD + 8 * bq;
 
     // ldmatrix lane addresses: A x4 = (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3; B x4 = two n8 tiles x (k 0-7 | 8-15)
     const u32 a_addr = smem_u32(sA) + 2u * (u32)((wm * 32 + (lane & 15)) * MG_LD + (lane >> 4) * 8);
-    const u32 b_addr = smem_u32(sB) + 2u * (u32)((wn * 32 + ((lane >> 4) << 3) + (lane & 7)) * MG_LD + ((lane >> 3) & 1) * 8);
+    const u32 b_lane = 2u * (u32)((wn * 32 + ((lane >> 4) << 3) + (lane & 7)) * MG_LD + ((lane >> 3) & 1) * 8);
+    const u32 bh_addr = smem_u32(sXh) + b_lane, bl_addr = smem_u32(sXl) + b_lane;
 
     float acc[4][4][4];
 #pragma unroll
@@ -305,40 +271,105 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
             for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
 
     for (int k0 = 0; k0 < cols; k0 += MG_BK) {
+        // weights: codes and sub-block scales of row tid
         if (a_ok) {
-            DEC::decode64(arow, k0, s_grid, a_dst);
+            float a[NSB], m[NSB];
+            DEC::decode32(arow, k0, s_grid, a_dst, a, m);
+#pragma unroll
+            for (int j = 0; j < NSB; ++j) {
+                s_a[j][tid] = a[j];
+                if (DEC::MIN) s_m[DEC::MIN ? j : 0][tid] = m[j];
+            }
         } else {
 #pragma unroll
             for (int c = 0; c < MG_BK; c += 8) *reinterpret_cast<uint4*>(a_dst + c) = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int j = 0; j < NSB; ++j) {
+                s_a[j][tid] = 0.f;
+                if (DEC::MIN) s_m[DEC::MIN ? j : 0][tid] = 0.f;
+            }
         }
+        // activations: the 4 threads of a token agree on s (max over its 32 columns), each splits its 8 floats
+        float x[8];
         if (brow != nullptr) {
-            const float4 x0 = ld_x4(brow + k0), x1 = ld_x4(brow + k0 + 4), x2 = ld_x4(brow + k0 + 8),
-                         x3 = ld_x4(brow + k0 + 12);
-            st8(b_dst, x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w);
-            st8(b_dst + 8, x2.x, x2.y, x2.z, x2.w, x3.x, x3.y, x3.z, x3.w);
+            const float4 x0 = ld_x4(brow + k0), x1 = ld_x4(brow + k0 + 4);
+            x[0] = x0.x; x[1] = x0.y; x[2] = x0.z; x[3] = x0.w; x[4] = x1.x; x[5] = x1.y; x[6] = x1.z; x[7] = x1.w;
         } else {
-            *reinterpret_cast<uint4*>(b_dst) = make_uint4(0u, 0u, 0u, 0u);
-            *reinterpret_cast<uint4*>(b_dst + 8) = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x[i] = 0.f;
+        }
+        float amax = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(x[i]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        const int ex = mma_split_exp(amax);
+        const float inv = mma_split_inv(ex);
+        {
+            float vh[8], vl[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) mma_split(x[i] * inv, vh[i], vl[i]);
+            st8(sXh + b_off, vh[0], vh[1], vh[2], vh[3], vh[4], vh[5], vh[6], vh[7]);
+            st8(sXl + b_off, vl[0], vl[1], vl[2], vl[3], vl[4], vl[5], vl[6], vl[7]);
+        }
+        if (bq == 0) s_s[bt] = mma_split_scale(ex);
+        if (DEC::MIN) {  // SX: float32 sum of the sub-block's activations (8 per thread, then across threads)
+            float sx = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+            sx += __shfl_xor_sync(0xffffffffu, sx, 1);
+            if (NSB == 1) sx += __shfl_xor_sync(0xffffffffu, sx, 2);
+            if ((bq & (NSB == 1 ? 3 : 1)) == 0) s_sx[DEC::MIN ? (NSB == 1 ? 0 : bq >> 1) : 0][bt] = sx;
         }
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < MG_BK; kk += 16) {
-            u32 bf[4][2];
+        for (int j = 0; j < NSB; ++j) {
+            u32 bh[KS][4][2], bl[KS][4][2];  // [k16 step][n8 tile][reg]
 #pragma unroll
-            for (int np = 0; np < 2; ++np) {
-                u32 r[4];
-                ldsm_x4(r, b_addr + 2u * (u32)(np * 16 * MG_LD + kk));
-                bf[2 * np][0] = r[0];
-                bf[2 * np][1] = r[1];
-                bf[2 * np + 1][0] = r[2];
-                bf[2 * np + 1][1] = r[3];
+            for (int ks = 0; ks < KS; ++ks) {
+                const u32 kk = 2u * (u32)(j * DEC::SB + 16 * ks);
+#pragma unroll
+                for (int np = 0; np < 2; ++np) {
+                    u32 r[4];
+                    ldsm_x4(r, bh_addr + 2u * (u32)(np * 16 * MG_LD) + kk);
+                    bh[ks][2 * np][0] = r[0]; bh[ks][2 * np][1] = r[1];
+                    bh[ks][2 * np + 1][0] = r[2]; bh[ks][2 * np + 1][1] = r[3];
+                    ldsm_x4(r, bl_addr + 2u * (u32)(np * 16 * MG_LD) + kk);
+                    bl[ks][2 * np][0] = r[0]; bl[ks][2 * np][1] = r[1];
+                    bl[ks][2 * np + 1][0] = r[2]; bl[ks][2 * np + 1][1] = r[3];
+                }
             }
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt) {
-                u32 af[4];
-                ldsm_x4(af, a_addr + 2u * (u32)(((mt >> 1) * 128 + (mt & 1) * 16) * MG_LD + kk));
+                const int ra = (mt >> 1) * 128 + wm * 32 + (mt & 1) * 16 + (lane >> 2);  // rows ra, ra + 8
+                u32 af[KS][4];
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) mma16816(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
+                for (int ks = 0; ks < KS; ++ks)
+                    ldsm_x4(af[ks], a_addr + 2u * (u32)(((mt >> 1) * 128 + (mt & 1) * 16) * MG_LD + j * DEC::SB +
+                                                        16 * ks));
+                const float a0 = s_a[j][ra], a1 = s_a[j][ra + 8];
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    const int tk = wn * 32 + nt * 8 + 2 * (lane & 3);  // tokens tk, tk + 1
+                    float p[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks) {
+                        mma_16816(p, af[ks], bh[ks][nt][0], bh[ks][nt][1]);
+                        mma_16816(p, af[ks], bl[ks][nt][0], bl[ks][nt][1]);
+                    }
+                    const float s0 = s_s[tk], s1 = s_s[tk + 1];
+                    acc[mt][nt][0] = fmaf(a0 * s0, p[0], acc[mt][nt][0]);
+                    acc[mt][nt][1] = fmaf(a0 * s1, p[1], acc[mt][nt][1]);
+                    acc[mt][nt][2] = fmaf(a1 * s0, p[2], acc[mt][nt][2]);
+                    acc[mt][nt][3] = fmaf(a1 * s1, p[3], acc[mt][nt][3]);
+                    if (DEC::MIN) {
+                        const int jm = DEC::MIN ? j : 0;
+                        const float m0 = s_m[jm][ra], m1 = s_m[jm][ra + 8];
+                        const float x0 = s_sx[jm][tk], x1 = s_sx[jm][tk + 1];
+                        acc[mt][nt][0] = fmaf(-m0, x0, acc[mt][nt][0]);
+                        acc[mt][nt][1] = fmaf(-m0, x1, acc[mt][nt][1]);
+                        acc[mt][nt][2] = fmaf(-m1, x0, acc[mt][nt][2]);
+                        acc[mt][nt][3] = fmaf(-m1, x1, acc[mt][nt][3]);
+                    }
+                }
             }
         }
         __syncthreads();
@@ -378,14 +409,14 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
 }
 
 #define DS4_MOE_GROUPED(suffix, DEC)                                                                               \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_gate_up_##suffix(                             \
+    extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_##suffix(                             \
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* tiles,             \
         const int* n_tiles, const int* sorted, const float* weights, int k, int n_expert, int n_pairs,             \
         const float* X, int cols, float* mid, int ff, float clamp) {                                               \
         mg_gemm<DEC, true>(gate, up, expert_stride, row_stride, tiles, n_tiles, sorted, weights, k, n_expert,      \
                            n_pairs, X, cols, mid, ff, clamp, 0);                                                   \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_##suffix(                                \
+    extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_##suffix(                                \
         const u8* down, long long expert_stride, long long row_stride, const int* tiles, const int* n_tiles,       \
         const int* sorted, int n_expert, int n_pairs, const float* mid, int cols, float* out, int rows,            \
         int accumulate) {                                                                                          \

@@ -2,7 +2,7 @@
 
 quant_ops.moe_gate_up / moe_down (kernels/moe.cu) run one (token, expert) pair at a time, so a chunk of S tokens
 streams S * k expert matrices; here the pairs are sorted by expert on the device and every expert's tokens go through
-one GEMM (fp16 operands, fp32 accumulation, mma.sync), reading each selected expert's weights about once per chunk:
+one GEMM on the tensor cores (mma.sync), reading each selected expert's weights about once per chunk:
 
     routing = alloc_routing(max_pairs, n_expert)          # once: fixed device buffers (graph-capturable calls)
     r = route(ids, n_expert, routing)                      # ids int32 [n, k] -> expert-sorted pairs + tile table
@@ -16,16 +16,17 @@ An expert id outside [0, n_expert) gives NaN rows, as moe.cu does, and no weight
 Formats: IQ2_XXS, Q2_K, Q4_K, Q8_0 (GROUPED_TYPES) and Q8_0 repacked into planes (Q8_0R, the engine's default for
 Q8_0 tensors); others keep the moe.cu path.
 
-Precision: fp16 operands (relative rounding 2^-11) with fp32 accumulation: ~4e-4 relative error per product, ~1e-3
-through gate/up -> SwiGLU -> down (kernels/moe_grouped.cu header). fp16's range holds only for bounded activations:
-fp16_range_ok() is the condition the engine checks per layer (RMS-normalised inputs, clamped SwiGLU outputs).
+Precision: float32-accurate, like the per-pair float32 kernels up to summation order (~1e-6 relative; the
+kernels/moe_grouped.cu header): the mma operands are the blocks' integer codes (exact in fp16) and the activations
+split into hi + lo fp16 terms under a power-of-two scale per 32 columns (2^-21 relative; any range, no fp16 overflow);
+sub-block scales and mins are applied in float32. tests/test_moe_grouped.py emulates that arithmetic in NumPy
+(scripts/emulate_moe_grouped.py: the tiny models' logits move by <= 5.4e-7 of max |logit|).
 
 PrefillMoE is what CudaSession uses: buffers for its chunk, the per-layer choice, and the routed + shared MoE of a
 layer in one call.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -41,15 +42,13 @@ GROUPED_TYPES = {T.IQ2_XXS: "iq2_xxs", T.Q2_K: "q2_k", T.Q4_K: "q4_k", T.Q8_0: "
 TILE_TOKENS = 64          # MG_BN: pairs per tile
 GATE_UP_ROWS = 128        # ff rows per gate/up CTA (128 gate + 128 up)
 DOWN_ROWS = 256           # output rows per down CTA
-K_STEP = 64               # MG_BK: columns per k-step (the reduction length must be a multiple)
+K_STEP = 32               # MG_BK: columns per k-step (the reduction length must be a multiple)
 MAX_EXPERT = 512          # MG_MAX_EXPERT (shared arrays of moe_grouped_route)
 # S >= MIN_TOKENS uses the grouped path (CudaSession). Below ~32 tokens a flash chunk has S * k <= 192 pairs over 256
 # experts, so the decode kernels read nearly every selected expert once anyway, and they are tuned for that; above it
 # experts repeat and the per-pair path reads them again per pair. To be re-measured on the H200
 # (scripts/bench_moe_prefill.py --tokens 16,32,64).
 MIN_TOKENS = 32
-# largest |activation| the engine lets into an fp16 operand: 2^14, a quarter of fp16's 65504
-FP16_SAFE = 2.0 ** 14
 _THREADS = 256
 
 
@@ -100,26 +99,6 @@ def max_tiles(n_pairs: int, n_expert: int) -> int:
     if n_pairs <= 0:
         return 0
     return n_pairs // TILE_TOKENS + min(n_expert + 1, n_pairs)
-
-
-def fp16_range_ok(clamp: float, weight_bound: float, norm_absmax: float, n_embd: int) -> bool:
-    """Whether one layer's MoE activations provably stay within FP16_SAFE (so the fp16 operands cannot overflow):
-    gate/up read RMS-normalised rows times the norm weights, |x_i| <= sqrt(n_embd) * max|norm weight|; down reads
-    silu(min(g, c)) * clamp(u, -c, c) * w, |.| <= c^2 * w (silu(g) <= g for g >= 0, >= -0.28 below), w <= weight_bound
-    (routing weights; 1 for the shared expert)."""
-    try:
-        clamp, weight_bound, norm_absmax = float(clamp), float(weight_bound), float(norm_absmax)
-    except (TypeError, ValueError):
-        return False
-    if not all(math.isfinite(v) for v in (clamp, weight_bound, norm_absmax)):
-        return False
-    return clamp * clamp * max(weight_bound, 1.0) <= FP16_SAFE and math.sqrt(n_embd) * norm_absmax <= FP16_SAFE
-
-
-def routing_weight_bound(config) -> float:
-    """Largest routing weight router_select can produce: normalised weights sum to 1 before the scale (each <= scale);
-    unnormalised ones (sqrt(softplus(logit)) * scale) have no bound, so inf."""
-    return float(config.expert_weights_scale) if config.expert_weights_norm else math.inf
 
 
 # ---- routing ---------------------------------------------------------------------------------------------------------
@@ -216,7 +195,7 @@ def _tile_args(routed: Routed | None):
 def gate_up(gate, up, qtype, x, routed: Routed | None = None, weights=None, clamp: float = 10.0, out=None,
             stream=None):
     """mid[n, k, ff] = silu(min(gate_e . x_t, c)) * clamp(up_e . x_t, -c, c) * w[t, j] for every pair of `routed`
-    (route()'s result for ids [n, k]); moe_gate_up's result within the fp16 tolerance. routed=None: the shared expert
+    (route()'s result for ids [n, k]); moe_gate_up's result to float32 summation level. routed=None: the shared expert
     (gate, up: [ff, row_bytes], every token, weight 1, mid [n, 1, ff]). x: float32 [n, D]; weights: float32 [n, k]."""
     t = _gtype(qtype)
     x = _aligned16(_f32(x, "x"), "x")
@@ -313,12 +292,12 @@ def enabled_by_env() -> bool:
 
 class PrefillMoE:
     """CudaSession's grouped MoE: routing buffers and the per-pair output rows for chunks of up to max_tokens tokens,
-    which layers can use it (block types, fp16 range), and one layer's routed + shared experts.
+    which layers can use it (block types), and one layer's routed + shared experts.
 
-    Layer il uses it when its routed gate/up/down types are GROUPED_TYPES and fp16_range_ok holds for its clamp,
-    routing-weight bound and ffn_norm weights; the shared expert goes through the grouped kernels when its types are
-    supported too, else through moe.cu. Reading the norm weights' max is one small device->host copy per layer, here
-    (session creation), never in a chunk."""
+    Layer il uses it when its routed gate/up/down types are GROUPED_TYPES (or Q8_0R) with reduction lengths that are
+    whole k-steps; the shared expert goes through the grouped kernels when its types are supported too, else through
+    moe.cu. Every grouped format is float32-accurate (no fp16 operand path remains), so there is no range condition
+    and `vectors` (the layer vectors, kept for CudaSession's call) is not read."""
 
     def __init__(self, config, qtypes: dict, vectors: dict, max_tokens: int, alloc=None):
         import cupy
@@ -326,15 +305,10 @@ class PrefillMoE:
         self.config = c
         self.max_tokens = int(max_tokens)
         self.routed_ok, self.shared_ok = [], []
-        wb = routing_weight_bound(c)
         on = enabled_by_env() and self.max_tokens >= MIN_TOKENS and 0 < c.n_expert <= MAX_EXPERT
         for il in range(c.n_layer):
             p = f"blk.{il}."
             ok = on and self._fits(qtypes, p + "ffn_{}_exps.weight")
-            if ok:
-                gamma = float(cupy.abs(vectors[p + "ffn_norm.weight"]).max())
-                ok = fp16_range_ok(c.swiglu_clamp[il], wb, gamma, c.n_embd) and \
-                    fp16_range_ok(c.swiglu_clamp[il], 1.0, gamma, c.n_embd)
             self.routed_ok.append(ok)
             self.shared_ok.append(ok and c.n_expert_shared > 0 and self._fits(qtypes, p + "ffn_{}_shexp.weight"))
         self.routing = self.yp = None
@@ -382,6 +356,6 @@ class PrefillMoE:
         return y
 
 
-__all__ = ["GROUPED_TYPES", "TILE_TOKENS", "MIN_TOKENS", "MAX_EXPERT", "FP16_SAFE", "grouped_supported", "max_tiles",
-           "fp16_range_ok", "routing_weight_bound", "Routing", "Routed", "alloc_routing", "route", "gate_up", "down",
-           "sum_slots", "enabled_by_env", "PrefillMoE"]
+__all__ = ["GROUPED_TYPES", "TILE_TOKENS", "MIN_TOKENS", "MAX_EXPERT", "K_STEP", "grouped_supported", "max_tiles",
+           "Routing", "Routed", "alloc_routing", "route", "gate_up", "down", "sum_slots", "enabled_by_env",
+           "PrefillMoE"]
