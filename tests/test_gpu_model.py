@@ -22,15 +22,13 @@ error, so the issue's bound cannot hold at every step of every random run. The Q
   (a real bug gives O(1) differences everywhere: see the QAT-off numbers), and the same greedy token except where
   the reference's top-2 margin is below twice the step's max |difference| (both are then fed the reference's token).
 
-Grouped prefill MoE (engines/cuda/moe_grouped.py, chunks of >= 32 tokens): fp16 operands with fp32 accumulation,
-~1e-3 relative error per MoE (kernels/moe_grouped.cu header) instead of float32 rounding. Each run compares two GPU
-sessions with the reference: "per_pair" (DS4CUPY_MOE_GROUPED=0, the float32 path, under the bounds above) and
-"grouped" (the engine's default). Measured by putting the same fp16 rounding into the reference's prefill MoE (tiny
-q2 / q4, QAT off, 600-token prefill + 40 greedy steps, 4 prompts each): median max|diff| / max|logit| 2.8e-4 to
-2.8e-3, prefill <= 3.3e-3, >= 95 % of the logit vectors <= 1e-2, but single decode steps up to 0.30 (the perturbed KV
-tips a router top-k near-tie: the same discontinuity as QAT's flips). So the grouped session must have >= 90 %
-(QAT off) / >= 50 % (QAT on) of its logit vectors within 1e-2 of max |logit| and the same greedy token except where
-the reference's top-2 margin is below twice the step's difference; a wrong kernel gives O(1) differences everywhere.
+Grouped prefill MoE (engines/cuda/moe_grouped.py, chunks of >= 32 tokens, the engine's default): float32-accurate
+like the per-pair path (integer codes as mma operands, hi + lo fp16 activations, scales and mins in float32; the
+kernels/moe_grouped.cu header). Each run compares two GPU sessions with the reference under the same bounds above:
+"per_pair" (DS4CUPY_MOE_GROUPED=0) and "grouped". Measured by putting the grouped kernels' arithmetic into the
+reference's prefill MoE (scripts/emulate_moe_grouped.py; tiny q2 / q4, QAT off, 600-token prefill + 40 greedy steps,
+4 prompts each): max|diff| / max|logit| <= 5.4e-7 at every step, the same greedy tokens (the old fp16 operands: 4e-3
+on prefills, up to 0.29 on single decode steps).
 """
 from __future__ import annotations
 
@@ -69,10 +67,6 @@ def _same_greedy(gpu, ref, rel, strict):
     return margin < 2 * rel * float(np.max(np.abs(ref)))
 
 
-# per MoE path: the bound most logit vectors meet, and the share of them that must meet it (QAT off, QAT on)
-TYPICAL = {"per_pair": (1e-3, 1.0, 0.5), "grouped": (1e-2, 0.9, 0.5)}
-
-
 @pytest.mark.parametrize("qat", [True, False])
 def test_tiny_model_matches_reference(tiny_file, qat, rng, monkeypatch):
     from ds4cupy.engines.cuda.session import CudaModel
@@ -99,18 +93,15 @@ def test_tiny_model_matches_reference(tiny_file, qat, rng, monkeypatch):
         for moe in gpus:
             rel = _rel(lg[moe], lr)
             rels[moe].append(rel)
-            strict = not qat and moe == "per_pair"
-            if moe == "per_pair":
-                assert rel <= (0.25 if qat else 1e-3), f"{moe} step {step}: max|diff| = {rel:.2e} * max|logit|"
-            assert _same_greedy(lg[moe], lr, rel, strict=strict), \
+            assert rel <= (0.25 if qat else 1e-3), f"{moe} step {step}: max|diff| = {rel:.2e} * max|logit|"
+            assert _same_greedy(lg[moe], lr, rel, strict=not qat), \
                 f"{moe}: greedy token differs at step {step} (rel {rel:.1e})"
         tok = int(np.argmax(lr))
     for moe, r in rels.items():
         r = np.array(r)
-        typical, share_off, share_on = TYPICAL[moe]
         print(f"qat={qat} {moe}: max|diff|/max|logit| median {np.median(r):.1e}, max {r.max():.1e} over {r.size} "
-              f"logit vectors, {(r > typical).sum()} above {typical:.0e}")
-        assert (r <= typical).mean() >= (share_on if qat else share_off), f"{moe}"
+              f"logit vectors, {(r > 1e-3).sum()} above 1e-3")
+        assert (r <= 1e-3).mean() >= (0.5 if qat else 1.0), f"{moe}"
         assert gpus[moe].n_tokens == ref.n_tokens == PROMPT + STEPS
         assert gpus[moe].tokens == ref.tokens
 
@@ -224,7 +215,7 @@ def test_side_branches_equal_one_stream(tiny_file, qat, rng, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
-def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng, monkeypatch):
+def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng):
     """No launch parameter of the decode graph depends on the position at capture (issue 18): a graph captured at
     depth ~12 and replayed past depth 4,096 gives the eager step's logits bit for bit, and both match the reference
     there (QAT off: 1e-3 of the largest logit and the same greedy token, as in test_gpu_matches_reference). At that
@@ -237,7 +228,6 @@ def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng, monkeypatch):
     mf = ModelFile(tiny_file)
     ids = [int(t) for t in rng.integers(0, mf.config.n_vocab, 4310)]
     ctx = 4608
-    monkeypatch.setenv("DS4CUPY_MOE_GROUPED", "0")   # the float32 prefill MoE: the strict bound vs the reference
     sessions = {"graph": CudaModel.from_file(mf, qat=False, memory="device", decode_graph=True).new_session(ctx),
                 "eager": CudaModel.from_file(mf, qat=False, memory="device", decode_graph=False).new_session(ctx)}
     deep = {}

@@ -384,8 +384,6 @@ def test_tiny_model_repacked_equals_gguf_layout(tmp_path, monkeypatch):
     n_vocab, _ = tokenizer_fields(None)
     cfg = ModelConfig.tiny(n_vocab)
     mf = ModelFile(write_random_model(tmp_path / "tiny-q8.gguf", cfg, experts="q8_0", seed=5))
-    # both on the float32 per-pair prefill MoE: the grouped fp16 path takes Q8_0 but not Q8_0R (moe_grouped.py)
-    monkeypatch.setenv("DS4CUPY_MOE_GROUPED", "0")
     rep = CudaModel.from_file(mf, qat=False, memory="device", chunk=64)
     monkeypatch.setenv("DS4CUPY_REPACK_Q8_0", "0")
     old = CudaModel.from_file(mf, qat=False, memory="device", chunk=64)
