@@ -2,14 +2,15 @@
 # One call on a GPU machine: install the carried wheels, check the engine's switchable kernel paths, benchmark, run
 # every GPU test.
 #   scripts/gpu_check.sh [all|gate|bench|tests|verify] [bench args...]
-#   all = every kernel family compiled in parallel, gate, bench (with the switches gate left on), then the other GPU
-#   tests (same switches; one pytest process per file, side by side).
+#   all = every kernel family compiled in parallel; gate and the other GPU test files side by side (one pytest
+#   process each); then bench, alone, with the switches gate left on.
 # gate: each switchable path (DS4CUPY_<NAME>=0 turns it off, see SWITCHES) runs its own GPU tests first; a path whose
 # tests fail is switched off for everything after it, and $OUT/switches.txt says so. The bench report records the
 # DS4CUPY_* variables in effect (meta.env), so a benchmark never silently measures a path that failed its tests.
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-check-out. The test files are named (not the
 # whole tests/ folder): the device image lacks the CPU suite's test extras (openai, anthropic, jsonschema, ...).
-# GATE_TIMEOUT (seconds, default 150) bounds each gate run: a hung kernel counts as a failure.
+# GATE_TIMEOUT (default 150) and TEST_TIMEOUT (default 1800) bound each pytest process in seconds: a hung kernel
+# counts as a failure (rc 124), and a short device budget still leaves time for the bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
@@ -23,7 +24,6 @@ else
 fi
 export PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-pytest_gpu() { python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$@"; }
 
 # switch name | the tests that decide it (pytest arguments)
 SWITCHES=(
@@ -37,10 +37,14 @@ rc=0
 if [ "$what" != bench ]; then      # every kernel family compiled at once, one process per core
   python3 -m ds4cupy.engines.cuda.compile 2>&1 | tail -n 5
 fi
+# gate and the other GPU test files start together, one pytest process each (one GPU, independent tests; the other
+# files run with every path on, so a path that fails its gate shows there too), each
+# bounded by GATE_TIMEOUT / TEST_TIMEOUT seconds; the bench runs after all of them, alone on the GPU.
+names=()
+files=()
 if [ "$what" = gate ] || [ "$what" = all ]; then
   : > "$out/switches.txt"
-  names=()
-  for entry in "${SWITCHES[@]}"; do             # the gate runs side by side (one GPU, independent tests)
+  for entry in "${SWITCHES[@]}"; do
     name=${entry%%|*}; args=${entry#*|}
     read -r -a argv <<< "$args"
     [ -e "${argv[0]}" ] || continue
@@ -49,42 +53,41 @@ if [ "$what" = gate ] || [ "$what" = all ]; then
     ( timeout "${GATE_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${argv[@]}" \
         > "$out/gate-$name.log" 2>&1; echo $? > "$out/gate-$name.rc" ) &
   done
-  wait
-  for entry in "${names[@]}"; do
-    name=${entry%%|*}; args=${entry#*|}
-    if [ "$(cat "$out/gate-$name.rc")" = 0 ]; then
-      echo "DS4CUPY_$name on: $args passed ($(tail -n 1 "$out/gate-$name.log"))" | tee -a "$out/switches.txt"
-    else
-      export "DS4CUPY_$name=0"
-      rc=1
-      echo "DS4CUPY_$name=0: $args FAILED, path off for what follows" | tee -a "$out/switches.txt"
-      grep -E "^(FAILED|ERROR)|Error" "$out/gate-$name.log" | head -n 12
-    fi
-  done
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m ds4cupy bench "$@" --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | tail -n 45
-  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  # every GPU test file but those gate already ran whole, one pytest process per file, side by side
-  files=()
-  for f in tests/test_gpu_*.py; do
+  for f in tests/test_gpu_*.py; do              # every GPU test file but those gate runs whole
     [[ " ${gate_files[*]} " == *" $f "* ]] || files+=("$f")
   done
   for f in "${files[@]}"; do
     b=$(basename "$f" .py)
-    ( pytest_gpu "$f" > "$out/$b.log" 2>&1; echo $? > "$out/$b.rc" ) &
+    ( timeout "${TEST_TIMEOUT:-1800}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$f" > "$out/$b.log" 2>&1
+      echo $? > "$out/$b.rc" ) &
   done
-  wait
-  for f in "${files[@]}"; do
-    b=$(basename "$f" .py)
-    echo "$f: $(tail -n 1 "$out/$b.log")" | tee -a "$out/gpu-tests.log"
-    if [ "$(cat "$out/$b.rc" 2>/dev/null)" != 0 ]; then
-      rc=1
-      grep -E "^(FAILED|ERROR)" "$out/$b.log" | head -n 12
-    fi
-  done
+fi
+wait
+for entry in "${names[@]}"; do
+  name=${entry%%|*}; args=${entry#*|}
+  if [ "$(cat "$out/gate-$name.rc")" = 0 ]; then
+    echo "DS4CUPY_$name on: $args passed ($(tail -n 1 "$out/gate-$name.log"))" | tee -a "$out/switches.txt"
+  else
+    export "DS4CUPY_$name=0"
+    rc=1
+    echo "DS4CUPY_$name=0: $args FAILED (rc $(cat "$out/gate-$name.rc"); 124 = timed out), path off for what" \
+         "follows" | tee -a "$out/switches.txt"
+    grep -E "^(FAILED|ERROR)|Error" "$out/gate-$name.log" | head -n 12
+  fi
+done
+for f in "${files[@]}"; do
+  b=$(basename "$f" .py)
+  echo "$f: rc $(cat "$out/$b.rc"): $(tail -n 1 "$out/$b.log")" | tee -a "$out/gpu-tests.log"
+  if [ "$(cat "$out/$b.rc")" != 0 ]; then
+    rc=1
+    grep -E "^(FAILED|ERROR)" "$out/$b.log" | head -n 12
+  fi
+done
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 -m ds4cupy bench "$@" --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | tail -n 45
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = verify ]; then
   python3 -m ds4cupy verify 2>&1 | tee "$out/verify.log" | tail -n 30
