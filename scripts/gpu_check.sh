@@ -4,9 +4,11 @@
 #   scripts/gpu_check.sh [all|gate|bench|tests|verify] [bench args...]
 #   all = every kernel family compiled in parallel; gate and the other GPU test files side by side (one pytest
 #   process each); then bench, alone, with the switches gate left on.
-# gate: each switchable path (DS4CUPY_<NAME>=0 turns it off, see SWITCHES) runs its own GPU tests first; a path whose
-# tests fail is switched off for everything after it, and $OUT/switches.txt says so. The bench report records the
-# DS4CUPY_* variables in effect (meta.env), so a benchmark never silently measures a path that failed its tests.
+# gate: each switchable path (engines/cuda/switches.py; the SWITCHES table below names its tests) runs its own GPU
+# tests first (they switch the path on themselves); the bench then runs with every path that passed switched on
+# (DS4CUPY_<NAME>=1) and every one that failed switched off (=0), and $OUT/switches.txt says which. The bench report
+# records the DS4CUPY_* variables in effect (meta.env): a benchmark never silently measures a path that failed its
+# tests. A path that passes here can then become on by default (switches.DEFAULTS).
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-check-out. The test files are named (not the
 # whole tests/ folder): the device image lacks the CPU suite's test extras (openai, anthropic, jsonschema, ...).
 # GATE_TIMEOUT (default 150) and TEST_TIMEOUT (default 1800) bound each pytest process in seconds: a hung kernel
@@ -31,6 +33,7 @@ SWITCHES=(
   "PREFILL_MMA|tests/test_gpu_matmul_mma.py"
   "HC_FUSED|tests/test_gpu_ops.py -k hc_step"
   "BRANCHES|tests/test_gpu_model.py -k side_branches"
+  "GPU_SAMPLING|tests/test_gpu_sampling.py"
 )
 gate_files=()
 rc=0
@@ -68,7 +71,8 @@ wait
 for entry in "${names[@]}"; do
   name=${entry%%|*}; args=${entry#*|}
   if [ "$(cat "$out/gate-$name.rc")" = 0 ]; then
-    echo "DS4CUPY_$name on: $args passed ($(tail -n 1 "$out/gate-$name.log"))" | tee -a "$out/switches.txt"
+    export "DS4CUPY_$name=1"
+    echo "DS4CUPY_$name=1: $args passed ($(tail -n 1 "$out/gate-$name.log"))" | tee -a "$out/switches.txt"
   else
     export "DS4CUPY_$name=0"
     rc=1

@@ -21,6 +21,13 @@ from seeding import current_test_seed
 
 pytestmark = GPU_MARKS
 
+
+@pytest.fixture(autouse=True)
+def _path_on(monkeypatch):
+    """Switch PREFILL_MMA on: the tensor-core path these tests check (off by default until verified on a GPU)."""
+    monkeypatch.setenv("DS4CUPY_PREFILL_MMA", "1")
+
+
 RTOL_MMA = 2e-5
 
 

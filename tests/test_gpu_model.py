@@ -180,6 +180,7 @@ def test_fused_hc_step_equals_three_launches(tiny_file, rng, monkeypatch):
 
     mf = ModelFile(tiny_file)
     ids = rng.integers(0, mf.config.n_vocab, 300)
+    monkeypatch.setenv("DS4CUPY_HC_FUSED", "1")
     fused = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(512)
     monkeypatch.setenv("DS4CUPY_HC_FUSED", "0")
     three = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(512)
@@ -203,6 +204,8 @@ def test_side_branches_equal_one_stream(tiny_file, qat, rng, monkeypatch):
 
     mf = ModelFile(tiny_file)
     ids = rng.integers(0, mf.config.n_vocab, 300)
+    monkeypatch.setenv("DS4CUPY_BRANCHES", "1")
+    monkeypatch.setenv("DS4CUPY_MOE_GROUPED", "1")         # the grouped prefill MoE in both sessions too
     two = CudaModel.from_file(mf, qat=qat, memory="device", chunk=64).new_session(512)
     monkeypatch.setenv("DS4CUPY_BRANCHES", "0")
     one = CudaModel.from_file(mf, qat=qat, memory="device", chunk=64).new_session(512)

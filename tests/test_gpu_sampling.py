@@ -17,6 +17,13 @@ from gpu_util import GPU_MARKS
 
 pytestmark = GPU_MARKS
 
+
+@pytest.fixture(autouse=True)
+def _path_on(monkeypatch):
+    """Switch GPU_SAMPLING on: the in-graph candidates these tests check (off by default until verified on a GPU)."""
+    monkeypatch.setenv("DS4CUPY_GPU_SAMPLING", "1")
+
+
 TOTAL_RTOL = 1e-12
 PARAMS = {                         # the issue's parameter sets
     "greedy": dict(temperature=0.0),
@@ -154,7 +161,11 @@ def model(tmp_path_factory):
     from ds4cupy.tools.make_model import write_random_model
     cfg = ModelConfig.tiny(6151)                # vocab > 1,024, not a multiple of it: launch plan 7, 2, 1
     path = write_random_model(tmp_path_factory.mktemp("gpu-sampling") / "tiny.gguf", cfg, experts="q2", seed=5)
-    return CudaModel.from_file(ModelFile(path), memory="device")
+    with pytest.MonkeyPatch.context() as mp:    # module scope: set up before the autouse switch fixture
+        mp.setenv("DS4CUPY_GPU_SAMPLING", "1")
+        model = CudaModel.from_file(ModelFile(path), memory="device")
+    assert model.gpu_sampling
+    return model
 
 
 @pytest.mark.parametrize("name", list(PARAMS))

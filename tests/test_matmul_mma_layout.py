@@ -15,9 +15,11 @@ from ds4cupy.engines.cuda.q8_0r import Q8_0R
 # ---- dispatch ----------------------------------------------------------------------------------------------------
 def test_use_mma_rule(monkeypatch):
     assert qo.MMA_MIN_TOKENS == 16
-    monkeypatch.setenv("DS4CUPY_PREFILL_MMA", "0")           # the switch turns the path off everywhere
+    monkeypatch.delenv("DS4CUPY_PREFILL_MMA", raising=False)   # off by default until it has run on a GPU
     assert not qo.use_mma(T.Q8_0, 2048, capability=90)
-    monkeypatch.delenv("DS4CUPY_PREFILL_MMA")
+    monkeypatch.setenv("DS4CUPY_PREFILL_MMA", "0")
+    assert not qo.use_mma(T.Q8_0, 2048, capability=90)
+    monkeypatch.setenv("DS4CUPY_PREFILL_MMA", "1")            # switched on: the rule below
     for t in (T.Q8_0, T.F16, Q8_0R(64), "Q8_0", "F16"):
         assert qo.use_mma(t, 16, capability=90)
         assert qo.use_mma(t, 2048, capability=121)

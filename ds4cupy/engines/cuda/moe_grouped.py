@@ -27,13 +27,13 @@ layer in one call.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ...format import quants
+from . import switches
 from .compile import get_kernel
 from .q8_0r import Q8_0R
 from .quant_ops import _aligned16, _f32, _out, _stream, _weight_geometry
@@ -286,8 +286,9 @@ def sum_slots(yp, k: int, out=None, stream=None):
 
 # ---- the engine's use ------------------------------------------------------------------------------------------------
 def enabled_by_env() -> bool:
-    """DS4CUPY_MOE_GROUPED=0 turns the grouped prefill MoE off (A/B runs); on by default."""
-    return os.environ.get("DS4CUPY_MOE_GROUPED", "1") != "0"
+    """Switch MOE_GROUPED (engines/cuda/switches.py: DS4CUPY_MOE_GROUPED=1 / 0; off by default until it has run on a
+    GPU)."""
+    return switches.enabled("MOE_GROUPED")
 
 
 class PrefillMoE:

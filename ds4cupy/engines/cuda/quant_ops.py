@@ -17,7 +17,6 @@ q8r_launch_geometry). With Q8_0R weights, matvec / matvec_xgroup / MatvecGroup.r
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
 from typing import NamedTuple
 
@@ -25,6 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ...format import quants
+from . import switches
 from .compile import get_kernel
 from .compile import sm_count as _sm_count
 from .q8_0r import Q8_0R, kernel_constant, repack_q8_0, unpack_q8_0
@@ -398,8 +398,9 @@ def use_mma(qtype, n: int, capability: int | None = None) -> bool:
     ~128 / 8 = 16 tokens the padding eats that advantage; both kernels then read each weight row once, so the product
     is bound by weight bytes either way (the decode-like regime, n = 1 goes to matvec).
     BF16 / F32 weights stay on the float32 kernel: their range and precision do not fit fp16 operands.
-    DS4CUPY_PREFILL_MMA=0 in the environment turns the tensor-core path off (every product on matmul.cu)."""
-    if os.environ.get("DS4CUPY_PREFILL_MMA", "1") == "0":
+    The path is switch PREFILL_MMA (engines/cuda/switches.py: DS4CUPY_PREFILL_MMA=1 / 0; off by default until it
+    has run on a GPU): when off, every product takes matmul.cu."""
+    if not switches.enabled("PREFILL_MMA"):
         return False
     t = qtype if isinstance(qtype, Q8_0R) else quants.qtype_of(qtype)
     if not (isinstance(t, Q8_0R) or t in MMA_TYPES) or int(n) < MMA_MIN_TOKENS:

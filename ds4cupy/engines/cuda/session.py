@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 
 import numpy as np
 
 from ...format.config import ModelConfig
 from ...format.model_file import ModelFile
-from ...text.candidates import TopCandidates
+from ...text.candidates import TopCandidates, top_candidates
 from ..contract import check_token_ids
 from ..numerics import rope_freqs
 from ..state import SessionState, chain_of, chain_rows, chain_tokens
 from . import moe_grouped, ops
 from . import quant_ops as qo
+from . import switches
 from .q8_0r import Q8_0R
 from .sample_ops import DeviceCandidates
 
@@ -88,14 +88,15 @@ class CudaModel:
             if self.qtype[n].name not in ("F32", "F16", "BF16"):
                 raise NotImplementedError(f"{n}: hyper-connection projections in {self.qtype[n].name} are not "
                                           "supported by the GPU backend yet (F32 / F16 / BF16)")
-        # hc_step (one launch per hyper-connection step) or the three launches it fuses: DS4CUPY_HC_FUSED=0
-        self.hc_fused = os.environ.get("DS4CUPY_HC_FUSED", "1") != "0"
-        # independent chains (the compressors and the indexer beside the query path, the shared expert beside the
-        # router and routed experts) on a side stream: parallel branches of the decode graph. DS4CUPY_BRANCHES=0: one
-        # stream, program order.
-        self.branches = os.environ.get("DS4CUPY_BRANCHES", "1") != "0"
+        # kernel paths (engines/cuda/switches.py): hc_step (one launch per hyper-connection step) or the three
+        # launches it fuses; independent chains (the compressors and the indexer beside the query path, the shared
+        # expert beside the router and routed experts) on a side stream as parallel branches of the decode graph, or
+        # one stream in program order; the sampler's candidates in the decode graph or from the downloaded row
+        self.hc_fused = switches.enabled("HC_FUSED")
+        self.branches = switches.enabled("BRANCHES")
+        self.gpu_sampling = switches.enabled("GPU_SAMPLING")
         if repack_q8_0 is None:
-            repack_q8_0 = os.environ.get("DS4CUPY_REPACK_Q8_0", "1") != "0"
+            repack_q8_0 = switches.enabled("REPACK_Q8_0")
         if repack_q8_0:
             self._repack_q8_0()
 
@@ -198,7 +199,8 @@ class CudaSession:
             self._groups = self._projection_groups()
             self._grp_rows = max([r + g.total_rows for layer in self._groups for g, r, _ in layer] + [1])
             self._alloc_scratch()
-            self._cand = DeviceCandidates(c.n_vocab, lambda shape, dtype: model.mem.alloc("scratch", shape, dtype))
+            self._cand = (DeviceCandidates(c.n_vocab, lambda shape, dtype: model.mem.alloc("scratch", shape, dtype))
+                          if model.gpu_sampling else None)
         self.tokens: list[int] = []
         self.prefilled_tokens = 0          # tokens consumed by prefill() since the session was made (not decode)
         self._graph = None
@@ -403,8 +405,13 @@ class CudaSession:
 
     def decode_top(self, token_id: int, temperature: float) -> TopCandidates:
         """The decode fast path (contract): the step's candidate set (kernels/sample.cu, computed in the decode graph
-        for `temperature`), one ~8 KB copy into pinned memory; .logits() downloads the row until the next step."""
+        for `temperature`), one ~8 KB copy into pinned memory; .logits() downloads the row until the next step.
+        With switch GPU_SAMPLING off (the default until sample.cu has run on a GPU) the row is downloaded and the
+        candidates are text.candidates.top_candidates of it, as the reference session does."""
         import cupy as cp
+        if not self.model.gpu_sampling:
+            row = self.decode(token_id)
+            return top_candidates(row, temperature, fetch_logits=lambda: row)
         stream = self._decode_step(token_id, temperature)
         with cp.cuda.Device(self.model.device):
             self._cand.copy_to_host(stream)
@@ -444,12 +451,14 @@ class CudaSession:
             if not self.model.decode_graph or self._eager_decodes < 1:
                 self._eager_decodes += 1
                 stream = cp.cuda.get_current_stream()
-                self._cand.set_temperature(temperature, stream)
+                if self._cand is not None:
+                    self._cand.set_temperature(temperature, stream)
                 self.d_ids[:1].set(ids.astype(np.int32))
                 if timing:
                     self._events[0].record(stream)
                 self._forward(1, True, False)
-                self._cand.launch(self._b("logits", 1, V)[0])
+                if self._cand is not None:
+                    self._cand.launch(self._b("logits", 1, V)[0])
             else:
                 if self._graph is None:
                     self._graph_stream = cp.cuda.Stream(non_blocking=True)
@@ -457,12 +466,14 @@ class CudaSession:
                         self._graph_stream.begin_capture()
                         try:
                             self._forward(1, True, False)
-                            self._cand.launch(self._b("logits", 1, V)[0])
+                            if self._cand is not None:
+                                self._cand.launch(self._b("logits", 1, V)[0])
                         finally:
                             self._graph = self._graph_stream.end_capture()
                 stream = self._graph_stream
                 stream.wait_event(cp.cuda.get_current_stream().record())   # after prefill / restore / reset work
-                self._cand.set_temperature(temperature, stream)
+                if self._cand is not None:
+                    self._cand.set_temperature(temperature, stream)
                 self.d_ids[:1].set(ids.astype(np.int32), stream=stream)
                 if timing:
                     self._events[0].record(stream)

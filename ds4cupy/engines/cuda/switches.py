@@ -1,0 +1,42 @@
+"""The GPU backend's switchable kernel paths.
+
+`DS4CUPY_<NAME>=1` in the environment turns a path on, `=0` off; unset, the path takes its default below. A path is on
+by default only once its GPU tests have passed on a GPU and a benchmark of it is in BENCHMARKS.md; a path written
+since then starts off (opt-in) and says why. `scripts/gpu_check.sh` runs each path's own tests first (its SWITCHES
+table) and benchmarks with the ones that passed turned on, so the next GPU run can verify and flip them.
+
+| name          | what it switches                                                                | default |
+|---------------|---------------------------------------------------------------------------------|---------|
+| REPACK_Q8_0   | Q8_0 matrices repacked in place into planes at load (q8_0r.py)                  | on      |
+| HC_FUSED      | one hc_step launch per hyper-connection step instead of hc_post + mix + collapse | on      |
+| BRANCHES      | compressors / indexer / shared expert on a side stream (parallel graph branches) | off     |
+| GPU_SAMPLING  | argmax + the sampler's candidates computed in the decode graph (sample.cu)       | off     |
+| PREFILL_MMA   | prefill dense projections on tensor cores (matmul_mma.cu)                        | off     |
+| MOE_GROUPED   | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | off     |
+
+The four paths that are off were written in the session of 2026-12-03 after its last GPU run: they compile for sm_90a
+and sm_121a with no spills and their GPU tests are written, but they have not run on a GPU yet (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": False, "GPU_SAMPLING": False, "PREFILL_MMA": False,
+            "MOE_GROUPED": False}
+
+
+def enabled(name: str) -> bool:
+    """Whether path `name` (a key of DEFAULTS) is on: DS4CUPY_<name> = 1 / 0, else its default."""
+    if name not in DEFAULTS:
+        raise KeyError(f"no switchable path {name!r} (known: {', '.join(DEFAULTS)})")
+    var = f"DS4CUPY_{name}"
+    value = os.environ.get(var)
+    if value is None or value == "":
+        return DEFAULTS[name]
+    if value not in ("0", "1"):
+        raise ValueError(f"{var}={value!r}: use 1 (on) or 0 (off), or leave it unset for the default "
+                         f"({'on' if DEFAULTS[name] else 'off'})")
+    return value == "1"
+
+
+__all__ = ["DEFAULTS", "enabled"]
