@@ -170,27 +170,40 @@ def test_decode_graph_replay_equals_eager(tiny_file, rng):
     np.testing.assert_array_equal(graph.decode(int(steps[0])), eager.decode(int(steps[0])))
 
 
+def _on_and_off(tiny_file, switch: str, qat: bool, monkeypatch):
+    """Two sessions of the tiny model, switch DS4CUPY_<switch> = 1 and = 0 (engines/cuda/switches.py), chunks of 64."""
+    from ds4cupy.engines.cuda.session import CudaModel
+    from ds4cupy.format.model_file import ModelFile
+    sessions = []
+    for value in ("1", "0"):
+        monkeypatch.setenv(f"DS4CUPY_{switch}", value)
+        sessions.append(CudaModel.from_file(ModelFile(tiny_file), qat=qat, memory="device", chunk=64).new_session(512))
+    return sessions
+
+
+def _lockstep(a, b, ids, steps: int, check) -> None:
+    """Prefill both sessions with ids (chunked), then `steps` graph-replayed greedy decode steps, both fed b's token;
+    check(logits of a, logits of b) after the prefill and after every step."""
+    la, lb = a.prefill(ids), b.prefill(ids)
+    for _ in range(steps):
+        check(la, lb)
+        tok = int(np.argmax(lb))
+        la, lb = a.decode(tok), b.decode(tok)
+    check(la, lb)
+
+
 def test_fused_hc_step_equals_three_launches(tiny_file, rng, monkeypatch):
     """hc_step (one launch per hyper-connection step, the default) against DS4CUPY_HC_FUSED=0 (hc_post, hc_mix,
     hc_split_collapse) through a whole model, QAT off: a 300-token prefill (chunks of 64) and 30 graph-replayed decode
-    steps. They differ only in float32 summation order (the mix's split sums, the norm's grouping), so the logits agree
-    to 1e-4 of their range (a wrong post, counter or collapse gives O(1)) with the same greedy tokens."""
-    from ds4cupy.engines.cuda.session import CudaModel
-    from ds4cupy.format.model_file import ModelFile
-
-    mf = ModelFile(tiny_file)
-    ids = rng.integers(0, mf.config.n_vocab, 300)
-    monkeypatch.setenv("DS4CUPY_HC_FUSED", "1")
-    fused = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(512)
-    monkeypatch.setenv("DS4CUPY_HC_FUSED", "0")
-    three = CudaModel.from_file(mf, qat=False, memory="device", chunk=64).new_session(512)
+    steps. They differ only in float32 summation order (the mix's split sums), so the logits agree to 1e-4 of their
+    range (a wrong post, counter or collapse gives O(1)) with the same greedy tokens."""
+    fused, three = _on_and_off(tiny_file, "HC_FUSED", False, monkeypatch)
     assert fused.model.hc_fused and not three.model.hc_fused
-    a, b = fused.prefill(ids), three.prefill(ids)
-    for _ in range(30):
+
+    def check(a, b):
         assert _rel(a, b) <= 1e-4
         assert _same_greedy(a, b, 1e-4, strict=False)
-        tok = int(np.argmax(b))
-        a, b = fused.decode(tok), three.decode(tok)
+    _lockstep(fused, three, rng.integers(0, fused.model.config.n_vocab, 300), 30, check)
 
 
 @pytest.mark.parametrize("qat", [True, False])
@@ -199,23 +212,9 @@ def test_side_branches_equal_one_stream(tiny_file, qat, rng, monkeypatch):
     ones) against DS4CUPY_BRANCHES=0 (one stream, program order): the same kernels on the same inputs, so the logits
     are bit-identical through a chunked prefill (eager, concurrent streams) and graph-replayed decode steps (parallel
     graph branches); a missing dependency between the branches shows up as a difference."""
-    from ds4cupy.engines.cuda.session import CudaModel
-    from ds4cupy.format.model_file import ModelFile
-
-    mf = ModelFile(tiny_file)
-    ids = rng.integers(0, mf.config.n_vocab, 300)
-    monkeypatch.setenv("DS4CUPY_BRANCHES", "1")
-    monkeypatch.setenv("DS4CUPY_MOE_GROUPED", "1")         # the grouped prefill MoE in both sessions too
-    two = CudaModel.from_file(mf, qat=qat, memory="device", chunk=64).new_session(512)
-    monkeypatch.setenv("DS4CUPY_BRANCHES", "0")
-    one = CudaModel.from_file(mf, qat=qat, memory="device", chunk=64).new_session(512)
+    two, one = _on_and_off(tiny_file, "BRANCHES", qat, monkeypatch)
     assert two.model.branches and not one.model.branches
-    a, b = two.prefill(ids), one.prefill(ids)
-    for _ in range(30):
-        np.testing.assert_array_equal(a, b)
-        tok = int(np.argmax(b))
-        a, b = two.decode(tok), one.decode(tok)
-    np.testing.assert_array_equal(a, b)
+    _lockstep(two, one, rng.integers(0, two.model.config.n_vocab, 300), 30, np.testing.assert_array_equal)
 
 
 def test_decode_graph_captured_shallow_serves_deep(tiny_file, rng):
