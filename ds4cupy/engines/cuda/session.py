@@ -16,9 +16,9 @@ position counter.
 Decode-step rules (design.md "Decode speed"): every buffer is allocated when the session is made; a step reads the
 position from device memory (`d_pos`, advanced by a kernel at the end of each call) and the token id from `d_ids`;
 expert ids and weights go from the router kernel to the MoE kernels through device memory. The only host transfers
-of a decode step are the token id upload and the logits download at the end; decode_top (the fast path) runs the
-sampler's candidate kernels in the same graph (engines/cuda/sample_ops.py) and downloads ~8 KB through pinned memory
-instead of the row.
+of a decode step are the token id upload and the logits download at the end; with switch GPU_SAMPLING on
+(engines/cuda/switches.py), decode_top (the fast path) runs the sampler's candidate kernels in the same graph
+(engines/cuda/sample_ops.py) and downloads ~8 KB through pinned memory instead of the row.
 """
 from __future__ import annotations
 
