@@ -157,9 +157,10 @@ def test_errors_and_temperature_mismatch(rng):
 class TwoPathSession:
     """A session with decode and decode_top over the same deterministic logits (a function of the last token)."""
 
-    def __init__(self, table, with_top=True):
+    def __init__(self, table, with_top=True, on_device=True):
         self.table, self.tokens, self.ctx = table, [], 10_000
         self.calls = {"decode": 0, "decode_top": 0}
+        self.candidates_on_device = on_device
         if not with_top:
             self.decode_top = None
 
@@ -214,6 +215,8 @@ def test_generator_uses_the_fast_path_only_when_allowed(rng):
     assert g.fast_path and s.calls == {"decode": 0, "decode_top": 39}
     g_full, s_full = run(TwoPathSession(table, with_top=False))
     assert not g_full.fast_path and s_full.calls["decode"] == 39
+    g_host, s_host = run(TwoPathSession(table, on_device=False))   # host-side candidates cost more than the row
+    assert not g_host.fast_path and s_host.calls == {"decode": 39, "decode_top": 0}
     assert g.completion_tokens == g_full.completion_tokens         # same seed: the same ids either way
     for kw in ({"logprobs": 0}, {"adjust": LogitAdjustments(presence_penalty=0.5)},
                {"adjust": LogitAdjustments(logit_bias={3: 1.0})}, {"adjust": LogitAdjustments(min_tokens=2)},

@@ -6,6 +6,8 @@
     s.decode_top(token_id, temperature) -> text.candidates.TopCandidates   # the same step; the host gets the
         # 1,024 largest logits (sorted) and the vocabulary's float64 mass at `temperature`, not the row;
         # .logits() fetches the row (valid until the session's next step). Sampler.sample_top draws from it.
+    s.candidates_on_device (bool)   # decode_top computes the candidates where the logits are (cheaper than decode
+        # + a host sampler over the row); the generator and bench take decode_top only then
     s.snapshot(since=0) -> SessionState   # what tokens [since, n_tokens) added (ds4cupy.engines.state)
     s.restore(state_or_chain) ; s.reset()   # a SessionState or [complete, delta, ...]
     s.n_tokens (int) ; s.tokens (list[int], every id the session has consumed)

@@ -341,6 +341,8 @@ class ReferenceSession:
     def decode(self, token_id: int) -> np.ndarray:
         return self._forward(check_token_ids([token_id], self.model.config.n_vocab, self.n_tokens, self.ctx), False)
 
+    candidates_on_device = False    # contract: decode_top takes the candidates of the row on the host (NumPy)
+
     def decode_top(self, token_id: int, temperature: float) -> TopCandidates:
         """decode(token_id), handed back as the sampler's candidate set (the contract; computed with NumPy)."""
         logits = self.decode(token_id)

@@ -23,8 +23,8 @@ complete tool call), "length" (max_tokens or the context is full).
 Before each sample the logits go through, in this order: the LogitAdjustments (logit_bias, penalties, min_tokens;
 text.logit_processors), then the grammar Constraint's mask (text.constraints). The Sampler, and the logprobs
 (text.logprobs, when `logprobs` is set: the sampled token's and the `logprobs` most likely), see the result.
-Decode fast path: when nothing needs the whole row (no adjustments, no constraint, no logprobs) and the session has
-`decode_top`, decode steps return a TopCandidates (text.candidates: a few KB instead of the row) and the sampler
+Decode fast path: when nothing needs the whole row (no adjustments, no constraint, no logprobs) and the session
+computes `decode_top`'s candidates where the logits are (`candidates_on_device`), decode steps return a TopCandidates (text.candidates: a few KB instead of the row) and the sampler
 draws from it (Sampler.sample_top: the same token ids; it fetches the row itself in the cases the set cannot decide).
 `ignore_eos` (vLLM's): EOS does not end generation; it is generated, releases no text, and decoding goes on.
 """
@@ -164,7 +164,8 @@ class Generator:
                      if self.adjust.active else None)
         # decode steps hand over candidates (a few KB) unless something needs the whole logits row
         self.fast_path = (processor is None and self.constraint is None and self.logprobs is None
-                          and callable(getattr(session, "decode_top", None)))
+                          and callable(getattr(session, "decode_top", None))
+                          and bool(getattr(session, "candidates_on_device", False)))
         while True:
             if processor is not None:
                 logits = processor.apply(logits)

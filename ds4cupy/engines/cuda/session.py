@@ -403,6 +403,11 @@ class CudaSession:
             stream.synchronize()
         return logits[0]
 
+    @property
+    def candidates_on_device(self) -> bool:
+        """Contract: decode_top computes the candidates in the decode graph (switch GPU_SAMPLING)."""
+        return self.model.gpu_sampling
+
     def decode_top(self, token_id: int, temperature: float) -> TopCandidates:
         """The decode fast path (contract): the step's candidate set (kernels/sample.cu, computed in the decode graph
         for `temperature`), one ~8 KB copy into pinned memory; .logits() downloads the row until the next step.

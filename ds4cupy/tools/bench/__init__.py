@@ -15,9 +15,10 @@ Method (BENCHMARKS.md has the long form):
   feeding the greedy token (argmax of the logits, EOS excluded) of the step before. With t0 the end of the prefill and
   t1..tN the ends of the steps: steady state = (N-1) / (tN - t1) (llama-benchy), average = N / (tN - t0) (ds4-bench:
   every decode step counted, the first too).
-- Decode path: `decode_top` (default, `--decode-path top`: the session's candidate set, greedy = its first id that is
-  not EOS; on the GPU the candidates are computed inside the decode graph and ~8 KB come back) or `decode` (`logits`:
-  the whole row comes back and argmax runs on the host).
+- Decode path: `decode_top` (default, `--decode-path top`, where the session computes the candidates on the device,
+  `candidates_on_device`: the candidate set, greedy = its first id that is not EOS; the candidates are computed inside
+  the decode graph and ~8 KB come back) or `decode` (`logits`, and `top` on a session without device candidates: the
+  whole row comes back and argmax runs on the host).
 - Host time per decoded token (cuda backend): for each step, the wall time of the decode call plus the token choice,
   minus the GPU time between two CUDA events the session records on its stream just before and just after the step's
   kernels (the graph replay); what is left is the Python, the uploads (token id, temperature), the launch, the

@@ -277,7 +277,8 @@ def engine_run(target: EngineTarget, args, ctx: int, run: int) -> dict:
         out["decode"] = []
         # decode steps: the candidate fast path (decode_top, greedy from its sorted ids) unless --decode-path logits;
         # host time per token = wall time of the call + token choice - GPU time between the session's CUDA events
-        fast = getattr(args, "decode_path", "top") == "top" and callable(getattr(session, "decode_top", None))
+        fast = (getattr(args, "decode_path", "top") == "top" and callable(getattr(session, "decode_top", None))
+                and bool(getattr(session, "candidates_on_device", False)))
         timing = hasattr(session, "decode_timing")
         if timing:
             session.decode_timing = True
