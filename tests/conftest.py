@@ -40,6 +40,29 @@ def tiny_q4_model_path(tmp_path_factory) -> Path:
     return _tiny_model(tmp_path_factory, "q4", 4321)
 
 
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """For modules that run the tiny reference model many times (`pytestmark = pytest.mark.usefixtures(...)`): its
+    matrices are small, so one BLAS thread is faster, and several spin against each other on a shared CI machine
+    (measured: 3-4x less CPU time for test_prefix_cache)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:             # test extra not installed: run as is
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_reference_model(tiny_model_path):
+    """The tiny q2 model loaded on the reference backend, once per module."""
+    import ds4cupy
+    m = ds4cupy.load(tiny_model_path, backend="reference")
+    yield m
+    m.close()
+
+
 def pytest_generate_tests(metafunc):
     sweep = int(os.environ.get("DS4CUPY_SEED_SWEEP", "0"))
     if sweep > 0 and "seed" in metafunc.fixturenames:

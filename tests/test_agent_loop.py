@@ -29,6 +29,8 @@ from ds4cupy.server.kv_disk import DiskStore
 from ds4cupy.server.prefix_cache import PrefixCache
 from ds4cupy.server.serving import render_chat_prompt
 
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
+
 CTX = 4096
 N = 256                    # checkpoint interval (fixed here: the positions the bounds below assume)
 TURNS = 8
@@ -146,19 +148,6 @@ class Agents:
     def stop(self):
         self.server.stop()
         self.cache.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """The tiny model's matrices are small: one BLAS thread is faster, and several spin against each other on a
-    shared CI machine (measured here: 3-4x less CPU time for this module)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:             # test extra not installed: run as is
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 @pytest.fixture(scope="module")

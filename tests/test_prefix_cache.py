@@ -10,11 +10,12 @@ import os
 import numpy as np
 import pytest
 
-import ds4cupy
 from ds4cupy.engines.state import SessionState, chain_of, chain_rows, chain_tokens
 from ds4cupy.server.kv_disk import DiskStore
 from ds4cupy.server.prefix_cache import (MAX_CHECKPOINT_TOKENS, MIN_CHECKPOINT_TOKENS, PrefixCache,
                                          checkpoint_interval)
+
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 ROW = 8          # float32 values a fake session stores per token: its states weigh 4 * (ROW + 1) bytes a token
 
@@ -172,24 +173,9 @@ def test_checkpoint_positions_and_interval():
 
 # ---------------------------------------------------------------------------------------------------- on disk
 
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """The tiny model's matrices are small: one BLAS thread is faster, and several spin against each other on a
-    shared CI machine (measured here: 3-4x less CPU time for this module)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:             # test extra not installed: run as is
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 @pytest.fixture(scope="module")
-def model(tiny_model_path):
-    m = ds4cupy.load(tiny_model_path, backend="reference")
-    yield m
-    m.close()
+def model(tiny_reference_model):
+    return tiny_reference_model
 
 
 def disk_cache(model, directory, **kw):

@@ -8,25 +8,12 @@ import pytest
 import ds4cupy
 from ds4cupy.engines.state import SessionState, chain_of, prefix_key
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """The tiny model's matrices are small: one BLAS thread is faster, and several spin against each other on a
-    shared CI machine (measured here: 3-4x less CPU time for this module)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:             # test extra not installed: run as is
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_path):
-    m = ds4cupy.load(tiny_model_path, backend="reference")
-    yield m
-    m.close()
+def model(tiny_reference_model):
+    return tiny_reference_model
 
 
 def ids(model, n, seed):
