@@ -40,7 +40,7 @@ from .protocol import ProtocolError
 from .serving import (DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE_S,  # noqa: F401
                       STATE, JobRun, PromptRenderer, ServerSettings, ServerState, check_model, collect,
                       error_response, http_error, job_error, json_response, prepare_prompt, read_json_body,
-                      render_chat_prompt, reported_model, sse_response, turn_start_ids)
+                      render_chat_prompt, reported_model, stream_frames, turn_start_ids)
 from .transport import GuardedRunner
 from .worker import (MODEL_FILE_CHANGED, SHUTTING_DOWN, EngineWorker, EventChannel, GenerationJob, JobCancelled,
                      JobFailed, JobFinished, TokenDelta, real_generator_factory)
@@ -183,50 +183,29 @@ def _chat_delta_fields(delta: Any, with_reasoning: bool = True) -> dict:
 
 async def stream_sse(run: JobRun, opening: list[dict], delta_chunk: Callable[[Any], dict | None],
                      closing: Callable[[JobFinished], list[dict]]) -> web.StreamResponse:
-    """The SSE loop of every streaming endpoint: the headers at once, keepalive comments while the engine is quiet,
-    the `opening` chunks together with the first token delta's chunk (so that no chunk leaves before the prefill
-    is done), one chunk per later delta (delta_chunk returns None for a delta with nothing to send), the `closing`
-    chunks and [DONE] when the job finishes, an error event on an engine failure; the job is cancelled if the
-    client leaves."""
-    response = sse_response(run.headers)
-    done = False
+    """The OpenAI endpoints' SSE framing over serving.stream_frames (which owns the loop, the keepalive comments and
+    the cancellation): the `opening` chunks go together with the first token delta's chunk (so that no chunk leaves
+    before the prefill is done), one chunk per later delta (delta_chunk returns None for a delta with nothing to
+    send), the `closing` chunks and [DONE] when the job finishes, an error event and [DONE] on an engine failure."""
     held = list(opening)
 
-    def events(chunks: list[dict]) -> bytes:
+    def events(chunks: list[dict]) -> list[bytes]:
         nonlocal held
-        out = b"".join(protocol.sse_event(c) for c in held + chunks)
+        out = [protocol.sse_event(c) for c in held + chunks]
         held = []
         return out
 
-    try:
-        await response.prepare(run.request)
-        run.wrote()
-        async for event in run.events():
-            if event is None:
-                await response.write(protocol.SSE_KEEPALIVE)
-                run.wrote()
-            elif isinstance(event, TokenDelta):
-                chunk = delta_chunk(event.delta)
-                data = events([] if chunk is None else [chunk])
-                if data:
-                    await response.write(data)
-                    run.wrote()
-            elif isinstance(event, JobFinished):
-                done = True
-                await response.write(events(closing(event)) + protocol.SSE_DONE)
-            elif isinstance(event, JobFailed):
-                done = True
-                await response.write(protocol.sse_event(job_error(event).body()))
-                await response.write(protocol.SSE_DONE)
-            elif isinstance(event, JobCancelled):
-                done = True
-        await response.write_eof()
-    except ConnectionResetError:
-        log.info("request %s: client disconnected, generation cancelled", run.job.request_id)
-    finally:
-        if not done:
-            run.cancel()
-    return response
+    def frames_for(event) -> list[bytes]:
+        if isinstance(event, TokenDelta):
+            chunk = delta_chunk(event.delta)
+            return events([] if chunk is None else [chunk])
+        if isinstance(event, JobFinished):
+            return events(closing(event)) + [protocol.SSE_DONE]
+        if isinstance(event, JobFailed):
+            return [protocol.sse_event(job_error(event).body()), protocol.SSE_DONE]
+        return []
+
+    return await stream_frames(run, frames_for, protocol.SSE_KEEPALIVE)
 
 
 async def stream_chat(run: JobRun, chat: protocol.ChatRequest, extras: ctl.TokenExtras) -> web.StreamResponse:

@@ -7,8 +7,8 @@
 - `prepare_prompt`: render + tokenize on the prep thread (arrival order kept, the event loop never blocks on a long
   prompt), refuse prompts that leave no room in the context, name the checkpoint where the last user turn starts;
 - `start_job` / `JobRun`: submit a `GenerationJob` and iterate its events (None when a keepalive is due), cancelling
-  the job when the client goes away; `collect` waits for a non-streaming job, `stream_frames` is the SSE loop of the
-  named-event APIs; `job_error` is a failed job's error.
+  the job when the client goes away; `collect` waits for a non-streaming job, `stream_frames` is the SSE loop of
+  every streaming endpoint (each API gives its framing); `job_error` is a failed job's error.
 
 The OpenAI handlers (app.py), the Anthropic ones (anthropic_handlers.py) and the Responses ones
 (responses_handlers.py) are built from these.
@@ -336,7 +336,8 @@ def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
 
 async def stream_frames(run: JobRun, frames_for: Callable[[Any], list[bytes]], keepalive: bytes,
                         opening: list[bytes] = ()) -> web.StreamResponse:
-    """The SSE loop of the named-event APIs (Anthropic Messages, Responses): the `opening` frames at once, then
+    """The SSE loop of every streaming endpoint (OpenAI through app.stream_sse, Anthropic Messages, Responses): the
+    `opening` frames at once, then
     `frames_for(event)` for each worker event (JobStarted, PrefillProgress, TokenDelta, JobFinished, JobFailed,
     JobCancelled); `keepalive` while the engine is quiet; the job is cancelled if the client leaves before it ends."""
     response = sse_response(run.headers)
