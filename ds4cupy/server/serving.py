@@ -337,9 +337,9 @@ def sse_response(extra_headers: dict | None = None) -> web.StreamResponse:
 async def stream_frames(run: JobRun, frames_for: Callable[[Any], list[bytes]], keepalive: bytes,
                         opening: list[bytes] = ()) -> web.StreamResponse:
     """The SSE loop of every streaming endpoint (OpenAI through app.stream_sse, Anthropic Messages, Responses): the
-    `opening` frames at once, then
-    `frames_for(event)` for each worker event (JobStarted, PrefillProgress, TokenDelta, JobFinished, JobFailed,
-    JobCancelled); `keepalive` while the engine is quiet; the job is cancelled if the client leaves before it ends."""
+    `opening` frames at once, then `frames_for(event)` for each worker event (JobStarted, PrefillProgress, TokenDelta,
+    JobFinished, JobFailed, JobCancelled); `keepalive` while the engine is quiet; the job is cancelled if the client
+    leaves before it ends."""
     response = sse_response(run.headers)
     done = False
     try:
