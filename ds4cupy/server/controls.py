@@ -21,6 +21,7 @@ from ..text.grammars import json_grammar, tool_calls_grammar
 from ..text.logit_processors import LOGIT_BIAS_RANGE, PENALTY_RANGE, LogitAdjustments
 from ..text.logprobs import MAX_TOP_LOGPROBS
 from .protocol import ChatRequest, ThinkingChoice, invalid
+from .validation import optional_bool
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 TEMPLATE_THINKING_KEYS = ("thinking", "enable_thinking")
@@ -77,12 +78,9 @@ def _int(body: Mapping, name: str, low: int, high: int | None = None) -> int | N
 
 
 def _bool(body: Mapping, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(f"'{name}' must be a boolean, got {type(value).__name__}", name, "invalid_type")
-    return value
+    """validation.optional_bool with a default for an absent field."""
+    value = optional_bool(body, name)
+    return default if value is None else value
 
 
 def parse_logit_bias(value: Any) -> dict[int, float]:
