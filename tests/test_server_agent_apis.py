@@ -14,7 +14,7 @@ import pytest
 import anthropic  # test extra: missing is an error, not a skip
 import openai
 
-from ds4cupy.engines.state import SessionState, chain_of, chain_tokens
+from fake_sessions import TokenListSession
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
 from ds4cupy.server.prefix_cache import PrefixCache
 from ds4cupy.text.chat import render_tool_calls
@@ -31,22 +31,18 @@ WEATHER_FN = {"type": "function", "name": "get_weather", "description": "Current
 CALL_TEXT = "I'll look." + render_tool_calls([{"name": "get_weather", "arguments": '{"city": "Rome"}'}])
 
 
-class ScriptedSession:
+class ScriptedSession(TokenListSession):
     """A session whose greedy continuation after every prefill is `script` (text), then EOS. States are token-only,
     so the prefix cache works on it as on a real session."""
 
     def __init__(self, tokenizer):
+        super().__init__()
         self.tokenizer = tokenizer
-        self.tokens: list[int] = []
         self.prefilled_tokens = 0
         self.prompts: list[str] = []         # the text of each request's prompt (decoded from what was consumed)
         self.script = "Hello there."
         self._ids: list[int] = []
         self._step = 0
-
-    @property
-    def n_tokens(self):
-        return len(self.tokens)
 
     def _logits(self):
         out = np.zeros(self.tokenizer.n_vocab, np.float32)
@@ -65,15 +61,6 @@ class ScriptedSession:
         self.tokens.append(int(token))
         self._step += 1
         return self._logits()
-
-    def snapshot(self, since=0):
-        return SessionState(since, self.tokens[since:])
-
-    def restore(self, state):
-        self.tokens = chain_tokens(chain_of(state))
-
-    def reset(self):
-        self.tokens = []
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 import openai  # the real OpenAI client (test extra: a missing one is an error, not a skip)
 
-from ds4cupy.engines.state import SessionState, chain_of, chain_tokens
+from fake_sessions import TokenListSession
 from ds4cupy.server import BackgroundServer, ServerSettings, create_app
 from ds4cupy.server.app import STATE
 
@@ -28,13 +28,7 @@ class CharTokenizer:
         return [ord(c) for c in text]
 
 
-class FakeSession:
-    def __init__(self):
-        self.tokens = []
-
-    @property
-    def n_tokens(self):
-        return len(self.tokens)
+class FakeSession(TokenListSession):
 
     def prefill(self, ids):
         if any(chr(i) == "\x00" for i in ids):
@@ -45,15 +39,6 @@ class FakeSession:
     def decode(self, token_id):
         self.tokens.append(token_id)
         return "logits"
-
-    def snapshot(self, since=0):
-        return SessionState(since, self.tokens[since:])
-
-    def restore(self, state):
-        self.tokens = chain_tokens(chain_of(state))
-
-    def reset(self):
-        self.tokens = []
 
 
 @dataclass

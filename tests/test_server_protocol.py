@@ -12,7 +12,7 @@ import pytest
 from ds4cupy.server import protocol
 from ds4cupy.server.metrics import ServerMetrics
 from ds4cupy.server.protocol import ProtocolError
-from ds4cupy.engines.state import SessionState, chain_of, chain_tokens
+from fake_sessions import TokenListSession
 from ds4cupy.server.worker import (EngineWorker, EventChannel, GenerationJob, JobCancelled, JobFailed, JobFinished,
                                    JobStarted, PrefillProgress, TokenDelta)
 
@@ -247,19 +247,15 @@ def test_context_exceeded_error():
 
 # ---------------------------------------------------------------------------------------------- worker with fakes
 
-class FakeSession:
+class FakeSession(TokenListSession):
     """Records prefill/decode calls; a state is its tokens only."""
 
     def __init__(self, prefill_delay: float = 0.0, fail_on: int | None = None):
-        self.tokens: list[int] = []
+        super().__init__()
         self.prefill_calls: list[list[int]] = []
         self.prefill_delay = prefill_delay
         self.fail_on = fail_on
         self.resets = 0
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
 
     def prefill(self, ids):
         if self.fail_on is not None and self.fail_on in ids:
@@ -273,14 +269,8 @@ class FakeSession:
         self.tokens.append(token_id)
         return ("logits", len(self.tokens))
 
-    def snapshot(self, since=0):
-        return SessionState(since, self.tokens[since:])
-
-    def restore(self, state):
-        self.tokens = chain_tokens(chain_of(state))
-
     def reset(self):
-        self.tokens = []
+        super().reset()
         self.resets += 1
 
 
