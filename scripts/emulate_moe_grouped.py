@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import moe_grouped_emul as emul  # noqa: E402
 from ds4cupy.engines.cuda.moe_grouped import MIN_TOKENS  # noqa: E402
-from ds4cupy.engines.reference import F32, F64, ReferenceModel, softplus  # noqa: E402
+from ds4cupy.engines.reference import F32, ReferenceModel  # noqa: E402
 
 # chunk of the GPU sessions in tests/test_gpu_model.py
 CHUNK = 256
@@ -50,19 +50,8 @@ class EmulatedModel(ReferenceModel):
         S = x.shape[0]
         if S < MIN_TOKENS:
             return super().moe(x, ids, il)
-        c, w, p = self.config, self.w, f"blk.{il}."
-        logits = np.asarray(x, F64) @ w(p + "ffn_gate_inp.weight").T
-        sc = np.sqrt(softplus(logits)).astype(np.float64)
-        if c.is_hash_layer(il):
-            sel = w(p + "ffn_gate_tid2eid.weight")[ids].astype(np.int64)
-        else:
-            bias = w.optional(p + "exp_probs_b.bias")
-            biased = sc + (bias if bias is not None else 0.0)
-            sel = np.argsort(-biased, axis=-1, kind="stable")[:, : c.n_expert_used]
-        wsel = np.take_along_axis(sc, sel, axis=-1)
-        if c.expert_weights_norm:
-            wsel = wsel / wsel.sum(axis=-1, keepdims=True)
-        wsel = (wsel * c.expert_weights_scale).astype(F32)
+        c, p = self.config, f"blk.{il}."
+        sel, wsel = self.route(x, ids, il)
         lim = np.float32(c.swiglu_clamp[il])
         v = self.variant
         yp = np.zeros((S, c.n_expert_used, c.n_embd), F32)

@@ -259,9 +259,9 @@ class ReferenceModel:
         return sel
 
     # ---- §2.8 MoE ------------------------------------------------------------------------------------------------
-    def moe(self, x: np.ndarray, ids: np.ndarray, il: int) -> np.ndarray:
+    def route(self, x: np.ndarray, ids: np.ndarray, il: int) -> tuple[np.ndarray, np.ndarray]:
+        """The router of layer il: (selected expert ids int64 [S, k], their float32 weights [S, k])."""
         c, w, p = self.config, self.w, f"blk.{il}."
-        S = x.shape[0]
         logits = np.asarray(x, F64) @ w(p + "ffn_gate_inp.weight").T
         sc = np.sqrt(softplus(logits)).astype(np.float64)                     # [S, E]
         if c.is_hash_layer(il):
@@ -273,7 +273,12 @@ class ReferenceModel:
         wsel = np.take_along_axis(sc, sel, axis=-1)
         if c.expert_weights_norm:
             wsel = wsel / wsel.sum(axis=-1, keepdims=True)
-        wsel = (wsel * c.expert_weights_scale).astype(F32)
+        return sel, (wsel * c.expert_weights_scale).astype(F32)
+
+    def moe(self, x: np.ndarray, ids: np.ndarray, il: int) -> np.ndarray:
+        c, w, p = self.config, self.w, f"blk.{il}."
+        S = x.shape[0]
+        sel, wsel = self.route(x, ids, il)
         lim = c.swiglu_clamp[il]
         y = np.zeros((S, c.n_embd), np.float64)
         for e in np.unique(sel):
