@@ -10,7 +10,7 @@
 //
 // attn_combine: merges the splits that hold keys at the query's position with the sink (sink logit in the denominator,
 // zero value), then applies the inverse rope on the last n_rot dims at the query position. out: [S, H, d].
-// grid = (H, S), block = 128, smem d floats.
+// grid = (H, S), block = 128, dynamic smem (d + NS_alloc) floats.
 //
 // attn_partial: flash-decoding style split over the key list. A block serves HPB heads (one warp each) of one query;
 // split s covers key-list entries [s*rps, min(R, (s+1)*rps)). The block stages its keys in shared memory, ATT_TR rows
@@ -151,26 +151,34 @@ extern "C" __global__ void attn_partial(const float* q, const float* ring, const
 extern "C" __global__ void attn_combine(const float* part_ml, const float* part_o, const float* sinks, int H, int d,
                                         int NS_alloc, int n_rot, const double* freqs, const int* d_pos, int W,
                                         int ratio, int mode, int K, int rps, float* out) {
-    extern __shared__ float o_s[];
+    extern __shared__ float o_s[];           // d floats of output, then one weight per split
+    __shared__ float red[32];
+    float* w_s = o_s + d;
     const int h = blockIdx.x, t = blockIdx.y;
     const long long P0 = (long long)d_pos[0] + t;
     // splits that hold keys at this position (attn_partial wrote those; split 0 always)
     const int NS = max(1, min(NS_alloc, (att_list_len(P0, W, ratio, mode, K) + rps - 1) / rps));
     const long long base = ((long long)t * H + h) * NS_alloc;
     const float sink = sinks[h];
-    float M = sink;
-    for (int s = 0; s < NS; ++s) M = fmaxf(M, part_ml[(base + s) * 2]);
-    float L = __expf(sink - M);
-    for (int s = 0; s < NS; ++s) {
+    // M = max(sink, m_s); w_s[s] = exp(m_s - M) (0 for an empty split); L = exp(sink - M) + sum_s l_s w_s.
+    // The splits are spread over the threads (fixed-order block reductions), every load in flight at once.
+    float mx = sink;
+    for (int s = threadIdx.x; s < NS; s += blockDim.x) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+    const float M = block_max(mx, red);
+    float lsum = 0.f;
+    for (int s = threadIdx.x; s < NS; s += blockDim.x) {
         const float ms = part_ml[(base + s) * 2];
-        if (ms > -DS4_INF) L += part_ml[(base + s) * 2 + 1] * __expf(ms - M);
+        const float w = ms > -DS4_INF ? __expf(ms - M) : 0.f;
+        w_s[s] = w;
+        lsum += w > 0.f ? part_ml[(base + s) * 2 + 1] * w : 0.f;
     }
-    const float invL = 1.0f / L;
+    const float invL = 1.0f / (__expf(sink - M) + block_sum(lsum, red));   // block_sum's barriers publish w_s
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float acc = 0.0f;
+#pragma unroll 4
         for (int s = 0; s < NS; ++s) {
-            const float ms = part_ml[(base + s) * 2];
-            if (ms > -DS4_INF) acc += part_o[(base + s) * d + i] * __expf(ms - M);
+            const float w = w_s[s];
+            if (w > 0.f) acc += part_o[(base + s) * d + i] * w;
         }
         o_s[i] = acc * invL;
     }

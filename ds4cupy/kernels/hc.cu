@@ -55,8 +55,12 @@ extern "C" __global__ void hc_mix(const float* X, long long K, const void* fn, i
 // result does not depend on the launch shape; block (0, t) writes coef. The collapse is spread over grid.x blocks. grid = (nblk, T), block = 256.
 // With xn != nullptr (grid.x must be 1) the block then writes xn[t] = rms_norm(u[t], norm_w) (norm_w may be null), the
 // rms_norm_rows that follows every collapse, with eps_rms as its epsilon and bit-identical results.
-// split_collapse_block is that work for block `blk` of `nblk` of token t; L2 = read X and part through L2 (ldcg_f32:
-// hc_step's last block reads what other blocks of the same launch wrote).
+// The pieces, shared by hc_split_collapse and hc_step (L2 = read X and part through L2 with ldcg_f32: hc_step's last
+// block reads what the other blocks of its launch wrote):
+//   hc_mix_sums      every thread: sums[r] = sum over splits of part[t, :, r] (double, fixed order)
+//   hc_pre_post      warp 0: pre_s (n floats) and, mode 0, post into coef[t, :n] (when write)
+//   hc_sinkhorn      warp 0, mode 0: comb into coef[t, n:] (when write)
+//   hc_collapse_norm block `blk` of `nblk`: u = sum_q pre[q] X[q]; then, xn != nullptr, the fused rms_norm_rows
 template <bool L2>
 __device__ __forceinline__ float hc_ld(const float* p) {
     if constexpr (L2) return ldcg_f32(p);
@@ -64,81 +68,98 @@ __device__ __forceinline__ float hc_ld(const float* p) {
 }
 
 template <bool L2>
-__device__ __forceinline__ void split_collapse_block(int t, int blk, int nblk, const float* X, const float* part,
-                                                     int n, int D, int rows, int nsplit, const float* scale,
-                                                     const float* base, int iters, float eps_hc, float eps_rms,
-                                                     int mode, float* u, float* coef, const float* norm_w, float* xn) {
+__device__ __forceinline__ void hc_mix_sums(int t, const float* part, int rows, int nsplit, double* sums) {
+    // warp w sums rows w, w + 8, ...: lane l takes splits l, l + 32, ..., then a fixed-order butterfly
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r <= rows; r += nw) {
+        double m = 0.0;
+        for (int s = lane; s < nsplit; s += 32) m += hc_ld<L2>(part + ((long long)t * nsplit + s) * (rows + 1) + r);
+        m = warp_sum_d(m);
+        if (lane == 0) sums[r] = m;
+    }
+}
+
+// warp 0 only. Returns rs (the mix's 1 / rms) for hc_sinkhorn.
+__device__ __forceinline__ double hc_pre_post(const double* sums, int n, long long K, int rows, const float* scale,
+                                              const float* base, float eps_hc, float eps_rms, int mode, bool write,
+                                              float* cf, float* pre_s) {
+    const int i = threadIdx.x;
+    const double rs = 1.0 / sqrt(sums[rows] / (double)K + (double)eps_rms);
+    if (i < n) {
+        pre_s[i] = (float)(1.0 / (1.0 + exp(-(sums[i] * rs * (double)scale[0] + (double)base[i]))) + eps_hc);
+        if (mode == 0 && write)
+            cf[i] = (float)(2.0 / (1.0 + exp(-(sums[n + i] * rs * (double)scale[1] + (double)base[n + i]))));
+    }
+    return rs;
+}
+
+// warp 0 only, one lane per comb entry (n*n <= 32), each lane summing its row / column in the serial order.
+__device__ __forceinline__ void hc_sinkhorn(const double* sums, double rs, int n, const float* scale,
+                                            const float* base, int iters, float eps_hc, bool write, float* cf,
+                                            double* c) {
+    const int i = threadIdx.x;
+    const double s2 = scale[2], eps = eps_hc;
+    const int nn = n * n, j = i / n, k = i % n;
+    double v = i < nn ? sums[2 * n + i] * rs * s2 + (double)base[2 * n + i] : 0.0;
+    if (i < nn) c[i] = v;
+    __syncwarp();
+    if (i < nn) {                                   // softmax over row j, then + eps
+        double mx = -1e300, sum = 0.0;
+        for (int q = 0; q < n; ++q) mx = fmax(mx, c[j * n + q]);
+        for (int q = 0; q < n; ++q) sum += exp(c[j * n + q] - mx);
+        v = exp(v - mx) / sum + eps;
+    }
+    __syncwarp();
+    for (int it = 0; it < iters; ++it) {
+        if (it > 0) {                               // rows
+            if (i < nn) c[i] = v;
+            __syncwarp();
+            if (i < nn) {
+                double sum = 0.0;
+                for (int q = 0; q < n; ++q) sum += c[j * n + q];
+                v /= (sum + eps);
+            }
+            __syncwarp();
+        }
+        if (i < nn) c[i] = v;                       // columns
+        __syncwarp();
+        if (i < nn) {
+            double sum = 0.0;
+            for (int q = 0; q < n; ++q) sum += c[q * n + k];
+            v /= (sum + eps);
+        }
+        __syncwarp();
+    }
+    if (write && i < nn) cf[n + i] = (float)v;
+}
+
+extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
+                                             const float* scale, const float* base, int iters, float eps_hc,
+                                             float eps_rms, int mode, float* u, float* coef,
+                                             const float* norm_w, float* xn) {
     __shared__ double sums[HC_MAX_ROWS + 1];
     __shared__ double redd[32];
     __shared__ double c[32];
     __shared__ float pre_s[8];
-    const int i = threadIdx.x;
+    const int t = blockIdx.y, i = threadIdx.x;
     const long long K = (long long)n * D;
-    {   // warp w sums rows w, w + 8, ...: lane l takes splits l, l + 32, ..., then a fixed-order butterfly
-        const int lane = i & 31, nw = blockDim.x >> 5;
-        for (int r = i >> 5; r <= rows; r += nw) {
-            double m = 0.0;
-            for (int s = lane; s < nsplit; s += 32) m += hc_ld<L2>(part + ((long long)t * nsplit + s) * (rows + 1) + r);
-            m = warp_sum_d(m);
-            if (lane == 0) sums[r] = m;
-        }
-    }
+    hc_mix_sums<false>(t, part, rows, nsplit, sums);
     __syncthreads();
     if (i < 32) {
-        const double rs = 1.0 / sqrt(sums[rows] / (double)K + (double)eps_rms);
-        const bool write = blk == 0;
-        if (mode == 1) {
-            if (i < n) pre_s[i] = (float)(1.0 / (1.0 + exp(-(sums[i] * rs * (double)scale[0] + (double)base[i]))) + eps_hc);
-        } else {
-            const double s2 = scale[2], eps = eps_hc;
-            float* cf = coef + (long long)t * (n + n * n);
-            if (i < n) {
-                pre_s[i] = (float)(1.0 / (1.0 + exp(-(sums[i] * rs * (double)scale[0] + (double)base[i]))) + eps);
-                if (write) cf[i] = (float)(2.0 / (1.0 + exp(-(sums[n + i] * rs * (double)scale[1] + (double)base[n + i]))));
-            }
-            const int nn = n * n, j = i / n, k = i % n;
-            double v = i < nn ? sums[2 * n + i] * rs * s2 + (double)base[2 * n + i] : 0.0;
-            if (i < nn) c[i] = v;
-            __syncwarp();
-            if (i < nn) {                                   // softmax over row j, then + eps
-                double mx = -1e300, sum = 0.0;
-                for (int q = 0; q < n; ++q) mx = fmax(mx, c[j * n + q]);
-                for (int q = 0; q < n; ++q) sum += exp(c[j * n + q] - mx);
-                v = exp(v - mx) / sum + eps;
-            }
-            __syncwarp();
-            for (int it = 0; it < iters; ++it) {
-                if (it > 0) {                               // rows
-                    if (i < nn) c[i] = v;
-                    __syncwarp();
-                    if (i < nn) {
-                        double sum = 0.0;
-                        for (int q = 0; q < n; ++q) sum += c[j * n + q];
-                        v /= (sum + eps);
-                    }
-                    __syncwarp();
-                }
-                if (i < nn) c[i] = v;                       // columns
-                __syncwarp();
-                if (i < nn) {
-                    double sum = 0.0;
-                    for (int q = 0; q < n; ++q) sum += c[q * n + k];
-                    v /= (sum + eps);
-                }
-                __syncwarp();
-            }
-            if (write && i < nn) cf[n + i] = (float)v;
-        }
+        const bool write = blockIdx.x == 0;
+        float* cf = mode == 0 ? coef + (long long)t * (n + n * n) : nullptr;
+        const double rs = hc_pre_post(sums, n, K, rows, scale, base, eps_hc, eps_rms, mode, write, cf, pre_s);
+        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, write, cf, c);
     }
     __syncthreads();
     const float* x = X + (long long)t * K;
-    for (int d = blk * blockDim.x + i; d < D; d += nblk * blockDim.x) {
+    for (int d = blockIdx.x * blockDim.x + i; d < D; d += gridDim.x * blockDim.x) {
         float acc = 0.0f;
-        for (int q = 0; q < n; ++q) acc += pre_s[q] * hc_ld<L2>(x + (long long)q * D + d);
+        for (int q = 0; q < n; ++q) acc += pre_s[q] * x[(long long)q * D + d];
         u[(long long)t * D + d] = acc;
     }
     if (xn == nullptr) return;
-    // fused rms_norm_rows (norm_rope.cu) of u[t] into xn[t], same arithmetic and order: needs nblk == 1
+    // fused rms_norm_rows (norm_rope.cu) of u[t] into xn[t], same arithmetic and order: needs grid.x == 1
     __syncthreads();
     const float* ur = u + (long long)t * D;
     double ss = 0.0;
@@ -151,12 +172,67 @@ __device__ __forceinline__ void split_collapse_block(int t, int blk, int nblk, c
     }
 }
 
-extern "C" __global__ void hc_split_collapse(const float* X, const float* part, int n, int D, int rows, int nsplit,
-                                             const float* scale, const float* base, int iters, float eps_hc,
-                                             float eps_rms, int mode, float* u, float* coef,
-                                             const float* norm_w, float* xn) {
-    split_collapse_block<false>(blockIdx.y, blockIdx.x, gridDim.x, X, part, n, D, rows, nsplit, scale, base, iters,
-                                eps_hc, eps_rms, mode, u, coef, norm_w, xn);
+// hc_step's tail: collapse + norm of token t by the NT = blockDim.x - 32 threads of warps 1.. (warp 0 runs the
+// Sinkhorn meanwhile), named barrier 1. A thread keeps its HC_TAIL_PER columns d = j + m * NT in registers and issues
+// all their loads at once (the latency-bound part of the old kernels: three passes over global memory, one load in
+// flight per thread); columns past HC_TAIL_PER * NT (D > 5376 with 256 threads) go through u in global memory.
+// Same arithmetic per column as hc_split_collapse; the double sum of squares is grouped by the NT threads.
+#define HC_TAIL_PER 24
+__device__ __forceinline__ void hc_collapse_norm_tail(int t, const float* X, int n, int D, const float* pre_s,
+                                                      float eps_rms, float* u, const float* norm_w, float* xn,
+                                                      double* redd) {
+    const int NT = blockDim.x - 32, j = threadIdx.x - 32;
+    const float* x = X + (long long)t * n * D;
+    float* ut = u + (long long)t * D;
+    float pre[HC_MAX_STREAMS];
+#pragma unroll
+    for (int q = 0; q < HC_MAX_STREAMS; ++q) pre[q] = q < n ? pre_s[q] : 0.f;
+    float uv[HC_TAIL_PER];
+    double ss = 0.0;
+#pragma unroll
+    for (int m = 0; m < HC_TAIL_PER; ++m) {
+        const int d = j + m * NT;
+        float acc = 0.0f;
+#pragma unroll
+        for (int q = 0; q < HC_MAX_STREAMS; ++q)
+            if (q < n && d < D) acc += pre[q] * ldcg_f32(x + (long long)q * D + d);
+        uv[m] = acc;
+    }
+#pragma unroll
+    for (int m = 0; m < HC_TAIL_PER; ++m) {
+        const int d = j + m * NT;
+        if (d < D) {
+            ut[d] = uv[m];
+            ss += (double)uv[m] * (double)uv[m];
+        }
+    }
+    for (int d = j + HC_TAIL_PER * NT; d < D; d += NT) {       // wide rows only
+        float acc = 0.0f;
+        for (int q = 0; q < n; ++q) acc += pre[q] * ldcg_f32(x + (long long)q * D + d);
+        ut[d] = acc;
+        ss += (double)acc * (double)acc;
+    }
+    if (xn == nullptr) return;
+    ss = warp_sum_d(ss);
+    if ((j & 31) == 0) redd[j >> 5] = ss;
+    asm volatile("bar.sync 1, %0;" ::"r"(NT) : "memory");
+    ss = 0.0;
+    for (int w = 0; w < NT / 32; ++w) ss += redd[w];
+    const double inv = 1.0 / sqrt(ss / D + (double)eps_rms);
+    float* xt = xn + (long long)t * D;
+#pragma unroll
+    for (int m = 0; m < HC_TAIL_PER; ++m) {
+        const int d = j + m * NT;
+        if (d < D) {
+            const float v = (float)((double)uv[m] * inv);
+            xt[d] = norm_w ? __fmul_rn(v, norm_w[d]) : v;
+        }
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(NT) : "memory");      // the wide-row columns below read ut written above
+    for (int d = j + HC_TAIL_PER * NT; d < D; d += NT) {
+        const float v = (float)((double)ut[d] * inv);
+        xt[d] = norm_w ? __fmul_rn(v, norm_w[d]) : v;
+    }
 }
 
 // hc_step: hc_post of the previous sub-block, the mix projection and the split + collapse + block norm in one launch
@@ -168,9 +244,10 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
 // grid = (nsplit, T), block = 256, n * ceil(D / nsplit) <= HC_STEP_TILE. Block s owns the columns
 // d in [s*cd, s*cd + cd) of every stream (cd = ceil(D / nsplit)): it applies hc_post to them (all n streams of a column
 // are in the block, so no other block reads what it writes), stages them in shared memory, and writes the partial mix
-// sums of its n*cd elements to part[t, s]. The last block of token t to finish (last_block_done) then runs
-// split_collapse_block over the whole row. Differences from the three launches: the mix's split sums run over other
-// element subsets (float32 summation order only); hc_post and the collapse are the same arithmetic.
+// sums of its n*cd elements to part[t, s]. The last block of token t to finish (last_block_done) then sums the splits;
+// its warp 0 runs the Sinkhorn while warps 1.. collapse and normalise (hc_collapse_norm_tail). Differences from the
+// three launches: the mix's split sums run over other element subsets and the norm's double sum of squares is grouped
+// by 224 threads instead of 256 (float32 summation order only); hc_post and the Sinkhorn are the same arithmetic.
 #define HC_STEP_TILE 4096
 extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_in, int n, int D, const void* fn,
                                   int dtype, int rows, int nsplit, float* part, unsigned* counter, const float* scale,
@@ -234,8 +311,21 @@ extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_i
         part[((long long)t * nsplit + s) * (rows + 1) + tid] = v;
     }
     if (!last_block_done(counter + t, nsplit)) return;
-    split_collapse_block<true>(t, 0, 1, X, part, n, D, rows, nsplit, scale, base, iters, eps_hc, eps_rms, mode, u,
-                               coef_out, norm_w, xn);
+    __shared__ double sums[HC_MAX_ROWS + 1];
+    __shared__ double redd[32];
+    __shared__ double c[32];
+    __shared__ float pre_s[8];
+    hc_mix_sums<true>(t, part, rows, nsplit, sums);
+    __syncthreads();
+    float* cf = mode == 0 ? coef_out + (long long)t * (n + n * n) : nullptr;
+    double rs = 0.0;
+    if (tid < 32) rs = hc_pre_post(sums, n, K, rows, scale, base, eps_hc, eps_rms, mode, true, cf, pre_s);
+    __syncthreads();
+    if (tid < 32) {
+        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, true, cf, c);
+    } else {
+        hc_collapse_norm_tail(t, X, n, D, pre_s, eps_rms, u, norm_w, xn, redd);
+    }
 }
 
 // hc_post, in place: X'[t, k, d] = post[k] * y[t, d] + sum_j comb[j, k] * X[t, j, d]   (comb transposed: model.md §7.1)

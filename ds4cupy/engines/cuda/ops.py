@@ -207,6 +207,9 @@ def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int
     if d % 32 or d > 512:
         raise ValueError(f"head_dim {d} must be a multiple of 32 and <= 512")
     hpb = 8 if H % 8 == 0 else (4 if H % 4 == 0 else 1)
+    if 4 * (d + nsplit) > 48 * 1024:
+        raise ValueError(f"attention: {nsplit} splits of the key list do not fit attn_combine's shared memory "
+                         f"(at most {12 * 1024 - d}); use more rows per split")
     K = idx.shape[1] if idx is not None else 0
     if rows_per_split is None:
         longest = ring.shape[0] + (K if mode == 2 else (comp.shape[0] if mode == 1 else 0))
@@ -218,7 +221,7 @@ def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int
     get_kernel("attention", "attn_combine")(
         (H, S), (128,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos,
                          _i32(window), _i32(ratio), _i32(mode), _i32(K), _i32(rows_per_split), out),
-        shared_mem=4 * d)
+        shared_mem=4 * (d + nsplit))
 
 
 def attention_rows(window: int, ratio: int, mode: int, top_k: int, ctx: int) -> int:
