@@ -9,7 +9,8 @@
 # (DS4CUPY_<NAME>=1) and every one that failed switched off (=0), and $OUT/switches.txt says which. The bench report
 # records the DS4CUPY_* variables in effect (meta.env): a benchmark never silently measures a path that failed its
 # tests. A path that passes here can then become on by default (switches.DEFAULTS).
-# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-check-out. The test files are named (not the
+# Logs and JSON go to $OUT (the device tool's output folder: the logs packed into logs.tgz, since it brings back at
+# most 8 files) or ./gpu-check-out. The test files are named (not the
 # whole tests/ folder): the device image lacks the CPU suite's test extras (openai, anthropic, jsonschema, ...).
 # GATE_TIMEOUT (default 150) and TEST_TIMEOUT (default 1800) bound each pytest process in seconds: a hung kernel
 # counts as a failure (rc 124), and a short device budget still leaves time for the bench.
@@ -53,7 +54,7 @@ if [ "$what" = gate ] || [ "$what" = all ]; then
     [ -e "${argv[0]}" ] || continue
     [ "${argv[1]:-}" = -k ] || gate_files+=("${argv[0]}")
     names+=("$name|$args")
-    ( timeout "${GATE_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${argv[@]}" \
+    ( timeout "${GATE_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs "${argv[@]}" \
         > "$out/gate-$name.log" 2>&1; echo $? > "$out/gate-$name.rc" ) &
   done
 fi
@@ -63,7 +64,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   done
   for f in "${files[@]}"; do
     b=$(basename "$f" .py)
-    ( timeout "${TEST_TIMEOUT:-1800}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$f" > "$out/$b.log" 2>&1
+    ( timeout "${TEST_TIMEOUT:-1800}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs "$f" > "$out/$b.log" 2>&1
       echo $? > "$out/$b.rc" ) &
   done
 fi
@@ -96,5 +97,9 @@ fi
 if [ "$what" = verify ]; then
   python3 -m ds4cupy verify 2>&1 | tee "$out/verify.log" | tail -n 30
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+# the device tool brings back at most 8 files: every log goes back in one archive (bench.json stays beside it)
+if [ -n "${OUT:-}" ]; then
+  (cd "$out" && tar czf logs.tgz --remove-files --exclude=bench.json --exclude=logs.tgz -- * 2>/dev/null)
 fi
 exit $rc

@@ -153,7 +153,7 @@ def _run_routed(gu_t, dn_t, D, ff, n, k, E, kind, rng, clamp_quantile=0.5):
     ops = mg()
     gate, gate_ref = make_weight(gu_t, (E, ff, D), rng)
     up, up_ref = make_weight(gu_t, (E, ff, D), rng)
-    down, down_ref = make_weight(dn_t, (E, D, ff), rng)
+    down, down_w = make_weight(dn_t, (E, D, ff), rng)
     x = rng.standard_normal((n, D)).astype(np.float32)
     ids = routing_ids(kind, n, k, E, rng)
     k = ids.shape[1]
@@ -165,7 +165,7 @@ def _run_routed(gu_t, dn_t, D, ff, n, k, E, kind, rng, clamp_quantile=0.5):
     mid = ops.gate_up(gate, up, gu_t, cupy.asarray(x), r, cupy.asarray(weights), clamp)
     yp = ops.down(down, dn_t, mid, r)
     y = ops.sum_slots(yp, k)
-    return dict(gate=gate_ref, up=up_ref, down=down_ref, x=x, ids=ids, weights=weights, clamp=clamp,
+    return dict(gate=gate_ref, up=up_ref, down=down_w, x=x, ids=ids, weights=weights, clamp=clamp,
                 mid=cupy.asnumpy(mid), yp=cupy.asnumpy(yp), y=cupy.asnumpy(y))
 
 
@@ -213,7 +213,7 @@ def test_bad_expert_ids_give_nan_rows():
     rng, seed = fresh_rng()
     E, D, ff, n, k = 5, 256, 256, 80, 2
     gate, gate_ref = make_weight(T.IQ2_XXS, (E, ff, D), rng)
-    down, down_ref = make_weight(T.Q2_K, (E, D, ff), rng)
+    down, down_w = make_weight(T.Q2_K, (E, D, ff), rng)
     ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(n)]).astype(np.int32)
     bad_tokens = [3, 40, 79]
     ids[3, 1], ids[40, 0], ids[79, 1] = -1, E, 1 << 30
@@ -241,7 +241,7 @@ def test_shared_expert_and_accumulate(qtype):
     gu_t, dn_t = (Q8_0R(ff), Q8_0R(D)) if qtype == "Q8_0R" else (qtype, qtype)
     gate, gate_ref = make_weight(gu_t, (ff, D), rng)
     up, up_ref = make_weight(gu_t, (ff, D), rng)
-    down, down_ref = make_weight(dn_t, (D, ff), rng)
+    down, down_w = make_weight(dn_t, (D, ff), rng)
     x = rng.standard_normal((n, D)).astype(np.float32)
     clamp = 0.3
     mid = ops.gate_up(gate, up, gu_t, cupy.asarray(x), None, None, clamp)
@@ -252,7 +252,7 @@ def test_shared_expert_and_accumulate(qtype):
     base = rng.standard_normal((n, D)).astype(np.float32)
     out = cupy.asarray(base)
     ops.down(down, dn_t, mid, None, out=out, accumulate=True)
-    ref = down_ref(down_ref[None], cupy.asnumpy(mid).astype(np.float64), ids0)
+    ref = down_ref(down_w[None], cupy.asnumpy(mid).astype(np.float64), ids0)
     # one float32 rounding of base + product on top of the fp32 accumulation
     assert rel_err(cupy.asnumpy(out) - base, ref) <= RTOL + 1e-5, f"seed={seed}"
 
