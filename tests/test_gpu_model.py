@@ -23,8 +23,8 @@ error, so the issue's bound cannot hold at every step of every random run. The Q
   the reference's top-2 margin is below twice the step's max |difference| (both are then fed the reference's token).
   A flip in a KV row stays in the cache, so it shifts every later step a little: H200, commit ceec17e, q4, the
   per-pair MoE session: median 1.6e-3, 280 of 301 vectors above 1e-3 (the grouped-MoE session on the same prompt
-  and the QAT-off runs were within 1e-3 at every step); hence 1e-2, above that drift and far below the O(1) a wrong
-  gives.
+  and the QAT-off runs were within 1e-3 at every step); hence 1e-2, above that drift and far below the O(1) of a
+  wrong kernel.
 
 Grouped prefill MoE (engines/cuda/moe_grouped.py, chunks of >= 32 tokens, the engine's default): float32-accurate
 like the per-pair path (integer codes as mma operands, hi + lo fp16 activations, scales and mins in float32; the
