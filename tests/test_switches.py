@@ -23,7 +23,7 @@ def test_defaults_and_overrides(monkeypatch):
 
 def test_bad_values_and_names_are_named(monkeypatch):
     monkeypatch.setenv("DS4CUPY_BRANCHES", "yes")
-    with pytest.raises(ValueError, match=r"DS4CUPY_BRANCHES='yes'.*1 \(on\) or 0 \(off\).*default \(off\)"):
+    with pytest.raises(ValueError, match=r"DS4CUPY_BRANCHES='yes'.*1 \(on\) or 0 \(off\).*default \(on\)"):
         switches.enabled("BRANCHES")
     with pytest.raises(KeyError, match="'NOPE'"):
         switches.enabled("NOPE")

@@ -411,7 +411,7 @@ class CudaSession:
     def decode_top(self, token_id: int, temperature: float) -> TopCandidates:
         """The decode fast path (contract): the step's candidate set (kernels/sample.cu, computed in the decode graph
         for `temperature`), one ~8 KB copy into pinned memory; .logits() downloads the row until the next step.
-        With switch GPU_SAMPLING off (the default until sample.cu has run on a GPU) the row is downloaded and the
+        With switch GPU_SAMPLING off (DS4CUPY_GPU_SAMPLING=0) the row is downloaded and the
         candidates are text.candidates.top_candidates of it, as the reference session does."""
         import cupy as cp
         if not self.model.gpu_sampling:
