@@ -294,6 +294,21 @@ def test_hc_step_equals_three_launches(rng, size, T, post):
         for a, b in zip(*outs):
             np.testing.assert_array_equal(a, b)
         got = outs[0]
+        # the general kernel (n, rows, dtype at run time) against the specialised one the engine picks for these
+        # shapes: the same arithmetic up to the norm's double sum of squares (grouped by other threads), so X, u and
+        # the coefficients are bit-identical and xn agrees to a float32 rounding
+        assert ops.hc_step_kernel(n, D, rows, ops.DT_F16, (hX,)) == f"hc_step_n4_r{rows}_f16"
+        gX2, u2, xn2 = dev(X), cp.full((T, D), np.nan, cp.float32), cp.full((T, D), np.nan, cp.float32)
+        coef2 = None if head else cp.full((T, n + n * n), np.nan, cp.float32)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ops, "hc_step_kernel", lambda *a: "hc_step")
+            ops.hc_step(gX2, dev(y) if post else None, dev(coef_prev) if post else None, dev(fn), ops.DT_F16, rows,
+                        part2, ns2, counter, dev(scale), dev(base), iters, 1e-6, 1e-6, head, u2, coef2, dev(w), xn2)
+        np.testing.assert_array_equal(host(gX2), got[0])
+        np.testing.assert_array_equal(host(u2), got[1])
+        rel_close(host(xn2), got[2], 1e-6)
+        if not head:
+            np.testing.assert_array_equal(host(coef2), got[3])
         rel_close(got[0], host(gX), 1e-6)
         rel_close(got[1], host(u_ref), 2e-5)
         rel_close(got[2], host(xn_ref), 2e-5)

@@ -53,20 +53,22 @@ __device__ __forceinline__ double block_sum_d(double v, double* red) {
 }
 
 // "Last block done", the one-launch form of a many-block phase followed by a one-block phase. Every block calls it
-// once, with every thread, after writing its results; it returns true in exactly one block (the last to arrive), after
-// fences that make every other block's writes visible to that block (which reads them with ldcg_f32: L2, never a
-// stale L1 line). The last block resets *counter to 0, so the next launch (a graph replay) finds it ready.
+// once, with every thread, after writing its results; it returns true in exactly one block (the last to arrive). The
+// block's writes are ordered before thread 0's arrival by the barrier, and the arrival is an acq_rel atomic at GPU
+// scope (release: the block's writes, by cumulativity; acquire: every earlier arrival's writes), so the last block,
+// after the second barrier, sees every block's writes (it reads them with ldcg_f32 / __ldcg: L2, never a stale L1
+// line). One thread's atomic replaces a __threadfence (MEMBAR.SC.GPU + L1 invalidation) in every thread. The last
+// block resets *counter to 0, so the next launch (a graph replay) finds it ready.
 __device__ __forceinline__ bool last_block_done(unsigned* counter, unsigned nblocks) {
     __shared__ unsigned s_last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        const unsigned ticket = atomicAdd(counter, 1u);
+        unsigned ticket;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(ticket) : "l"(counter) : "memory");
         s_last = ticket == nblocks - 1;
         if (s_last) *counter = 0u;
     }
     __syncthreads();
-    if (s_last) __threadfence();
     return s_last != 0u;
 }
 

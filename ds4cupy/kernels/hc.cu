@@ -93,42 +93,34 @@ __device__ __forceinline__ double hc_pre_post(const double* sums, int n, long lo
     return rs;
 }
 
-// warp 0 only, one lane per comb entry (n*n <= 32), each lane summing its row / column in the serial order.
+// warp 0 only, one lane per comb entry (n*n <= 32), each lane summing its row / column in the serial order. The
+// other entries of a row or column come by shuffles (no shared memory, no barriers: the 2 x iters normalisations are
+// the serial part of hc_step); the sums add the same doubles in the same order as a loop over the matrix would, so the
+// result is bit-identical to that loop (and to numerics.hc_split_sinkhorn's float64 arithmetic).
+__device__ __forceinline__ double hc_row_sum(double v, int j, int n) {      // sum_q M[j, q], q = 0..n-1 in order
+    double sum = 0.0;
+    for (int q = 0; q < n; ++q) sum += __shfl_sync(0xffffffffu, v, j * n + q);
+    return sum;
+}
+__device__ __forceinline__ double hc_col_sum(double v, int k, int n) {      // sum_q M[q, k]
+    double sum = 0.0;
+    for (int q = 0; q < n; ++q) sum += __shfl_sync(0xffffffffu, v, q * n + k);
+    return sum;
+}
 __device__ __forceinline__ void hc_sinkhorn(const double* sums, double rs, int n, const float* scale,
-                                            const float* base, int iters, float eps_hc, bool write, float* cf,
-                                            double* c) {
+                                            const float* base, int iters, float eps_hc, bool write, float* cf) {
     const int i = threadIdx.x;
     const double s2 = scale[2], eps = eps_hc;
     const int nn = n * n, j = i / n, k = i % n;
-    double v = i < nn ? sums[2 * n + i] * rs * s2 + (double)base[2 * n + i] : 0.0;
-    if (i < nn) c[i] = v;
-    __syncwarp();
-    if (i < nn) {                                   // softmax over row j, then + eps
-        double mx = -1e300, sum = 0.0;
-        for (int q = 0; q < n; ++q) mx = fmax(mx, c[j * n + q]);
-        for (int q = 0; q < n; ++q) sum += exp(c[j * n + q] - mx);
-        v = exp(v - mx) / sum + eps;
-    }
-    __syncwarp();
+    double v = i < nn ? sums[2 * n + i] * rs * s2 + (double)base[2 * n + i] : -1e300;
+    // softmax over row j, then + eps (lanes past nn carry values no real entry reads)
+    double mx = -1e300;
+    for (int q = 0; q < n; ++q) mx = fmax(mx, __shfl_sync(0xffffffffu, v, j * n + q));
+    v = exp(v - mx);
+    v = v / hc_row_sum(v, j, n) + eps;
     for (int it = 0; it < iters; ++it) {
-        if (it > 0) {                               // rows
-            if (i < nn) c[i] = v;
-            __syncwarp();
-            if (i < nn) {
-                double sum = 0.0;
-                for (int q = 0; q < n; ++q) sum += c[j * n + q];
-                v /= (sum + eps);
-            }
-            __syncwarp();
-        }
-        if (i < nn) c[i] = v;                       // columns
-        __syncwarp();
-        if (i < nn) {
-            double sum = 0.0;
-            for (int q = 0; q < n; ++q) sum += c[q * n + k];
-            v /= (sum + eps);
-        }
-        __syncwarp();
+        if (it > 0) v /= (hc_row_sum(v, j, n) + eps);
+        v /= (hc_col_sum(v, k, n) + eps);
     }
     if (write && i < nn) cf[n + i] = (float)v;
 }
@@ -139,7 +131,6 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
                                              const float* norm_w, float* xn) {
     __shared__ double sums[HC_MAX_ROWS + 1];
     __shared__ double redd[32];
-    __shared__ double c[32];
     __shared__ float pre_s[8];
     const int t = blockIdx.y, i = threadIdx.x;
     const long long K = (long long)n * D;
@@ -149,7 +140,7 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
         const bool write = blockIdx.x == 0;
         float* cf = mode == 0 ? coef + (long long)t * (n + n * n) : nullptr;
         const double rs = hc_pre_post(sums, n, K, rows, scale, base, eps_hc, eps_rms, mode, write, cf, pre_s);
-        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, write, cf, c);
+        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, write, cf);
     }
     __syncthreads();
     const float* x = X + (long long)t * K;
@@ -235,6 +226,100 @@ __device__ __forceinline__ void hc_collapse_norm_tail(int t, const float* X, int
     }
 }
 
+// hc_step's tail for n = 4 streams (the flash and tiny models), D % 4 == 0 and D <= 4 * HC_TAIL_V * 224: thread
+// j of warps 1.. keeps the float4 column groups g = j + m * NT (m < HC_TAIL_V) of the 4 streams in registers. The
+// loads are issued as soon as the block knows it is last (hc_tail4_load), so they travel while the split sums and the
+// coefficients are computed; the collapse is then register arithmetic. Same arithmetic per column as
+// hc_collapse_norm_tail; the double sum of squares is grouped by thread (4 * HC_TAIL_V columns each) instead.
+#define HC_TAIL_V 5
+struct HcTail4 {
+    float4 x[4][HC_TAIL_V];
+};
+
+__device__ __forceinline__ void hc_tail4_load(int t, const float* X, int D, HcTail4& r) {
+    const int NT = blockDim.x - 32, j = threadIdx.x - 32, G = D >> 2;
+    const float4* x = reinterpret_cast<const float4*>(X + (long long)t * 4 * D);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int m = 0; m < HC_TAIL_V; ++m) {
+            const int g = j + m * NT;
+            r.x[q][m] = g < G ? __ldcg(x + q * G + g) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+}
+
+__device__ __forceinline__ float4 hc_tail4_col(const HcTail4& r, int m, const float* pre) {
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        a.x += pre[q] * r.x[q][m].x;
+        a.y += pre[q] * r.x[q][m].y;
+        a.z += pre[q] * r.x[q][m].z;
+        a.w += pre[q] * r.x[q][m].w;
+    }
+    return a;
+}
+
+__device__ __forceinline__ float hc_norm_one(float v, double inv, float w, bool has_w) {
+    const float o = (float)((double)v * inv);
+    return has_w ? __fmul_rn(o, w) : o;
+}
+
+__device__ __forceinline__ void hc_tail4_collapse_norm(int t, const HcTail4& r, int D, const float* pre_s,
+                                                       float eps_rms, float* u, const float* norm_w, float* xn,
+                                                       double* redd) {
+    const int NT = blockDim.x - 32, j = threadIdx.x - 32, G = D >> 2;
+    float pre[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) pre[q] = pre_s[q];
+    float4* ut = reinterpret_cast<float4*>(u + (long long)t * D);
+    float4 uv[HC_TAIL_V];
+    double ss = 0.0;
+#pragma unroll
+    for (int m = 0; m < HC_TAIL_V; ++m) {
+        const int g = j + m * NT;
+        uv[m] = hc_tail4_col(r, m, pre);
+        if (g < G) {
+            ut[g] = uv[m];
+            ss += (double)uv[m].x * (double)uv[m].x;
+            ss += (double)uv[m].y * (double)uv[m].y;
+            ss += (double)uv[m].z * (double)uv[m].z;
+            ss += (double)uv[m].w * (double)uv[m].w;
+        }
+    }
+    if (xn == nullptr) return;
+    const bool has_w = norm_w != nullptr;
+    float4 wv[HC_TAIL_V];
+#pragma unroll
+    for (int m = 0; m < HC_TAIL_V; ++m) {          // in flight during the reduction below
+        const int g = j + m * NT;
+        wv[m] = has_w && g < G ? __ldg(reinterpret_cast<const float4*>(norm_w) + g) : make_float4(1.f, 1.f, 1.f, 1.f);
+    }
+    ss = warp_sum_d(ss);
+    if ((j & 31) == 0) redd[j >> 5] = ss;
+    asm volatile("bar.sync 1, %0;" ::"r"(NT) : "memory");
+    ss = 0.0;
+    for (int w = 0; w < NT / 32; ++w) ss += redd[w];
+    const double inv = 1.0 / sqrt(ss / D + (double)eps_rms);
+    float4* xt = reinterpret_cast<float4*>(xn + (long long)t * D);
+#pragma unroll
+    for (int m = 0; m < HC_TAIL_V; ++m) {
+        const int g = j + m * NT;
+        if (g < G)
+            xt[g] = make_float4(hc_norm_one(uv[m].x, inv, wv[m].x, has_w), hc_norm_one(uv[m].y, inv, wv[m].y, has_w),
+                                hc_norm_one(uv[m].z, inv, wv[m].z, has_w), hc_norm_one(uv[m].w, inv, wv[m].w, has_w));
+    }
+}
+
+// one element of an F32 / F16 / BF16 weight row; DT = -1: the dtype given at run time (load_w)
+template <int DT>
+__device__ __forceinline__ float hc_load_w(const void* p, int dtype, long long i) {
+    if constexpr (DT == 1) return f16_bits_to_float(((const unsigned short*)p)[i]);
+    else if constexpr (DT == 2) return __uint_as_float(((unsigned int)((const unsigned short*)p)[i]) << 16);
+    else if constexpr (DT == 0) return ((const float*)p)[i];
+    else return load_w(p, dtype, i);
+}
+
 // hc_step: hc_post of the previous sub-block, the mix projection and the split + collapse + block norm in one launch
 // (decode and prefill), = hc_post(X, y, coef_in); hc_mix(X, fn) -> part; hc_split_collapse(..., u, coef_out, norm_w, xn).
 //   X: [T, n, D] float32, updated in place when y != nullptr (y: [T, D], coef_in: [T, n + n*n] from the previous
@@ -245,16 +330,23 @@ __device__ __forceinline__ void hc_collapse_norm_tail(int t, const float* X, int
 // d in [s*cd, s*cd + cd) of every stream (cd = ceil(D / nsplit)): it applies hc_post to them (all n streams of a column
 // are in the block, so no other block reads what it writes), stages them in shared memory, and writes the partial mix
 // sums of its n*cd elements to part[t, s]. The last block of token t to finish (last_block_done) then sums the splits;
-// its warp 0 runs the Sinkhorn while warps 1.. collapse and normalise (hc_collapse_norm_tail). Differences from the
-// three launches: the mix's split sums run over other element subsets and the norm's double sum of squares is grouped
-// by 224 threads instead of 256 (float32 summation order only); hc_post and the Sinkhorn are the same arithmetic.
+// its warp 0 runs the Sinkhorn while warps 1.. collapse and normalise. Differences from the three launches: the mix's
+// split sums run over other element subsets and the norm's double sum of squares is grouped by other threads (float32
+// summation order only); hc_post and the Sinkhorn are the same arithmetic.
+// Kernels: hc_step (n, rows, dtype at run time) and, for the models' shape, hc_step_n4_r24_f16 (the mix: 4 streams,
+// 24 rows, F16 fn) and hc_step_n4_r4_f16 (the head): the rows are a compile-time count, so a thread's weight loads
+// are all in flight at once (the run-time `r < rows` guards cost one predicate each and held ~7 loads in flight),
+// and the tail is hc_tail4 (ops.hc_step picks the kernel; same results as hc_step up to the norm's summation order).
 #define HC_STEP_TILE 4096
-extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_in, int n, int D, const void* fn,
-                                  int dtype, int rows, int nsplit, float* part, unsigned* counter, const float* scale,
-                                  const float* base, int iters, float eps_hc, float eps_rms, int mode, float* u,
-                                  float* coef_out, const float* norm_w, float* xn) {
+template <int N, int RT, int DT>
+__device__ __forceinline__ void hc_step_body(float* X, const float* y, const float* coef_in, int n_arg, int D,
+                                             const void* fn, int dtype, int rows_arg, int nsplit, float* part,
+                                             unsigned* counter, const float* scale, const float* base, int iters,
+                                             float eps_hc, float eps_rms, int mode, float* u, float* coef_out,
+                                             const float* norm_w, float* xn) {
     __shared__ float xs[HC_STEP_TILE];
     __shared__ float red[8][HC_MAX_ROWS + 1];
+    const int n = N ? N : n_arg, rows = RT ? RT : rows_arg;
     const int t = blockIdx.y, s = blockIdx.x, tid = threadIdx.x;
     const long long K = (long long)n * D;
     const int cd = (D + nsplit - 1) / nsplit, d0 = s * cd, nd = max(0, min(D, d0 + cd) - d0);
@@ -292,9 +384,17 @@ extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_i
         const float xv = xs[k * cd + dd];
         const long long col = (long long)k * D + d0 + dd;
         acc[HC_MAX_ROWS] += xv * xv;
+        if constexpr (RT > 0) {
+            float w[RT];
 #pragma unroll
-        for (int r = 0; r < HC_MAX_ROWS; ++r)
-            if (r < rows) acc[r] += load_w(fn, dtype, (long long)r * K + col) * xv;
+            for (int r = 0; r < RT; ++r) w[r] = hc_load_w<DT>(fn, dtype, (long long)r * K + col);
+#pragma unroll
+            for (int r = 0; r < RT; ++r) acc[r] += w[r] * xv;
+        } else {
+#pragma unroll
+            for (int r = 0; r < HC_MAX_ROWS; ++r)
+                if (r < rows) acc[r] += hc_load_w<DT>(fn, dtype, (long long)r * K + col) * xv;
+        }
     }
     const int lane = tid & 31, wid = tid >> 5;
 #pragma unroll
@@ -313,8 +413,11 @@ extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_i
     if (!last_block_done(counter + t, nsplit)) return;
     __shared__ double sums[HC_MAX_ROWS + 1];
     __shared__ double redd[32];
-    __shared__ double c[32];
     __shared__ float pre_s[8];
+    HcTail4 tail;
+    if constexpr (N == 4) {
+        if (tid >= 32) hc_tail4_load(t, X, D, tail);
+    }
     hc_mix_sums<true>(t, part, rows, nsplit, sums);
     __syncthreads();
     float* cf = mode == 0 ? coef_out + (long long)t * (n + n * n) : nullptr;
@@ -322,11 +425,23 @@ extern "C" __global__ void hc_step(float* X, const float* y, const float* coef_i
     if (tid < 32) rs = hc_pre_post(sums, n, K, rows, scale, base, eps_hc, eps_rms, mode, true, cf, pre_s);
     __syncthreads();
     if (tid < 32) {
-        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, true, cf, c);
+        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, true, cf);
+    } else if constexpr (N == 4) {
+        hc_tail4_collapse_norm(t, tail, D, pre_s, eps_rms, u, norm_w, xn, redd);
     } else {
         hc_collapse_norm_tail(t, X, n, D, pre_s, eps_rms, u, norm_w, xn, redd);
     }
 }
+
+#define HC_STEP_PARAMS                                                                                                \
+    float *X, const float *y, const float *coef_in, int n, int D, const void *fn, int dtype, int rows, int nsplit,    \
+        float *part, unsigned *counter, const float *scale, const float *base, int iters, float eps_hc,              \
+        float eps_rms, int mode, float *u, float *coef_out, const float *norm_w, float *xn
+#define HC_STEP_ARGS X, y, coef_in, n, D, fn, dtype, rows, nsplit, part, counter, scale, base, iters, eps_hc, eps_rms, \
+                     mode, u, coef_out, norm_w, xn
+extern "C" __global__ void hc_step(HC_STEP_PARAMS) { hc_step_body<0, 0, -1>(HC_STEP_ARGS); }
+extern "C" __global__ void hc_step_n4_r24_f16(HC_STEP_PARAMS) { hc_step_body<4, 24, 1>(HC_STEP_ARGS); }
+extern "C" __global__ void hc_step_n4_r4_f16(HC_STEP_PARAMS) { hc_step_body<4, 4, 1>(HC_STEP_ARGS); }
 
 // hc_post, in place: X'[t, k, d] = post[k] * y[t, d] + sum_j comb[j, k] * X[t, j, d]   (comb transposed: model.md §7.1)
 // coef: [T, n + n*n] from hc_split_collapse. grid = (ceil(D/256), T), block = 256.

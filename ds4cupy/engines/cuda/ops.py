@@ -148,6 +148,18 @@ def hc_step_nsplit(n: int, D: int, T: int) -> int:
     return ns
 
 
+HC_TAIL_V = 5           # hc.cu: float4 column groups per stream a tail thread holds (hc_step_n4_*)
+
+
+def hc_step_kernel(n: int, D: int, rows: int, fn_dtype: int, arrays=()) -> str:
+    """hc_step's kernel for this shape: the specialised hc_step_n4_r{24,4}_f16 (4 streams, the mix or the head, F16 fn,
+    D a multiple of 4 that its vectorised tail covers, 16-byte aligned arrays), else the general hc_step."""
+    if (n == 4 and fn_dtype == DT_F16 and rows in (24, 4) and D % 4 == 0 and D <= 4 * HC_TAIL_V * (256 - 32)
+            and all(a is None or a.data.ptr % 16 == 0 for a in arrays)):
+        return f"hc_step_n4_r{rows}_f16"
+    return "hc_step"
+
+
 def hc_step(X, y, coef_in, fn, fn_dtype: int, rows: int, part, nsplit: int, counter, scale, base, iters: int,
             eps_hc: float, eps_rms: float, head: bool, u, coef_out, norm_w, xn) -> None:
     """One launch for hc_post(X, y, coef_in) (skipped when y is None) + hc_mix + hc_split_collapse with the fused
@@ -163,7 +175,7 @@ def hc_step(X, y, coef_in, fn, fn_dtype: int, rows: int, part, nsplit: int, coun
     _check(counter, "uint32", "counter")
     if counter.size < T:
         raise ValueError(f"hc_step: counter holds {counter.size} entries for {T} tokens")
-    get_kernel("hc", "hc_step")(
+    get_kernel("hc", hc_step_kernel(n, D, rows, fn_dtype, (X, u, xn, norm_w)))(
         (nsplit, T), (256,), (X, _p(y), _p(coef_in), _i32(n), _i32(D), fn, _i32(fn_dtype), _i32(rows), _i32(nsplit),
                               part, counter, scale, base, _i32(iters), _f32(eps_hc), _f32(eps_rms),
                               _i32(1 if head else 0), u, _p(coef_out), _p(norm_w), xn))
