@@ -35,6 +35,7 @@ SWITCHES=(
   "HC_FUSED|tests/test_gpu_ops.py -k hc_step"
   "BRANCHES|tests/test_gpu_model.py -k side_branches"
   "GPU_SAMPLING|tests/test_gpu_sampling.py"
+  "MOE_I8|tests/test_gpu_moe_i8.py"
 )
 gate_files=()
 rc=0

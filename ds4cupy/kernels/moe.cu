@@ -404,6 +404,170 @@ DS4_MOE_FAST_GATE_UP(q4_k, MoeQ4K)
 DS4_MOE_FAST_DOWN(q2_k, MoeQ2K)
 DS4_MOE_FAST_DOWN(q4_k, MoeQ4K)
 
+// ---------------------------------------------------------------------------------------------------------------------
+// moe_gate_up_i8_iq2_xxs: moe_gate_up_fast_iq2_xxs's arguments and results (to float32 rounding), with integer dot
+// products. Launch: 256 threads, grid = min(ceil(units / 8), resident CTAs), units = n_pairs * ceil(ff / I8_RF).
+// The float kernel spends ~7 instructions a weight (byte -> float conversions, an FMA each, per-lane addressing of
+// 8-weight groups: H200 SASS count); this one ~3: a lane owns whole 32-weight sub-blocks (sb = lane + 32 i) of a warp
+// unit's I8_RF gate rows and I8_RF up rows (= the same rows of up), and
+//   - splits its 32 activations once for the unit's 2 I8_RF rows into three int8 planes on a power-of-two grid
+//     (i8_x_planes): x_j = 2^(e - 23) m_j, m_j = rint(x_j 2^(23 - e)) with 2^e > max |x| of the sub-block, so
+//     |m_j| <= 2^23 - 1 and m_j = 65536 h_j + 256 c_j + l_j (h signed, c and l unsigned bytes): m_j carries 23 bits
+//     below the sub-block's top bit, an error <= 2^-24 * 2^e (float32's own relative rounding is 2^-24);
+//   - forms the signed weight bytes s g of each 8-weight group from the grid and sign tables (two integer ops per 4),
+//   - and sums s g h, s g c, s g l with dp4a: exact integers; the sub-block's dot is then
+//     2^(e - 23) (65536 S_h + 256 S_c + S_l) (two float roundings) times d (0.5 + s4) / 4 as in the float kernel.
+// Sub-blocks whose max |x| is below 2^-103 use the grid of 2^-126 (absolute error <= 2^-127).
+// Reference: moe_gate_up_fast_iq2_xxs (float32 FMAs) and the float64 expert of tests/test_gpu_quant_ops.py.
+#define I8_RF 4
+
+struct I8XPlanes {
+    u32 h[8], c[8], l[8];
+    float p2;                      // 2^(e - 23)
+};
+
+__device__ __forceinline__ float max_nan(float a, float b) {     // max that returns NaN if either is NaN
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+}
+
+__device__ __forceinline__ void i8_x_planes(const float* x, I8XPlanes& q) {
+    float4 v[8];
+#pragma unroll
+    for (int w = 0; w < 8; ++w) v[w] = ld_x4(x + 4 * w);
+    float amax = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) amax = max_nan(amax, max_nan(max_nan(fabsf(v[w].x), fabsf(v[w].y)),
+                                                             max_nan(fabsf(v[w].z), fabsf(v[w].w))));
+    // e: 2^e > amax (amax's exponent + 1), at least -103 so that 2^(23 - e) and 2^(e - 23) are normal floats; an inf
+    // or NaN among the 32 makes p2 (and so the row's dot) NaN, as the float kernel's products would
+    const u32 E = (__float_as_uint(amax) >> 23) & 255u;
+    const int e = max((int)E - 126, -103);
+    const float s = __uint_as_float((u32)(127 + 23 - e) << 23);
+    q.p2 = E == 255u ? __int_as_float(0x7fc00000) : __uint_as_float((u32)(127 - 23 + e) << 23);
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+        const int m0 = min(__float2int_rn(v[w].x * s), 8388607), m1 = min(__float2int_rn(v[w].y * s), 8388607);
+        const int m2 = min(__float2int_rn(v[w].z * s), 8388607), m3 = min(__float2int_rn(v[w].w * s), 8388607);
+        q.l[w] = __byte_perm(__byte_perm(m0, m1, 0x0040), __byte_perm(m2, m3, 0x0040), 0x5410);
+        q.c[w] = __byte_perm(__byte_perm(m0, m1, 0x0051), __byte_perm(m2, m3, 0x0051), 0x5410);
+        q.h[w] = __byte_perm(__byte_perm(m0, m1, 0x0062), __byte_perm(m2, m3, 0x0062), 0x5410);
+    }
+}
+
+__device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int dp4a_su(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// exact int -> float for |v| < 2^22 without I2F: the float 1.5 * 2^23 + v minus 1.5 * 2^23
+__device__ __forceinline__ float small_int_f32(int v) { return __int_as_float(0x4B400000 + v) - 12582912.0f; }
+
+// one IQ2_XXS sub-block (8 bytes at q: 4 grid indices, then 4 x 7 sign bits and the 4-bit scale) of a row against
+// the planes: returns 2^(e - 23) * sum_j s_j g_j m_j (without the scale d (0.5 + s4) / 4)
+__device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlanes& x, const u64* gtab,
+                                                 const u64* stab) {
+    int sh = 0, sc = 0, sl = 0;
+#pragma unroll
+    for (int gi = 0; gi < 4; ++gi) {
+        const u64 P = gtab[((g4 >> (8 * gi)) & 255u) * IQ2_GRID_COPIES];
+        const u64 M = stab[((aux >> (7 * gi)) & 127u) * IQ2_SIGN_COPIES];
+        const u32 mlo = (u32)M, mhi = (u32)(M >> 32);
+        const u32 w0 = (((u32)P) ^ mlo) + (mlo & 0x01010101u);           // bytes s g (two's complement, no carry:
+        const u32 w1 = (((u32)(P >> 32)) ^ mhi) + (mhi & 0x01010101u);   // 255 - g + 1 <= 248)
+        sh = dp4a_ss(w0, x.h[2 * gi], sh);
+        sh = dp4a_ss(w1, x.h[2 * gi + 1], sh);
+        sc = dp4a_su(w0, x.c[2 * gi], sc);
+        sc = dp4a_su(w1, x.c[2 * gi + 1], sc);
+        sl = dp4a_su(w0, x.l[2 * gi], sl);
+        sl = dp4a_su(w1, x.l[2 * gi + 1], sl);
+    }
+    // |S_h| <= 43 * 128 * 32, |S_c|, |S_l| <= 43 * 255 * 32 < 2^22
+    return fmaf(small_int_f32(sh), 65536.0f, fmaf(small_int_f32(sc), 256.0f, small_int_f32(sl))) * x.p2;
+}
+
+// shared tables for the integer kernel: raw grid bytes (8 / 25 / 43) and sign masks (byte 0xFF where negative)
+__device__ __forceinline__ void stage_iq2_tables_i8(u64* gtab, u64* stab) {
+    for (int i = threadIdx.x; i < 256 * IQ2_GRID_COPIES; i += blockDim.x) gtab[i] = IQ2XXS_GRID[i / IQ2_GRID_COPIES];
+    for (int i = threadIdx.x; i < 128 * IQ2_SIGN_COPIES; i += blockDim.x) {
+        const u32 s8 = iq2_signs((u32)(i / IQ2_SIGN_COPIES));
+        u64 m = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if ((s8 >> k) & 1u) m |= 0xFFull << (8 * k);
+        stab[i] = m;
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_iq2_xxs(
+    const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
+    int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
+    __shared__ u64 s_grid[256 * IQ2_GRID_COPIES];
+    __shared__ u64 s_sign[128 * IQ2_SIGN_COPIES];
+    stage_iq2_tables_i8(s_grid, s_sign);
+    const int lane = threadIdx.x & 31;
+    const u64* gtab = s_grid + (lane & (IQ2_GRID_COPIES - 1));
+    const u64* stab = s_sign + (lane & (IQ2_SIGN_COPIES - 1));
+    const int fgroups = (ff + I8_RF - 1) / I8_RF;
+    const int units = n_pairs * fgroups;
+    const int nsub = cols >> 5;                                   // 32-weight sub-blocks a row
+    for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
+        const int pair = u / fgroups, f0 = (u % fgroups) * I8_RF, tok = pair / k;
+        const int e = ids ? ids[pair] : 0;
+        const bool bad = e < 0 || e >= n_expert;
+        float acc[2 * I8_RF];
+#pragma unroll
+        for (int r = 0; r < 2 * I8_RF; ++r) acc[r] = 0.f;
+        if (!bad) {
+            const u8* rows[2 * I8_RF];
+#pragma unroll
+            for (int r = 0; r < I8_RF; ++r) {
+                const size_t off = (size_t)e * expert_stride + (size_t)min(f0 + r, ff - 1) * row_stride;
+                rows[r] = gate + off;
+                rows[I8_RF + r] = up + off;
+            }
+            const float* x = X + (size_t)tok * cols;
+            for (int sb = lane; sb < nsub; sb += 32) {
+                I8XPlanes xq;
+                i8_x_planes(x + 32 * sb, xq);
+                const size_t boff = (size_t)(sb >> 3) * 66, qoff = boff + 2 + 8 * (sb & 7);
+                u32 g4[2 * I8_RF], aux[2 * I8_RF], dd[2 * I8_RF];
+#pragma unroll
+                for (int r = 0; r < 2 * I8_RF; ++r) {
+                    dd[r] = ld_u16(rows[r] + boff);
+                    g4[r] = ld_u32_a2(rows[r] + qoff);
+                    aux[r] = ld_u32_a2(rows[r] + qoff + 4);
+                }
+#pragma unroll
+                for (int r = 0; r < 2 * I8_RF; ++r) {
+                    const float v = i8_iq2_subblock(g4[r], aux[r], xq, gtab, stab);
+                    const float db = f16_to_f32((u16)dd[r]) *
+                                     (__uint_as_float(0x4B000000u | (aux[r] >> 28)) - 8388607.5f);
+                    acc[r] = fmaf(db * 0.25f, v, acc[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2 * I8_RF; ++r) acc[r] = warp_sum(acc[r]);
+        const float w = (weights && !bad) ? weights[pair] : 1.f;
+#pragma unroll
+        for (int r = 0; r < I8_RF; ++r) {
+            if (lane == r && f0 + r < ff) {
+                const float g = fminf(acc[r], clamp);
+                const float uu = fminf(fmaxf(acc[I8_RF + r], -clamp), clamp);
+                mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * uu * w;
+            }
+        }
+    }
+}
+
 // ---- Q8_0R (q8_0r.cuh) ----------------------------------------------------------------------------------------------
 template <int RF>
 __device__ __forceinline__ void moe_gate_up_q8r_body(const u8* gate, const u8* up, long long expert_stride,

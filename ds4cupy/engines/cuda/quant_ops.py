@@ -552,6 +552,7 @@ def _routing(ids, weights, n: int, what_k: int | None):
 _FAST_GATE_UP = frozenset({T.IQ2_XXS, T.Q4_K})
 _FAST_DOWN = frozenset({T.Q2_K, T.Q4_K})
 _FAST_ROWS_PER_WARP = 2  # DS4_MOE_RF / DS4_MOE_RD in moe.cu
+_I8_ROWS_PER_WARP = 4    # I8_RF in moe.cu
 _Q8R_MOE_ROWS = 2        # rows per warp of moe_*_q8_0r (gate/up: 2 gate + 2 up dot products); moe.cu has r1, r2
 
 
@@ -623,8 +624,11 @@ def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0,
                   np.int32(ff), np.float32(clamp), np.int32(wpr)))
         return mid
     if t in _FAST_GATE_UP:
-        kern = get_kernel("moe", f"moe_gate_up_fast_{_SUFFIX[t]}")
-        units = n * k * ((ff + _FAST_ROWS_PER_WARP - 1) // _FAST_ROWS_PER_WARP)
+        if t == T.IQ2_XXS and switches.enabled("MOE_I8"):     # integer dot products (moe.cu, moe_gate_up_i8_*)
+            kern, rows_per_unit = get_kernel("moe", "moe_gate_up_i8_iq2_xxs"), _I8_ROWS_PER_WARP
+        else:
+            kern, rows_per_unit = get_kernel("moe", f"moe_gate_up_fast_{_SUFFIX[t]}"), _FAST_ROWS_PER_WARP
+        units = n * k * ((ff + rows_per_unit - 1) // rows_per_unit)
         with _stream(stream):
             kern((_persistent_grid(kern, units),), (_THREADS,),
                  (gate, up, np.int64(ff * rb), np.int64(rb), ids if ids is not None else null,

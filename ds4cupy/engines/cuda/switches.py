@@ -13,16 +13,18 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | GPU_SAMPLING  | argmax + the sampler's candidates computed in the decode graph (sample.cu)       | on      |
 | PREFILL_MMA   | prefill dense projections on tensor cores (matmul_mma.cu)                        | on      |
 | MOE_GROUPED   | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | on      |
+| MOE_I8        | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | off     |
 
 Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e and a666a91;
-BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
+BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback. MOE_I8 was written
+after those runs and is off until its tests (tests/test_gpu_moe_i8.py) pass on a GPU.
 """
 from __future__ import annotations
 
 import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
-            "MOE_GROUPED": True}
+            "MOE_GROUPED": True, "MOE_I8": False}
 
 
 def enabled(name: str) -> bool:
