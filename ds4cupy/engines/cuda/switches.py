@@ -15,16 +15,15 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | MOE_GROUPED   | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | on      |
 | MOE_I8        | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | off     |
 
-Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e and a666a91;
-BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback. MOE_I8 was written
-after those runs and is off until its tests (tests/test_gpu_moe_i8.py) pass on a GPU.
+Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91 and
+5d43b87; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
 """
 from __future__ import annotations
 
 import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
-            "MOE_GROUPED": True, "MOE_I8": False}
+            "MOE_GROUPED": True, "MOE_I8": True}
 
 
 def enabled(name: str) -> bool:
