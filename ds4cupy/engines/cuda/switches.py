@@ -13,7 +13,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | GPU_SAMPLING  | argmax + the sampler's candidates computed in the decode graph (sample.cu)       | on      |
 | PREFILL_MMA   | prefill dense projections on tensor cores (matmul_mma.cu)                        | on      |
 | MOE_GROUPED   | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | on      |
-| MOE_I8        | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | off     |
+| MOE_I8        | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | on      |
 
 Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91 and
 5d43b87; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
