@@ -100,3 +100,23 @@ def test_i8_bad_ids_and_nan_inputs(monkeypatch):
     assert np.isfinite(mid[0, 0]).all() and np.isnan(mid[0, 1]).all(), f"seed={seed}"
     np.testing.assert_array_equal(mid[1], ref[1])
     assert np.all(mid[1] < 0), f"seed={seed}"
+
+
+def test_i8_one_token_staged_equals_per_lane_planes(monkeypatch):
+    """One token (decode): the CTA stages the activation planes in shared memory; several tokens: each lane splits its
+    own sub-blocks. Both compute the same integers and exponents, so a token's rows are bit-identical either way
+    (the token alone, then next to a second token)."""
+    import cupy
+    rng, seed = fresh_rng()
+    E, D, ff, k = 6, 4096, 96, 3
+    gate, _ = make_weight(T.IQ2_XXS, (E, ff, D), rng)
+    up, _ = make_weight(T.IQ2_XXS, (E, ff, D), rng)
+    x = (rng.standard_normal((2, D)) * np.exp(rng.uniform(-8, 8, (2, D // 32)).repeat(32, 1))).astype(np.float32)
+    ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(2)]).astype(np.int32)
+    w = rng.uniform(0.5, 1.5, (2, k)).astype(np.float32)
+    one = _gate_up(monkeypatch, True, gate, up, T.IQ2_XXS, cupy.asarray(x[:1]), cupy.asarray(ids[:1]),
+                   cupy.asarray(w[:1]), clamp=5.0)
+    two = _gate_up(monkeypatch, True, gate, up, T.IQ2_XXS, cupy.asarray(x), cupy.asarray(ids), cupy.asarray(w),
+                   clamp=5.0)
+    assert np.isfinite(one).all(), f"seed={seed}"
+    np.testing.assert_array_equal(one[0], two[0])

@@ -420,6 +420,13 @@ DS4_MOE_FAST_DOWN(q4_k, MoeQ4K)
 // Sub-blocks whose max |x| is below 2^-103 use the grid of 2^-126 (absolute error <= 2^-127).
 // Reference: moe_gate_up_fast_iq2_xxs (float32 FMAs) and the float64 expert of tests/test_gpu_quant_ops.py.
 #define I8_RF 4
+#ifndef I8_STAGE_COLS
+#define I8_STAGE_COLS 4096
+#endif
+#ifndef I8_GRID_COPIES
+#define I8_GRID_COPIES 8      // 8 copies of the grid (16 KB) leave room for the staged planes under 48 KB of static smem
+#endif
+
 
 struct I8XPlanes {
     u32 h[8], c[8], l[8];
@@ -476,7 +483,7 @@ __device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlane
     int sh = 0, sc = 0, sl = 0;
 #pragma unroll
     for (int gi = 0; gi < 4; ++gi) {
-        const u64 P = gtab[((g4 >> (8 * gi)) & 255u) * IQ2_GRID_COPIES];
+        const u64 P = gtab[((g4 >> (8 * gi)) & 255u) * I8_GRID_COPIES];
         const u64 M = stab[((aux >> (7 * gi)) & 127u) * IQ2_SIGN_COPIES];
         const u32 mlo = (u32)M, mhi = (u32)(M >> 32);
         const u32 w0 = (((u32)P) ^ mlo) + (mlo & 0x01010101u);           // bytes s g (two's complement, no carry:
@@ -494,7 +501,7 @@ __device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlane
 
 // shared tables for the integer kernel: raw grid bytes (8 / 25 / 43) and sign masks (byte 0xFF where negative)
 __device__ __forceinline__ void stage_iq2_tables_i8(u64* gtab, u64* stab) {
-    for (int i = threadIdx.x; i < 256 * IQ2_GRID_COPIES; i += blockDim.x) gtab[i] = IQ2XXS_GRID[i / IQ2_GRID_COPIES];
+    for (int i = threadIdx.x; i < 256 * I8_GRID_COPIES; i += blockDim.x) gtab[i] = IQ2XXS_GRID[i / I8_GRID_COPIES];
     for (int i = threadIdx.x; i < 128 * IQ2_SIGN_COPIES; i += blockDim.x) {
         const u32 s8 = iq2_signs((u32)(i / IQ2_SIGN_COPIES));
         u64 m = 0;
@@ -506,18 +513,46 @@ __device__ __forceinline__ void stage_iq2_tables_i8(u64* gtab, u64* stab) {
     __syncthreads();
 }
 
+// One token (decode): the CTA splits the token's activations into the planes once, in shared memory, plane-major
+// (word w of plane P of sub-block sb at [(8 P + w) nsub + sb]: a warp's lanes read consecutive words), so a lane's
+// 24 plane words cost 24 conflict-free shared loads instead of 8 float4 global loads spread over 32 cache lines per
+// warp instruction. Same m_j and e as i8_x_planes (the same arithmetic on the same values), so the results do not
+// depend on the path. Several tokens, or cols > I8_STAGE_COLS: i8_x_planes per lane and sub-block.
+__device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s_xq, float* s_p2) {
+    const int lane = threadIdx.x & 31;
+    u8* b = reinterpret_cast<u8*>(s_xq);
+    for (int sb = threadIdx.x >> 5; sb < nsub; sb += blockDim.x >> 5) {
+        const float v = x[32 * sb + lane];
+        float amax = fabsf(v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const u32 E = (__float_as_uint(amax) >> 23) & 255u;
+        const int e = max((int)E - 126, -103);
+        const int m = min(__float2int_rn(v * __uint_as_float((u32)(127 + 23 - e) << 23)), 8388607);
+        const int at = ((lane >> 2) * nsub + sb) * 4 + (lane & 3);
+        b[at] = (u8)(m >> 16);
+        b[at + 8 * nsub * 4] = (u8)(m >> 8);
+        b[at + 16 * nsub * 4] = (u8)m;
+        if (lane == 0) s_p2[sb] = E == 255u ? __int_as_float(0x7fc00000) : __uint_as_float((u32)(127 - 23 + e) << 23);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_iq2_xxs(
     const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
     int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
-    __shared__ u64 s_grid[256 * IQ2_GRID_COPIES];
+    __shared__ u64 s_grid[256 * I8_GRID_COPIES];
     __shared__ u64 s_sign[128 * IQ2_SIGN_COPIES];
-    stage_iq2_tables_i8(s_grid, s_sign);
+    __shared__ u32 s_xq[24 * (I8_STAGE_COLS / 32)];
+    __shared__ float s_p2[I8_STAGE_COLS / 32];
+    const int nsub = cols >> 5;                                   // 32-weight sub-blocks a row
+    const bool staged = n_pairs == k && cols <= I8_STAGE_COLS;
+    if (staged) i8_stage_planes(X, nsub, s_xq, s_p2);
+    stage_iq2_tables_i8(s_grid, s_sign);                          // its barrier also publishes the planes
     const int lane = threadIdx.x & 31;
-    const u64* gtab = s_grid + (lane & (IQ2_GRID_COPIES - 1));
+    const u64* gtab = s_grid + (lane & (I8_GRID_COPIES - 1));
     const u64* stab = s_sign + (lane & (IQ2_SIGN_COPIES - 1));
     const int fgroups = (ff + I8_RF - 1) / I8_RF;
     const int units = n_pairs * fgroups;
-    const int nsub = cols >> 5;                                   // 32-weight sub-blocks a row
     for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
         const int pair = u / fgroups, f0 = (u % fgroups) * I8_RF, tok = pair / k;
         const int e = ids ? ids[pair] : 0;
@@ -536,7 +571,17 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
             const float* x = X + (size_t)tok * cols;
             for (int sb = lane; sb < nsub; sb += 32) {
                 I8XPlanes xq;
-                i8_x_planes(x + 32 * sb, xq);
+                if (staged) {
+#pragma unroll
+                    for (int w = 0; w < 8; ++w) {
+                        xq.h[w] = s_xq[w * nsub + sb];
+                        xq.c[w] = s_xq[(8 + w) * nsub + sb];
+                        xq.l[w] = s_xq[(16 + w) * nsub + sb];
+                    }
+                    xq.p2 = s_p2[sb];
+                } else {
+                    i8_x_planes(x + 32 * sb, xq);
+                }
                 const size_t boff = (size_t)(sb >> 3) * 66, qoff = boff + 2 + 8 * (sb & 7);
                 u32 g4[2 * I8_RF], aux[2 * I8_RF], dd[2 * I8_RF];
 #pragma unroll
