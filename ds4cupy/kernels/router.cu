@@ -6,7 +6,7 @@
 // logits: [T, E] float32 (the router projection, computed by a weight-product kernel); bias: [E] float32;
 // tid2eid: int32 [V, k]; ids: int32 [T] token ids in device memory.
 // out_ids: int32 [T, k], out_w: float32 [T, k] in device memory, read by the MoE kernels (no host round trip).
-// grid = T, block = 256 (E <= 256 * 8).
+// grid = T, block = 256 (E <= 256 * 8): all threads compute sc, warp 0 selects.
 #include "common.cuh"
 
 #define ROUTER_PER_THREAD 8
@@ -14,8 +14,7 @@
 extern "C" __global__ void router_select(const float* logits, const float* bias, const int* tid2eid, const int* ids,
                                          int E, int k, int norm, float scale, int* out_ids, float* out_w) {
     __shared__ float sc_s[256 * ROUTER_PER_THREAD];
-    __shared__ double bv[32];
-    __shared__ int bi[32];
+    __shared__ double vb[256 * ROUTER_PER_THREAD];     // sc + bias, -inf once picked
     __shared__ int sel_s[64];
     const int t = blockIdx.x;
     const float* lg = logits + (long long)t * E;
@@ -23,37 +22,30 @@ extern "C" __global__ void router_select(const float* logits, const float* bias,
         double x = (double)lg[e];
         double sp = fmax(x, 0.0) + log1p(exp(-fabs(x)));
         sc_s[e] = __fsqrt_rn((float)sp);
+        vb[e] = (double)sc_s[e] + (bias ? (double)bias[e] : 0.0);
     }
     __syncthreads();
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31;
     if (tid2eid) {
         if (threadIdx.x < k) sel_s[threadIdx.x] = tid2eid[(long long)ids[t] * k + threadIdx.x];
-    } else {
+    } else if (threadIdx.x < 32) {
+        // warp 0 alone: k rounds of a warp argmax (ties -> lower expert index), no block barriers; the pick's owner
+        // lane marks it taken
         for (int j = 0; j < k; ++j) {
             double best = -1e300;
             int besti = 0x7fffffff;
-            for (int e = threadIdx.x; e < E; e += blockDim.x) {
-                bool taken = false;
-                for (int q = 0; q < j; ++q) taken |= (sel_s[q] == e);
-                if (taken) continue;
-                double v = (double)sc_s[e] + (bias ? (double)bias[e] : 0.0);
-                if (v > best || (v == best && e < besti)) { best = v; besti = e; }
+            for (int e = lane; e < E; e += 32) {
+                const double v = vb[e];
+                if (v > best) { best = v; besti = e; }     // e increases: the first of equal values is kept
             }
             for (int o = 16; o > 0; o >>= 1) {
                 double ov = __shfl_xor_sync(0xffffffffu, best, o);
                 int oi = __shfl_xor_sync(0xffffffffu, besti, o);
                 if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
             }
-            if (lane == 0) { bv[wid] = best; bi[wid] = besti; }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                double b = bv[0];
-                int bix = bi[0];
-                for (int w = 1; w < nw; ++w)
-                    if (bv[w] > b || (bv[w] == b && bi[w] < bix)) { b = bv[w]; bix = bi[w]; }
-                sel_s[j] = bix;
-            }
-            __syncthreads();
+            if (lane == 0) sel_s[j] = besti;
+            if (besti < E && (besti & 31) == lane) vb[besti] = -DS4_INF;
+            __syncwarp();
         }
     }
     __syncthreads();
