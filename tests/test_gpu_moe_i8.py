@@ -120,3 +120,51 @@ def test_i8_one_token_staged_equals_per_lane_planes(monkeypatch):
                    clamp=5.0)
     assert np.isfinite(one).all(), f"seed={seed}"
     np.testing.assert_array_equal(one[0], two[0])
+
+
+def _down(monkeypatch, on: bool, *args, **kw):
+    monkeypatch.setenv("DS4CUPY_MOE_I8", "1" if on else "0")
+    import cupy
+    return cupy.asnumpy(quant_ops().moe_down(*args, **kw))
+
+
+@pytest.mark.parametrize("E,k,D,ff", [(9, 6, 512, 768), (16, 6, 4096, 2048), (5, 2, 200, 256)])
+def test_i8_q2k_down_matches_float64_and_float_kernel(monkeypatch, E, k, D, ff):
+    """One token (decode: moe_down_i8_q2_k), D not a multiple of the 2 rows a warp takes (200: none is, 4096: all),
+    the expert inputs of a real gate/up (SwiGLU outputs: signs mixed, magnitudes spread), then accumulate onto y."""
+    import cupy
+    rng, seed = fresh_rng()
+    down, down_ref = make_weight(T.Q2_K, (E, D, ff), rng)
+    mid = (rng.standard_normal((1, k, ff)) * np.exp(rng.uniform(-3, 3, (1, k, ff // 16)).repeat(16, 2)))
+    mid = mid.astype(np.float32)
+    ids = rng.choice(E, size=(1, k), replace=False).astype(np.int32)
+    ref = sum(down_ref[ids[0, j]] @ mid[0, j].astype(np.float64) for j in range(k))[None]
+    args = (down, T.Q2_K, cupy.asarray(mid), cupy.asarray(ids))
+    y_i8 = _down(monkeypatch, True, *args)
+    y_f32 = _down(monkeypatch, False, *args)
+    assert y_i8.shape == (1, D)
+    assert rel_err(y_i8, ref) <= RTOL, f"seed={seed}"
+    assert rel_err(y_i8, y_f32.astype(np.float64)) <= 5e-6, f"seed={seed}"
+    assert not np.array_equal(y_i8, y_f32), "the switch did not reach the integer kernel"
+    base = rng.standard_normal((1, D)).astype(np.float32)
+    out = cupy.asarray(base)
+    monkeypatch.setenv("DS4CUPY_MOE_I8", "1")
+    quant_ops().moe_down(down, T.Q2_K, cupy.asarray(mid), cupy.asarray(ids), out=out, accumulate=True)
+    assert rel_err(cupy.asnumpy(out) - base, ref) <= 1e-4 + RTOL, f"seed={seed}"   # base adds one f32 rounding
+
+
+def test_i8_q2k_down_bad_id_and_several_tokens(monkeypatch):
+    """A bad expert id makes the token's output NaN (no weight read); two tokens take the float kernel (the integer
+    one stages one token's inputs), with the same results as with the switch off."""
+    import cupy
+    rng, seed = fresh_rng()
+    E, k, D, ff = 4, 3, 256, 512
+    down, _ = make_weight(T.Q2_K, (E, D, ff), rng)
+    mid = rng.standard_normal((2, k, ff)).astype(np.float32)
+    bad = np.array([[0, 9, 2]], np.int32)
+    y = _down(monkeypatch, True, down, T.Q2_K, cupy.asarray(mid[:1]), cupy.asarray(bad))
+    assert np.isnan(y).all(), f"seed={seed}"
+    ids = np.array([[0, 1, 2], [3, 1, 0]], np.int32)
+    two_on = _down(monkeypatch, True, down, T.Q2_K, cupy.asarray(mid), cupy.asarray(ids))
+    two_off = _down(monkeypatch, False, down, T.Q2_K, cupy.asarray(mid), cupy.asarray(ids))
+    np.testing.assert_array_equal(two_on, two_off)
