@@ -59,8 +59,12 @@ def test_matvec_out_and_stream(qtype):
     w, wref = make_weight(qtype, (19, 512), rng)
     x = rng.standard_normal(512).astype(np.float32)
     out = cupy.full(19, np.nan, dtype=np.float32)
+    xd = cupy.asarray(x)
+    # the fill and the copy above run on the legacy default stream, which a non-blocking stream does not wait for:
+    # without this the matvec could run first and the fill overwrite its result (seen on the H200 under load)
+    cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
-    y = quant_ops().matvec(w, qtype, cupy.asarray(x), out=out, stream=stream)
+    y = quant_ops().matvec(w, qtype, xd, out=out, stream=stream)
     stream.synchronize()
     assert y is out
     assert rel_err(cupy.asnumpy(out), wref @ x) <= RTOL, f"seed={seed}"

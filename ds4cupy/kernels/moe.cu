@@ -19,8 +19,8 @@
 //   apart) is made of slabs of slab_rows rows. A group of wpr warps takes RF rows f (gate and up rows: 2 RF dot
 //   products) or RD output rows d (all k experts) with the chunked, pipelined row dot of q8_0r.cuh; a CTA holds
 //   (8 / wpr) * RF (RD) rows: grid (ceil(ff / ((8 / wpr) RF)), n * k) or (ceil(D / ((8 / wpr) RD)), n).
-// moe_gate_up_i8_iq2_xxs / moe_down_i8_q2_k: the fast kernels' arguments and results (to float32 rounding) with
-//   integer dot products on three int8 planes of the activations (below; switch MOE_I8, quant_ops picks them).
+// moe_gate_up_i8_iq2_xxs: moe_gate_up_fast_iq2_xxs's arguments and results (to float32 rounding) with integer dot
+//   products on three int8 planes of the activations (below; switch MOE_I8, quant_ops picks it).
 // Reference: the float64 NumPy expert of tests/test_gpu_quant_ops.py, following model.md §2.8.
 #include "q8_0r.cuh"
 
@@ -520,10 +520,7 @@ __device__ __forceinline__ void stage_iq2_tables_i8(u64* gtab, u64* stab) {
 // 24 plane words cost 24 conflict-free shared loads instead of 8 float4 global loads spread over 32 cache lines per
 // warp instruction. Same m_j and e as i8_x_planes (the same arithmetic on the same values), so the results do not
 // depend on the path. Several tokens, or cols > I8_STAGE_COLS: i8_x_planes per lane and sub-block.
-// With s_gs != nullptr also the 16-element group sums s_gs[2 sb + i] = 2^(e - 23) * sum m_j (exact integers, one
-// float rounding), for formats with a min per group (Q2_K).
-__device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s_xq, float* s_p2,
-                                                float* s_gs = nullptr) {
+__device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s_xq, float* s_p2) {
     const int lane = threadIdx.x & 31;
     u8* b = reinterpret_cast<u8*>(s_xq);
     for (int sb = threadIdx.x >> 5; sb < nsub; sb += blockDim.x >> 5) {
@@ -538,14 +535,7 @@ __device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s
         b[at] = (u8)(m >> 16);
         b[at + 8 * nsub * 4] = (u8)(m >> 8);
         b[at + 16 * nsub * 4] = (u8)m;
-        const float p2 = E == 255u ? __int_as_float(0x7fc00000) : __uint_as_float((u32)(127 - 23 + e) << 23);
-        if (lane == 0) s_p2[sb] = p2;
-        if (s_gs != nullptr) {
-            int gsum = m;
-#pragma unroll
-            for (int o = 8; o > 0; o >>= 1) gsum += __shfl_xor_sync(0xffffffffu, gsum, o);   // within 16 lanes
-            if ((lane & 15) == 0) s_gs[2 * sb + (lane >> 4)] = (float)gsum * p2;
-        }
+        if (lane == 0) s_p2[sb] = E == 255u ? __int_as_float(0x7fc00000) : __uint_as_float((u32)(127 - 23 + e) << 23);
     }
 }
 
@@ -620,118 +610,6 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
                 const float g = fminf(acc[r], clamp);
                 const float uu = fminf(fmaxf(acc[I8_RF + r], -clamp), clamp);
                 mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * uu * w;
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------------------
-// moe_down_i8_q2_k: moe_down_fast_q2_k's arguments and results (to float32 rounding) for one token (n == 1, decode),
-// k * ff <= I8_DOWN_STAGE, ff % 256 == 0 (the host takes the float kernel otherwise). The CTA stages the k expert
-// inputs mid[0, j] as the int8 planes of moe_gate_up_i8 (same grid and error bound) plus their 16-element group sums;
-// a warp unit takes I8_RD output rows d over all k experts, a lane whole 32-weight sub-blocks (sb = lane + 32 i) of a
-// row: Q2_K codes (0..3, four to a qs byte at shifts 0/2/4/6) against the planes with dp4a, exact integers per
-// 16-weight group scaled by the group's 4-bit scale in integers, then
-//   acc += d * 2^(e - 23) (65536 S_h + 256 S_c + S_l) - dmin * (mn_0 X_0 + mn_1 X_1)      (X_g: the group sums)
-// Launch: 256 threads, grid = min(ceil(ceil(D / I8_RD) / 8), resident CTAs).
-// Reference: moe_down_fast_q2_k and the float64 expert of tests/test_gpu_quant_ops.py.
-#ifndef I8_DOWN_STAGE
-#define I8_DOWN_STAGE 12288
-#endif
-#ifndef I8_RD
-#define I8_RD 2
-#endif
-
-__device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
-    int d;
-    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int dp4a_uu(u32 a, u32 b, int c) {
-    int d;
-    asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2) moe_down_i8_q2_k(
-    const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,
-    const float* mid, int ff, float* Y, int D, int accumulate, int n) {
-    __shared__ u32 s_xq[24 * (I8_DOWN_STAGE / 32)];
-    __shared__ float s_p2[I8_DOWN_STAGE / 32];
-    __shared__ float s_gs[I8_DOWN_STAGE / 16];
-    const int nsr = ff >> 5, nsub = k * nsr;                     // sub-blocks a row, staged sub-blocks
-    i8_stage_planes(mid, nsub, s_xq, s_p2, s_gs);
-    __syncthreads();
-    const int lane = threadIdx.x & 31;
-    const int units = (D + I8_RD - 1) / I8_RD;
-    for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
-        const int d0 = u * I8_RD;
-        float acc[I8_RD];
-#pragma unroll
-        for (int r = 0; r < I8_RD; ++r) acc[r] = 0.f;
-        bool bad = false;
-        for (int j = 0; j < k; ++j) {
-            const int e = ids ? ids[j] : 0;
-            if (e < 0 || e >= n_expert) {
-                bad = true;
-                continue;
-            }
-            const u8* rows[I8_RD];
-#pragma unroll
-            for (int r = 0; r < I8_RD; ++r)
-                rows[r] = down + (size_t)e * expert_stride + (size_t)min(d0 + r, D - 1) * row_stride;
-            for (int sb = lane; sb < nsr; sb += 32) {
-                const int g = j * nsr + sb;
-                I8XPlanes xq;
-#pragma unroll
-                for (int w = 0; w < 8; ++w) {
-                    xq.h[w] = s_xq[w * nsub + g];
-                    xq.c[w] = s_xq[(8 + w) * nsub + g];
-                    xq.l[w] = s_xq[(16 + w) * nsub + g];
-                }
-                xq.p2 = s_p2[g];
-                const float gs0 = s_gs[2 * g], gs1 = s_gs[2 * g + 1];
-                const int blk = sb >> 3, h = (sb >> 2) & 1, sh2 = 2 * (sb & 3);
-                u32 qw[I8_RD][8], scw[I8_RD], dm[I8_RD];
-#pragma unroll
-                for (int r = 0; r < I8_RD; ++r) {
-                    const u8* b = rows[r] + (size_t)blk * 84;
-#pragma unroll
-                    for (int w = 0; w < 8; ++w) qw[r][w] = ld_u32(b + 16 + 32 * h + 4 * w);
-                    scw[r] = ld_u16(b + 8 * h + (sb & 3) * 2);
-                    dm[r] = ld_u32(b + 80);
-                }
-#pragma unroll
-                for (int r = 0; r < I8_RD; ++r) {
-                    int qh[2] = {0, 0}, qc[2] = {0, 0}, ql[2] = {0, 0};
-#pragma unroll
-                    for (int w = 0; w < 8; ++w) {
-                        const u32 code = (qw[r][w] >> sh2) & 0x03030303u;
-                        qh[w >> 2] = dp4a_us(code, xq.h[w], qh[w >> 2]);
-                        qc[w >> 2] = dp4a_uu(code, xq.c[w], qc[w >> 2]);
-                        ql[w >> 2] = dp4a_uu(code, xq.l[w], ql[w >> 2]);
-                    }
-                    const int sc0 = scw[r] & 15u, mn0 = (scw[r] >> 4) & 15u;
-                    const int sc1 = (scw[r] >> 8) & 15u, mn1 = (scw[r] >> 12) & 15u;
-                    // |S_h| <= 15 * 3 * 128 * 32, |S_c|, |S_l| <= 15 * 3 * 255 * 32 < 2^22
-                    const int Sh = sc0 * qh[0] + sc1 * qh[1], Sc = sc0 * qc[0] + sc1 * qc[1];
-                    const int Sl = sc0 * ql[0] + sc1 * ql[1];
-                    const float v = fmaf(small_int_f32(Sh), 65536.0f, fmaf(small_int_f32(Sc), 256.0f,
-                                                                            small_int_f32(Sl))) * xq.p2;
-                    const float mins = fmaf(small_int_f32(mn0), gs0, small_int_f32(mn1) * gs1);
-                    const float d = f16_to_f32((u16)dm[r]), dmin = f16_to_f32((u16)(dm[r] >> 16));
-                    acc[r] = fmaf(d, v, fmaf(-dmin, mins, acc[r]));
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < I8_RD; ++r) acc[r] = warp_sum(acc[r]);
-#pragma unroll
-        for (int r = 0; r < I8_RD; ++r) {
-            if (lane == r && d0 + r < D) {
-                float* y = Y + d0 + r;
-                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
-                *y = accumulate ? *y + v : v;
             }
         }
     }

@@ -553,8 +553,6 @@ _FAST_GATE_UP = frozenset({T.IQ2_XXS, T.Q4_K})
 _FAST_DOWN = frozenset({T.Q2_K, T.Q4_K})
 _FAST_ROWS_PER_WARP = 2  # DS4_MOE_RF / DS4_MOE_RD in moe.cu
 _I8_ROWS_PER_WARP = 4    # I8_RF in moe.cu
-_I8_DOWN_ROWS_PER_WARP = 2  # I8_RD in moe.cu
-_I8_DOWN_STAGE = 12288   # I8_DOWN_STAGE in moe.cu: k * ff activations moe_down_i8_q2_k stages
 _Q8R_MOE_ROWS = 2        # rows per warp of moe_*_q8_0r (gate/up: 2 gate + 2 up dot products); moe.cu has r1, r2
 
 
@@ -681,12 +679,8 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
                   np.int32(1 if accumulate else 0), np.int32(wpr)))
         return y
     if t in _FAST_DOWN:
-        if (t == T.Q2_K and n == 1 and k * ff <= _I8_DOWN_STAGE and ff % 256 == 0
-                and switches.enabled("MOE_I8")):               # one token: integer dot products (moe_down_i8_*)
-            kern, rows_per_unit = get_kernel("moe", "moe_down_i8_q2_k"), _I8_DOWN_ROWS_PER_WARP
-        else:
-            kern, rows_per_unit = get_kernel("moe", f"moe_down_fast_{_SUFFIX[t]}"), _FAST_ROWS_PER_WARP
-        units = n * ((D + rows_per_unit - 1) // rows_per_unit)
+        kern = get_kernel("moe", f"moe_down_fast_{_SUFFIX[t]}")
+        units = n * ((D + _FAST_ROWS_PER_WARP - 1) // _FAST_ROWS_PER_WARP)
         with _stream(stream):
             kern((_persistent_grid(kern, units),), (_THREADS,),
                  (down, np.int64(D * rb), np.int64(rb), ids if ids is not None else np.uint64(0), np.int32(k),
