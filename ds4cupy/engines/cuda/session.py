@@ -41,7 +41,12 @@ from .q8_0r import Q8_0R
 from .sample_ops import DeviceCandidates
 
 DEFAULT_CHUNK = 2048
-DECODE_ROWS_PER_SPLIT = 32   # decode attention: key-list entries per split (splits = longest list / 32, from ctx)
+# decode attention: a layer's key list (its longest at any position < ctx) is cut into at most DECODE_MAX_SPLITS splits
+# of at least DECODE_MIN_ROWS_PER_SPLIT entries. H200 (ncu, commit ea5f401): with 32 entries a split, a window layer
+# ran 32 CTAs (8 head groups x 4 splits) on 132 SMs for 29 us, each warp stalled on its serial row loop; more, shorter
+# splits fill the GPU, and the cap bounds the partial results attn_combine reads back (splits x 64 heads x 2 KB).
+DECODE_MIN_ROWS_PER_SPLIT = 8
+DECODE_MAX_SPLITS = 32
 
 
 def _vector_name(name: str) -> bool:
@@ -223,7 +228,8 @@ class CudaSession:
         # decode attention splits: enough for the longest key list any position of this session can have
         self.att_rows = [ops.attention_rows(c.sliding_window, c.ratio(il), self._att_mode(il), c.indexer_top_k, self.ctx)
                          for il in range(c.n_layer)]
-        ns = max(-(-r // DECODE_ROWS_PER_SPLIT) for r in self.att_rows)
+        self.att_rps = [max(DECODE_MIN_ROWS_PER_SPLIT, -(-r // DECODE_MAX_SPLITS)) for r in self.att_rows]
+        ns = max(-(-r // rps) for r, rps in zip(self.att_rows, self.att_rps))
         sizes = {
             "X": S * n * D, "u": S * D, "xn": S * D, "coef": S * (n + n * n), "hcpart": S * self.hc_split * 32,
             "qa": S * c.q_lora_rank, "qr": S * c.q_lora_rank, "kvp": S * hd, "kvcur": S * hd,
@@ -583,7 +589,7 @@ class CudaSession:
             self._join_side_branch()
         att = self._b("att", S, H, hd)
         rows = self.att_rows[il]
-        rps = DECODE_ROWS_PER_SPLIT if S == 1 else rows       # sized from ctx: the decode graph fits any depth
+        rps = self.att_rps[il] if S == 1 else rows            # sized from ctx: the decode graph fits any depth
         ns = -(-rows // rps)
         ops.attention(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio, mode,
                       m.v[p + "attn_sinks.weight"], r, fr, self._b("part_ml", S, H, ns, 2),
