@@ -5,6 +5,7 @@
     python3 scripts/profile_decode.py --summarize ncu.csv
     ncu --graph-profiling node ... python3 scripts/profile_decode.py --graph ...     (kernel nodes of a graph replay)
     python3 scripts/profile_decode.py --graph --time 50 ...                         (wall ms a step, no ncu)
+    ncu ... python3 scripts/profile_decode.py --prefill 2048 ...                     (the kernels of one prefill)
 
 The script prefills `depth` tokens, runs two decode steps eagerly (kernels compiled and warm), then profiles exactly one
 eager decode step between cudaProfilerStart/Stop. --summarize groups the ncu CSV by kernel name: launches, total us,
@@ -18,16 +19,17 @@ import sys
 from collections import defaultdict
 
 
-def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: bool = False, time_steps: int = 0) -> None:
+def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: bool = False, time_steps: int = 0,
+        prefill: int = 0) -> None:
     import cupy as cp
     import numpy as np
 
     from ds4cupy.tools.synthetic import load_synthetic
-    model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64 + time_steps)
+    model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64 + time_steps + prefill)
     # eager launches, so ncu sees each kernel of the step; or the graph replay (ncu --graph-profiling node profiles
     # each kernel node of it, with the caches as the replay leaves them)
     model._impl.decode_graph = graph
-    s = model.new_session(depth + 64 + time_steps)
+    s = model.new_session(depth + 64 + time_steps + prefill)
     ids = np.random.default_rng(0).integers(0, 100000, max(depth, 1))
     if fill == "random":                      # the KV state of depth - 1 tokens (CudaSession.fill_random_state)
         s.fill_random_state(len(ids) - 1)
@@ -45,6 +47,13 @@ def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: boo
             t.append(time.perf_counter() - t0)
         print(f"decode step ({layers} layers, depth {depth}, graph={graph}): median {1e3 * float(np.median(t)):.3f} ms "
               f"over {time_steps} steps")
+        return
+    if prefill:           # one prefill of `prefill` new tokens after the depth (chunks as the engine cuts them)
+        more = np.random.default_rng(1).integers(0, 100000, prefill)
+        cp.cuda.profiler.start()
+        s.prefill(more)
+        cp.cuda.runtime.deviceSynchronize()
+        cp.cuda.profiler.stop()
         return
     cp.cuda.profiler.start()
     s.decode(7)
@@ -83,10 +92,12 @@ if __name__ == "__main__":
                    help="profile a replay of the captured decode graph (with ncu --graph-profiling node)")
     p.add_argument("--time", type=int, default=0, metavar="N",
                    help="instead of profiling, print the median wall time of N decode steps (run without ncu)")
+    p.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="profile a prefill of N tokens (after the depth) instead of a decode step")
     p.add_argument("--summarize", metavar="NCU_CSV")
     a = p.parse_args()
     if a.summarize:
         summarize(a.summarize)
     else:
-        run(a.layers, a.depth, a.experts, a.fill, a.graph, a.time)
+        run(a.layers, a.depth, a.experts, a.fill, a.graph, a.time, a.prefill)
     sys.exit(0)
