@@ -29,7 +29,9 @@
 
 // 16-byte chunks per row in one pipeline stage of q8r_rows_dot: Q8R_INFLIGHT / NR for NR rows, so a lane keeps
 // 2 * Q8R_INFLIGHT weight loads in flight (the stage in use and the next one) whatever NR is
+#ifndef Q8R_INFLIGHT
 #define Q8R_INFLIGHT 4
+#endif
 
 struct Q8RRow {
     const uint4* qs;  // the row's qs chunks
