@@ -110,7 +110,7 @@ MUTANTS = [
       "pre = sigmoid(m * w(\"output_hc_scale.weight\")[0] + w(\"output_hc_base.weight\"))", "hc_head eps dropped"),
     M("R17", REFERENCE, "np.maximum(np.einsum(\"shd,cd->shc\", qi, st.index_kv, dtype=F64), 0.0)",
       "np.einsum(\"shd,cd->shc\", qi, st.index_kv, dtype=F64)", "indexer ReLU dropped"),
-    M("R18", REFERENCE, "wsel = (wsel * c.expert_weights_scale).astype(F32)", "wsel = wsel.astype(F32)",
+    M("R18", REFERENCE, "return sel, (wsel * c.expert_weights_scale).astype(F32)", "return sel, wsel.astype(F32)",
       "routed scaling factor dropped"),
     M("R19", REFERENCE, "sel = np.argsort(-biased, axis=-1, kind=\"stable\")[:, : c.n_expert_used]",
       "sel = np.argsort(-sc, axis=-1, kind=\"stable\")[:, : c.n_expert_used]", "router bias ignored in selection"),

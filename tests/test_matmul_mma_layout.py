@@ -15,8 +15,8 @@ from ds4cupy.engines.cuda.q8_0r import Q8_0R
 # ---- dispatch ----------------------------------------------------------------------------------------------------
 def test_use_mma_rule(monkeypatch):
     assert qo.MMA_MIN_TOKENS == 16
-    monkeypatch.delenv("DS4CUPY_PREFILL_MMA", raising=False)   # off by default until it has run on a GPU
-    assert not qo.use_mma(T.Q8_0, 2048, capability=90)
+    monkeypatch.delenv("DS4CUPY_PREFILL_MMA", raising=False)   # on by default since its H200 run (switches.py)
+    assert qo.use_mma(T.Q8_0, 2048, capability=90)
     monkeypatch.setenv("DS4CUPY_PREFILL_MMA", "0")
     assert not qo.use_mma(T.Q8_0, 2048, capability=90)
     monkeypatch.setenv("DS4CUPY_PREFILL_MMA", "1")            # switched on: the rule below
