@@ -8,10 +8,11 @@ thread runs a loop of ticks instead of one job at a time. A tick:
    or resets as the single-stream worker does;
 2. ends the streams whose job was cancelled (the client left, the server aborted it, the precheck failed) before they
    take another step: the other streams go on untouched;
-3. runs ONE prefill chunk (at most `prefill_chunk` tokens, ending at the next checkpoint position) of the oldest
-   stream still prefilling, so a long prompt delays the running streams by one chunk per token they generate, never
-   by its whole prefill; when its prompt is in, its generator samples the first token from the prefill's logits and
-   the stream joins the decoding batch;
+3. prefills at most `prefill_chunk` prompt tokens (one chunk's worth), to the streams still prefilling in admission
+   order (a call ends at a checkpoint position or where the tokens run out; several short prompts may share a
+   tick), so a long prompt delays the running streams by one chunk per token they generate, never by its whole
+   prefill; when a prompt is in, its generator samples the first token from the prefill's logits and the stream
+   joins the decoding batch;
 4. advances every decoding stream by one token: in groups of at most the backend's `max_decode_batch`, one
    `decode_batch` call per group (the weights are read once for the group); with max_decode_batch 1 (a backend
    without a batched step) each stream steps in turn, which is still continuous, fair scheduling, without the
@@ -127,6 +128,7 @@ class Stream:
         self.decode_started = 0.0
         self.ttft: float | None = None
         self.n_deltas = 0
+        self.ended = False                 # its last event went out
 
     @property
     def prefilling(self) -> bool:
@@ -178,16 +180,22 @@ class BatchScheduler(EngineWorker):
             return admitted
 
     def _free_session(self, job: GenerationJob):
-        """The free session from which the job reuses the most prompt tokens (ties: the first); hold self._cond."""
+        """The free session from which the job reuses the most prompt tokens, one that holds them live before one
+        that would restore them (ties: the first); hold self._cond."""
         busy = {id(s.session) for s in self._streams}
         free = [s for s in self.sessions if id(s) not in busy]
         if job.controls is not None and not job.controls.cache_prompt:
             return free[0]
-        return max(free, key=lambda s: self.cache.plan(list(s.tokens), job.prompt_ids).cached)
+
+        def reuse(session):
+            plan = self.cache.plan(list(session.tokens), job.prompt_ids)
+            return plan.cached, plan.action == "live"
+        return max(free, key=reuse)
 
     def _release(self, stream: Stream) -> None:
         """The stream's last event went out: its session is free."""
         stream.close()
+        stream.ended = True
         with self._cond:
             self._streams.remove(stream)
             self._running.remove(stream.job)
@@ -258,36 +266,46 @@ class BatchScheduler(EngineWorker):
             self._release(stream)
 
     def _prefill_step(self) -> None:
-        """One prefill chunk of the oldest stream still prefilling; at its prompt's end, its first token."""
-        stream = next((s for s in self._streams if s.prefilling), None)
-        if stream is None:
-            return
+        """Up to prefill_chunk prompt tokens this tick, to the streams still prefilling in admission order (one call
+        ends at a checkpoint position or where the tokens run out); a stream whose prompt is in samples its first
+        token and joins the decoding streams."""
+        budget = self.prefill_chunk
+        for stream in [s for s in self._streams if s.prefilling]:
+            while budget > 0 and stream.prefilling and not stream.ended:
+                budget -= self._prefill_call(stream, budget)
+            if budget <= 0:
+                return
+
+    def _prefill_call(self, stream: Stream, budget: int) -> int:
+        """One prefill call of at most `budget` tokens for the stream; returns the tokens it took (0: it failed)."""
         job = stream.job
-        end = min(stream.position + self.prefill_chunk, stream.points[0])
+        end = min(stream.position + budget, stream.points[0])
         try:
             t0 = time.perf_counter()
             stream.logits = stream.session.prefill(stream.prompt[stream.position:end])
             dt = time.perf_counter() - t0
-            self.cache.observe_prefill(end - stream.position, dt)
+            taken, stream.position = end - stream.position, end
+            self.cache.observe_prefill(taken, dt)
             stream.prefill_s += dt
-            stream.position = end
             job.emit(PrefillProgress(end - stream.cached, len(stream.prompt) - stream.cached))
             if end < stream.points[0]:
-                return
+                return taken
             stream.points.pop(0)
             if stream.points:
                 t0 = time.perf_counter()
                 self._checkpoint(stream.session)
                 stream.prefill_s += time.perf_counter() - t0
-                return
+                return taken
             self._record_prefill(stream)
             stream.generator = self.make_generator(job)
             stream.decode_started = time.perf_counter()
             stream.deltas = stream.generator.stream(stream.view, stream.logits)
             stream.logits = None
             self._advance(stream)             # the first token, from the prefill's logits
+            return taken
         except Exception:        # noqa: BLE001
             self._fail(stream)
+            return 0
 
     def _decode_step(self) -> None:
         """Every decoding stream one token further: batched steps of at most step_size streams each."""
