@@ -165,7 +165,8 @@ def streamed_text(lines: list[str]) -> tuple[str, list[int]]:
 
 def test_full_batch_queue_keepalive_metrics_and_a_client_leaving(tiny_reference_model, requests):
     """max-batch 2: two long streams fill the batch; a third request waits (position 1, keepalives, /metrics says 2
-    streams and 1 waiting) and starts when the first client hangs up; the streams that stayed get their alone answers."""
+    streams and 1 waiting) and starts when the first client hangs up; the streams that stayed get their alone
+    answers."""
     long_body = greedy("one two three", 48)
     stay_body = greedy("four five six seven", 40)
     alone = server_for(tiny_reference_model, 1)

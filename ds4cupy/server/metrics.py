@@ -3,8 +3,8 @@
 Requests by endpoint and status, prompt / cached / generated tokens, prefill and decode speed (totals plus the last
 request's rate), time to first token (sum and count, plus the last value), the live queue: waiting jobs and
 whether the engine is busy, the batch (streams served at once, `--max-batch`, and the decode steps of the batching
-scheduler with the streams each advanced), and the prefix cache: hits by source and misses, bytes and entries per tier, evictions,
-disk traffic. The worker thread and the event loop both write here, so every update holds a lock.
+scheduler with the streams each advanced), and the prefix cache: hits by source and misses, bytes and entries per
+tier, evictions, disk traffic. The worker thread and the event loop both write here, so every update holds a lock.
 """
 from __future__ import annotations
 
