@@ -83,6 +83,22 @@ class Model:
             raise ValueError(f"ctx must be positive, got {ctx}")
         return self._impl.new_session(ctx)
 
+    @property
+    def max_decode_batch(self) -> int:
+        """How many sessions one decode_batch call may advance (1: the backend steps one session at a time)."""
+        return int(getattr(self._impl, "max_decode_batch", 1))
+
+    def decode_batch(self, sessions, token_ids, temperatures=None) -> list:
+        """One token each for B sessions of this model (engines/contract.py: the batched decode). A backend without a
+        batched step (max_decode_batch 1) takes B = 1 through the session's own decode / decode_top."""
+        batched = getattr(self._impl, "decode_batch", None)
+        if batched is not None:
+            return batched(sessions, token_ids, temperatures)
+        from .contract import check_decode_batch
+        ids = check_decode_batch(self._impl, sessions, token_ids, temperatures, 1, self.config.n_vocab)
+        s, t = sessions[0], temperatures[0] if temperatures is not None else None
+        return [s.decode(int(ids[0])) if t is None else s.decode_top(int(ids[0]), t)]
+
     def close(self) -> None:
         close = getattr(self._impl, "close", None)
         if close:

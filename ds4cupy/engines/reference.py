@@ -18,13 +18,14 @@ import numpy as np
 from ..format.config import ModelConfig
 from ..format.model_file import ModelFile
 from ..text.candidates import TopCandidates, top_candidates
-from .contract import check_token_ids
+from .contract import check_decode_batch, check_token_ids
 from .numerics import (fp4_sim, fp8_sim, hadamard, hc_split_sinkhorn, rms_norm, rope_apply, rope_cos_sin, rope_freqs,
                        sigmoid, silu, softplus)
 from .state import SessionState, chain_of, chain_rows, chain_tokens
 
 F32 = np.float32
 F64 = np.float64
+MAX_DECODE_BATCH = 8      # sessions one decode_batch call advances at most (the server steps larger batches in groups)
 
 
 def lin(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -86,6 +87,25 @@ class LayerState:
     index_compressor: CompressorState
 
 
+@dataclass
+class AttnRows:
+    """Every weight projection attention makes of its input rows (ReferenceModel.attn_project), row i the token at
+    pos[i], whatever sequence it belongs to: q [S, H, hd] (normed, roped), kv [S, hd] (normed, roped, QAT); for
+    ratio != 0 the attention compressor's (kv, score) rows; for ratio 4 the indexer compressor's (kv, score) rows, the
+    indexer queries qi [S, Hi, di] (roped, QAT) and head weights hw [S, Hi]. take(rows): one sequence's rows."""
+    q: np.ndarray | None = None
+    kv: np.ndarray | None = None
+    comp: tuple | None = None
+    index: tuple | None = None
+    qi: np.ndarray | None = None
+    hw: np.ndarray | None = None
+
+    def take(self, rows: slice) -> "AttnRows":
+        def cut(v):
+            return None if v is None else tuple(a[rows] for a in v) if isinstance(v, tuple) else v[rows]
+        return AttnRows(*(cut(getattr(self, f)) for f in ("q", "kv", "comp", "index", "qi", "hw")))
+
+
 class ReferenceModel:
     """Weights + per-layer RoPE tables. `new_session()` gives a ReferenceSession."""
 
@@ -132,16 +152,19 @@ class ReferenceModel:
         return esum("sn,snd->sd", pre, X)
 
     # ---- §2.5 compressor -----------------------------------------------------------------------------------------
-    def compress(self, x: np.ndarray, pos0: int, st: CompressorState, prefix: str, ratio: int, d: int, il: int,
-                 indexer: bool) -> list[np.ndarray]:
-        """Feed S tokens (x [S, D], positions pos0..) to a compressor; return the rows emitted, in order."""
+    def compressor_project(self, x: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        """A compressor's projections of rows x [S, D]: (kv, gate score), each [S, coff*d] (no position term yet)."""
+        return lin(x, self.w(prefix + "kv.weight")), lin(x, self.w(prefix + "gate.weight"))
+
+    def compress(self, kv: np.ndarray, score: np.ndarray, pos0: int, st: CompressorState, prefix: str, ratio: int,
+                 d: int, il: int, indexer: bool) -> list[np.ndarray]:
+        """Feed S consecutive tokens of one sequence (their compressor_project rows, positions pos0..) to a
+        compressor; return the rows emitted, in order."""
         w = self.w
-        kv = lin(x, w(prefix + "kv.weight"))                     # [S, coff*d]
-        score = lin(x, w(prefix + "gate.weight"))
         ape = w(prefix + "ape.weight")                           # [ratio, coff*d]
         overlap = ratio == 4
         rows = []
-        for i in range(x.shape[0]):
+        for i in range(kv.shape[0]):
             p = pos0 + i
             st.cur_kv.append(kv[i])
             st.cur_score.append(score[i] + ape[p % ratio])
@@ -183,22 +206,46 @@ class ReferenceModel:
         return fp4_sim(hadamard(v), 32) if self.qat else v
 
     # ---- §2.4 attention ------------------------------------------------------------------------------------------
-    def attention(self, x: np.ndarray, pos0: int, st: LayerState, il: int) -> np.ndarray:
-        """x [S, D] (attn_norm output) at positions pos0.. -> [S, D]; updates st."""
+    def attention(self, x: np.ndarray, pos: np.ndarray, seqs: list[tuple[slice, LayerState]], il: int) -> np.ndarray:
+        """x [S, D] (attn_norm output), row i the token at position pos[i]; seqs: (rows, state) of each sequence the
+        rows belong to, its rows consecutive positions (a prefill chunk: one sequence; a batched decode step: B
+        sequences of one row each) -> [S, D]; updates each sequence's state. The weight projections run once over
+        all rows (attn_project, attn_output); each sequence's window, compressed rows and indexer see only its own
+        rows and state (attn_core)."""
+        a = self.attn_project(x, pos, il)
+        o = np.concatenate([self.attn_core(a.take(rows), pos[rows], st, il) for rows, st in seqs])
+        return self.attn_output(o, il)
+
+    def attn_project(self, x: np.ndarray, pos: np.ndarray, il: int) -> "AttnRows":
+        """Every weight projection attention makes of its rows x [S, D] at positions pos [S] (AttnRows)."""
         c, w, p = self.config, self.w, f"blk.{il}."
         S, H, hd = x.shape[0], c.n_head, c.head_dim
-        pos = np.arange(pos0, pos0 + S)
         cos, sin = rope_cos_sin(self.freqs[il], pos)
-
         qr = rms_norm(lin(x, w(p + "attn_q_a.weight")), w(p + "attn_q_a_norm.weight"), c.rms_eps)
         q = rms_norm(lin(qr, w(p + "attn_q_b.weight")).reshape(S, H, hd), None, c.rms_eps)
         q = rope_apply(q, cos, sin)
         kv = rms_norm(lin(x, w(p + "attn_kv.weight")), w(p + "attn_kv_a_norm.weight"), c.rms_eps)
         kv = self._qat_kv(rope_apply(kv, cos, sin))
+        a = AttnRows(q=q, kv=kv)
+        ratio = c.ratio(il)
+        if ratio:
+            a.comp = self.compressor_project(x, p + "attn_compressor_")
+        if ratio == 4:
+            a.index = self.compressor_project(x, p + "indexer_compressor_")
+            a.qi, a.hw = self.indexer_project(x, qr, pos, il)
+        return a
+
+    def attn_core(self, a: "AttnRows", pos: np.ndarray, st: LayerState, il: int) -> np.ndarray:
+        """One sequence's rows (consecutive positions pos) -> o [S, H, hd]: window + compressed rows (+ indexer) as
+        keys, softmax with the sink, output de-roped; st gains the rows' KV."""
+        c, w, p = self.config, self.w, f"blk.{il}."
+        S, hd, pos0 = a.q.shape[0], c.head_dim, int(pos[0])
+        cos, sin = rope_cos_sin(self.freqs[il], pos)
+        q = a.q
 
         # Window: the previous rows and the new ones; query t sees positions t-window+1 .. t.
         n_prev = st.window_kv.shape[0]
-        win_kv = np.concatenate([st.window_kv, kv])              # positions pos0-n_prev .. pos0+S-1
+        win_kv = np.concatenate([st.window_kv, a.kv])            # positions pos0-n_prev .. pos0+S-1
         win_pos = np.arange(pos0 - n_prev, pos0 + S)
         win_mask = (win_pos[None, :] <= pos[:, None]) & (win_pos[None, :] > pos[:, None] - c.sliding_window)
         st.window_kv = win_kv[-c.sliding_window:]
@@ -206,13 +253,14 @@ class ReferenceModel:
         keys, mask = win_kv, win_mask
         ratio = c.ratio(il)
         if ratio:
-            new_rows = self.compress(x, pos0, st.compressor, p + "attn_compressor_", ratio, hd, il, indexer=False)
+            new_rows = self.compress(*a.comp, pos0, st.compressor, p + "attn_compressor_", ratio, hd, il,
+                                     indexer=False)
             if new_rows:
                 st.comp_kv = np.concatenate([st.comp_kv, np.stack(new_rows)])
             n_comp = st.comp_kv.shape[0]
             visible = np.arange(n_comp)[None, :] < ((pos + 1) // ratio)[:, None]      # [S, n_comp]
             if ratio == 4:
-                visible &= self.indexer_select(x, qr, pos, st, il, visible)
+                visible &= self.indexer_pick(a, pos, st, il, visible)
             keys = np.concatenate([win_kv, st.comp_kv])
             mask = np.concatenate([win_mask, visible], axis=1)
 
@@ -224,26 +272,47 @@ class ReferenceModel:
         denom = e.sum(axis=-1) + np.exp(sink[None, :] - m)
         o = (np.einsum("shk,kd->shd", e, keys, dtype=F64) / denom[:, :, None]).astype(F32)
         o = rope_apply(o, cos, sin, inverse=True)
+        return o
 
-        G, R = c.o_groups, c.o_lora_rank
+    def attn_output(self, o: np.ndarray, il: int) -> np.ndarray:
+        """o [S, H, hd] -> [S, D]: the grouped low-rank output projection (wo_a per group, then wo_b)."""
+        c, w, p = self.config, self.w, f"blk.{il}."
+        S, G, R = o.shape[0], c.o_groups, c.o_lora_rank
         wo_a = w(p + "attn_output_a.weight").reshape(G, R, c.o_group_in)
         low = esum("sgi,gri->sgr", o.reshape(S, G, c.o_group_in), wo_a).reshape(S, G * R)
         return lin(low, w(p + "attn_output_b.weight"))
 
     # ---- §2.6 lightning indexer ----------------------------------------------------------------------------------
-    def indexer_select(self, x, qr, pos, st: LayerState, il: int, visible: np.ndarray) -> np.ndarray:
-        """Boolean [S, n_comp]: the indexer's top-k compressed rows for each query (among the visible ones)."""
+    def indexer_project(self, x: np.ndarray, qr: np.ndarray, pos: np.ndarray, il: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """The indexer's queries [S, Hi, di] (roped, QAT) and head weights [S, Hi] of rows x / qr at positions pos."""
         c, w, p = self.config, self.w, f"blk.{il}."
         S, Hi, di = x.shape[0], c.indexer_n_head, c.indexer_head_dim
-        rows = self.compress(x, int(pos[0]), st.index_compressor, p + "indexer_compressor_", 4, di, il, indexer=True)
-        if rows:
-            st.index_kv = np.concatenate([st.index_kv, np.stack(rows)])
-        n_comp = visible.shape[1]
-        assert st.index_kv.shape[0] == n_comp
         cos, sin = rope_cos_sin(self.freqs[il], pos)
         qi = rope_apply(lin(qr, w(p + "indexer.attn_q_b.weight")).reshape(S, Hi, di), cos, sin)
         qi = self._qat_index(qi)
         hw = lin(x, w(p + "indexer.proj.weight")) * F32(di ** -0.5) * F32(Hi ** -0.5)   # [S, Hi]
+        return qi, hw
+
+    def indexer_select(self, x, qr, pos, st: LayerState, il: int, visible: np.ndarray) -> np.ndarray:
+        """Boolean [S, n_comp]: the indexer's top-k compressed rows for each query (among the visible ones), for rows
+        x / qr of one sequence at consecutive positions pos (projections and pick in one call)."""
+        a = AttnRows(index=self.compressor_project(x, f"blk.{il}.indexer_compressor_"))
+        a.qi, a.hw = self.indexer_project(x, qr, pos, il)
+        return self.indexer_pick(a, pos, st, il, visible)
+
+    def indexer_pick(self, a: "AttnRows", pos: np.ndarray, st: LayerState, il: int, visible: np.ndarray
+                     ) -> np.ndarray:
+        """indexer_select from the rows' projections (AttnRows index, qi, hw); st gains the indexer rows."""
+        c, p = self.config, f"blk.{il}."
+        S, di = a.qi.shape[0], c.indexer_head_dim
+        rows = self.compress(*a.index, int(pos[0]), st.index_compressor, p + "indexer_compressor_", 4, di, il,
+                             indexer=True)
+        if rows:
+            st.index_kv = np.concatenate([st.index_kv, np.stack(rows)])
+        n_comp = visible.shape[1]
+        assert st.index_kv.shape[0] == n_comp
+        qi, hw = a.qi, a.hw
         score = np.einsum("sh,shc->sc", hw, np.maximum(np.einsum("shd,cd->shc", qi, st.index_kv, dtype=F64), 0.0),
                           dtype=F64)
         score = np.where(visible, score, -np.inf)
@@ -304,13 +373,26 @@ class ReferenceModel:
                           index_compressor=CompressorState())
 
     def forward_chunk(self, ids: np.ndarray, pos0: int, states: list[LayerState], all_logits: bool) -> np.ndarray:
+        """S consecutive tokens of one sequence at positions pos0.. -> logits [S, vocab] (all_logits) or [1, vocab]."""
+        return self.forward_rows(ids, np.arange(pos0, pos0 + ids.size), [(slice(None), states)], all_logits)
+
+    def forward_batch(self, ids: np.ndarray, pos: np.ndarray, states: list[list[LayerState]]) -> np.ndarray:
+        """One token of each of B sequences (ids [B] at positions pos [B], states[b] the layer states of sequence b)
+        -> logits [B, vocab]: the batched decode step."""
+        return self.forward_rows(ids, pos, [(slice(b, b + 1), st) for b, st in enumerate(states)], True)
+
+    def forward_rows(self, ids: np.ndarray, pos: np.ndarray, seqs: list[tuple[slice, list[LayerState]]],
+                     all_logits: bool) -> np.ndarray:
+        """Rows of tokens (ids [S] at positions pos [S]); seqs: (rows, layer states) of each sequence, its rows
+        consecutive positions. Every op but attention's per-sequence core works row by row over all S rows."""
         c, w = self.config, self.w
         h = w("token_embd.weight")[ids].astype(F32)                            # [S, D]
         X = np.repeat(h[:, None, :], c.hc_mult, axis=1)                         # [S, n, D]
         for il in range(c.n_layer):
             p = f"blk.{il}."
             u, post, comb = self.hc_pre(X, "attn", il)
-            y = self.attention(rms_norm(u, w(p + "attn_norm.weight"), c.rms_eps), pos0, states[il], il)
+            y = self.attention(rms_norm(u, w(p + "attn_norm.weight"), c.rms_eps), pos,
+                               [(rows, states[il]) for rows, states in seqs], il)
             X = self.hc_post(y, X, post, comb)
             u, post, comb = self.hc_pre(X, "ffn", il)
             y = self.moe(rms_norm(u, w(p + "ffn_norm.weight"), c.rms_eps), ids, il)
@@ -319,6 +401,23 @@ class ReferenceModel:
             X = X[-1:]
         y = rms_norm(self.hc_head(X), w("output_norm.weight"), c.rms_eps)
         return lin(y, w("output.weight"))
+
+    # ---- batched decode (engines/contract.py) --------------------------------------------------------------------
+    max_decode_batch = MAX_DECODE_BATCH
+
+    def decode_batch(self, sessions: list["ReferenceSession"], token_ids, temperatures=None) -> list:
+        """One token each for B sessions of this model, each at its own position with its own state (the contract:
+        entry b is what sessions[b].decode(token_ids[b]) gives, or decode_top(token_ids[b], temperatures[b]) where
+        that temperature is not None). Everything is checked before any session changes."""
+        ids = check_decode_batch(self, sessions, token_ids, temperatures, self.max_decode_batch, self.config.n_vocab)
+        logits = self.forward_batch(ids, np.array([s.n_tokens for s in sessions]), [s.states for s in sessions])
+        for s, t in zip(sessions, ids):
+            s.tokens.append(int(t))
+        out = []
+        for b, row in enumerate(logits):
+            t = None if temperatures is None else temperatures[b]
+            out.append(row if t is None else top_candidates(row, t, fetch_logits=lambda row=row: row))
+        return out
 
 
 class ReferenceSession:

@@ -37,6 +37,7 @@ from .guards import body_guard, cors
 from .metrics import ServerMetrics
 from .prefix_cache import PrefixCache
 from .protocol import ProtocolError
+from .scheduler import BatchScheduler, StreamBatch
 from .serving import (DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE_S,  # noqa: F401
                       STATE, JobRun, PromptRenderer, ServerSettings, ServerState, check_model, collect,
                       error_response, http_error, job_error, json_response, prepare_prompt, read_json_body,
@@ -346,19 +347,25 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRenderer | None = None,
                make_generator=None, prefill_chunk: int | None = None,
-               prefix_cache: PrefixCache | None = None, file_problem: Callable[[], str | None] | None = None
-               ) -> web.Application:
+               prefix_cache: PrefixCache | None = None, file_problem: Callable[[], str | None] | None = None,
+               batch: StreamBatch | None = None) -> web.Application:
     """Build the application around one session. `render` (messages, tools, thinking) -> prompt and `make_generator`
     (job -> Generator) default to ds4cupy.text.chat and ds4cupy.text.generate; tests pass fakes. `prefix_cache` keeps
     the stored session states (default: host memory only, PrefixCache's default budget). `file_problem` () -> reason
     or None says when the model can no longer serve from its file (loader.Model.file_problem): /health and requests
-    then say 503."""
+    then say 503. `batch` (server.scheduler.StreamBatch, its first session `session`): serve several requests at once
+    (--max-batch); None: one at a time."""
     metrics = ServerMetrics()
     worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
-    worker = EngineWorker(session, make_generator or real_generator_factory(tokenizer), metrics=metrics,
+    if batch is not None and batch.sessions[0] is not session:
+        raise ValueError("create_app: the batch's first session must be `session`")
+    worker_class, engine = (EngineWorker, session) if batch is None else (BatchScheduler, batch)
+    worker = worker_class(engine, make_generator or real_generator_factory(tokenizer), metrics=metrics,
                           precheck=file_problem, cache=prefix_cache, **worker_kwargs)
     metrics.queue_depth = lambda: worker.queue_depth
     metrics.engine_busy = lambda: worker.busy
+    metrics.batch_streams = lambda: worker.running_count
+    metrics.max_batch = worker.max_batch
     metrics.cache_stats = worker.cache.stats
     state = ServerState(settings=settings, tokenizer=tokenizer, worker=worker, metrics=metrics,
                         render=render or render_chat_prompt,

@@ -19,6 +19,7 @@ from .guards import DEFAULT_BODY_TIMEOUT_S
 from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
 from .kv_disk import DiskStore
 from .prefix_cache import PrefixCache
+from .scheduler import stream_batch
 
 DEFAULT_CTX = 32768
 DEFAULT_DISK_GB = 20.0
@@ -63,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
                    help="seconds of silence before an SSE `: keepalive` comment while a request waits or prefills")
     p.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill call (default 512)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="requests served at once (default 1: one at a time, the others wait in a FIFO queue). N > 1: "
+                        "each of up to N requests gets its own session (KV for --ctx tokens: N times the KV memory, "
+                        "checked at start), joins the running batch after its prompt is prefilled (prefill chunks "
+                        "interleave with the others' decode steps) and leaves when done or cancelled; later requests "
+                        "wait FIFO. The reference backend decodes the batch in one step (weights read once); the cuda "
+                        "backend, until it has a batched step, advances the streams one token each in turn")
     p.add_argument("--kv-cache-dir", default=None, metavar="DIR",
                    help="also keep stored session states on disk in DIR: written in the background, found again "
                         "after a restart (files named by a hash of the model identity and the token prefix)")
@@ -155,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("--max-body", args.max_body), ("--header-timeout", args.header_timeout),
-                        ("--body-timeout", args.body_timeout)):
+                        ("--body-timeout", args.body_timeout), ("--max-batch", args.max_batch)):
         if not value > 0:
             raise SystemExit(f"ds4cupy serve: {name} must be positive, got {value:g}")
     if not args.shutdown_grace >= 0:
@@ -171,9 +179,14 @@ def main(args: argparse.Namespace) -> int:
     model = ds4cupy.load(path, backend=args.backend, memory=args.memory, ctx=args.ctx)
     ctx = pick_ctx(args.ctx, model.config.n_ctx_train)
     session = model.new_session(ctx=ctx)
+    batch = stream_batch(model, session, ctx, args.max_batch)     # None for --max-batch 1; exits if N do not fit
     names = list(dict.fromkeys(args.served_model_name))
     print(f"ds4cupy: model {path} ({model.backend} backend), ctx {ctx}, served as {', '.join(names)}"
           + ("  [DEMO MODEL: RANDOM WEIGHTS]" if demo else ""), file=sys.stderr, flush=True)
+    if batch is not None:
+        how = (f"batched decode of up to {batch.step_size}" if batch.decode_batch is not None
+               else "one decode step each in turn")
+        print(f"ds4cupy: up to {args.max_batch} requests at once ({how})", file=sys.stderr, flush=True)
     aliases = tuple(dict.fromkeys([*names[1:], protocol.NON_THINKING_ALIAS, protocol.THINKING_ALIAS]))
     settings = ServerSettings(model_name=names[0], ctx=ctx, api_key=args.api_key, aliases=aliases,
                               max_body_bytes=args.max_body, keepalive_s=args.keepalive, demo=demo,
@@ -181,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                               shutdown_grace_s=args.shutdown_grace)
     app = create_app(model.tokenizer, session, settings, prefill_chunk=args.prefill_chunk,
-                     prefix_cache=build_prefix_cache(model, args), file_problem=model.file_problem)
+                     prefix_cache=build_prefix_cache(model, args), file_problem=model.file_problem, batch=batch)
     if model.reads_file:
         print(f"ds4cupy: the {model.backend} backend reads weights from {path} while serving: do not change the "
               f"file (requests get 503 if it changes)", file=sys.stderr, flush=True)

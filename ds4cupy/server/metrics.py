@@ -2,8 +2,9 @@
 
 Requests by endpoint and status, prompt / cached / generated tokens, prefill and decode speed (totals plus the last
 request's rate), time to first token (sum and count, plus the last value), the live queue: waiting jobs and
-whether the engine is busy, and the prefix cache: hits by source and misses, bytes and entries per tier, evictions,
-disk traffic. The worker thread and the event loop both write here, so every update holds a lock.
+whether the engine is busy, the batch (streams served at once, `--max-batch`, and the decode steps of the batching
+scheduler with the streams each advanced), and the prefix cache: hits by source and misses, bytes and entries per
+tier, evictions, disk traffic. The worker thread and the event loop both write here, so every update holds a lock.
 """
 from __future__ import annotations
 
@@ -34,9 +35,13 @@ class ServerMetrics:
         self.last_prefill_tps = 0.0
         self.last_decode_tps = 0.0
         self.cancelled = 0
+        self.decode_steps = 0           # decode steps of the batching scheduler (server.scheduler) ...
+        self.decode_step_streams = 0    # ... and the streams they advanced (the ratio is the mean batch)
+        self.max_batch = 1              # --max-batch (set by the app)
         # set by the app: live gauges read at render time
         self.queue_depth: Callable[[], int] = lambda: 0
         self.engine_busy: Callable[[], bool] = lambda: False
+        self.batch_streams: Callable[[], int] = lambda: 0    # streams being served now
         self.cache_stats: Callable[[], dict] = dict          # PrefixCache.stats
 
     def record_request(self, endpoint: str, status: int) -> None:
@@ -66,6 +71,11 @@ class ServerMetrics:
                 self.ttft_sum += ttft
                 self.ttft_count += 1
                 self.last_ttft = ttft
+
+    def record_decode_step(self, streams: int) -> None:
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_step_streams += streams
 
     def snapshot(self) -> dict:
         """The counters as a plain dict (tests and /health)."""
@@ -114,6 +124,17 @@ class ServerMetrics:
         metric("queue_depth", "gauge", "Requests waiting for the engine (the running one not counted).",
                [("", int(self.queue_depth()))])
         metric("engine_busy", "gauge", "1 while the engine serves a request.", [("", int(bool(self.engine_busy())))])
+        metric("batch_streams", "gauge", "Requests being served at once now (prefilling or generating).",
+               [("", int(self.batch_streams()))])
+        metric("batch_max_streams", "gauge", "Requests the server serves at once at most (--max-batch).",
+               [("", int(self.max_batch))])
+        with self._lock:
+            steps, rows = self.decode_steps, self.decode_step_streams
+        metric("batch_decode_steps_total", "counter",
+               "Decode steps of the batching scheduler (--max-batch > 1): one per group of streams advanced together.",
+               [("", steps)])
+        metric("batch_decode_step_streams_total", "counter",
+               "Streams those steps advanced (divided by the steps: the mean batch size).", [("", rows)])
         metric("uptime_seconds", "gauge", "Seconds since the server started.",
                [("", float(time.time() - self.started_at))])
         cache = self.cache_stats()

@@ -20,6 +20,9 @@ on fail at once), `fail_pending` (queued jobs), `abort_running` (the running job
 `precheck` callable, asked before each job and between prefill chunks and tokens (the model file changed under an
 mmap'd session). An engine exception is a 500 `JobFailed` with a generic message naming the request id; the details go
 to the log.
+
+`serve --max-batch N` (N > 1) serves up to N jobs at once with `server.scheduler.BatchScheduler`, a subclass that keeps
+this queue, these events and these controls and replaces the one-job-at-a-time loop.
 """
 from __future__ import annotations
 
@@ -180,7 +183,9 @@ def real_generator_factory(tokenizer) -> GeneratorFactory:
 # ----------------------------------------------------------------------------------------------------------- worker
 
 class EngineWorker:
-    """The single engine session thread and its FIFO queue."""
+    """The single engine session thread and its FIFO queue (server.scheduler.BatchScheduler: several streams)."""
+
+    max_batch = 1                             # streams served at once
 
     def __init__(self, session: SessionLike, make_generator: GeneratorFactory, *, metrics=None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache: PrefixCache | None = None,
@@ -192,7 +197,7 @@ class EngineWorker:
         self.prefill_chunk = max(1, int(prefill_chunk))
         self._pending: collections.deque[GenerationJob] = collections.deque()
         self._cond = threading.Condition()
-        self._running_job: GenerationJob | None = None
+        self._running: list[GenerationJob] = []    # the jobs being served (at most max_batch)
         self._stopping = False
         self._refusal: tuple[str, str] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -215,8 +220,8 @@ class EngineWorker:
                 job.cancel.set()
                 job.emit(JobCancelled(completion_tokens=0))
             self._pending.clear()
-            if self._running_job is not None:
-                self._running_job.cancel.set()
+            for job in self._running:
+                job.cancel.set()
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -236,25 +241,24 @@ class EngineWorker:
         return len(jobs)
 
     def abort_running(self, message: str, code: str = SHUTTING_DOWN) -> bool:
-        """Stop the running job within a token; it ends with a 503 JobFailed(message, code). False if none runs."""
+        """Stop the running jobs within a token; each ends with a 503 JobFailed(message, code). False if none runs."""
         with self._cond:
-            job = self._running_job
-            if job is None:
-                return False
-            job.abort = (message, code)
-            job.cancel.set()
-            return True
+            for job in self._running:
+                job.abort = (message, code)
+                job.cancel.set()
+            return bool(self._running)
 
     def submit(self, job: GenerationJob) -> int:
-        """Queue a job; returns its queue position (0 = runs next when the engine is idle, else the number of jobs
-        ahead of it, the running one included). After `refuse_new` the job fails at once instead (position 0)."""
+        """Queue a job; returns its queue position (0 = starts as soon as the engine takes it, else the number of jobs
+        that must finish first: the ones ahead of it, the running ones included, beyond the free places of a batch).
+        After `refuse_new` the job fails at once instead (position 0)."""
         with self._cond:
             if self._refusal is not None:
                 job.emit(JobFailed(self._refusal[0], 503, self._refusal[1]))
                 return 0
             if self._stopping:
                 raise RuntimeError("the engine worker is stopping")
-            position = len(self._pending) + (1 if self._running_job is not None else 0)
+            position = self._ahead(len(self._pending))
             self._pending.append(job)
             self._cond.notify()
         log.info("request %s queued at position %d (%d prompt tokens)", job.request_id, position,
@@ -262,13 +266,17 @@ class EngineWorker:
         return position
 
     def position(self, job: GenerationJob) -> int | None:
-        """Jobs ahead of `job` (the running one included); None once it runs or is gone."""
+        """Jobs that must finish before `job` starts (as submit says); None once it runs or is gone."""
         with self._cond:
             try:
                 index = self._pending.index(job)
             except ValueError:
                 return None
-            return index + (1 if self._running_job is not None else 0)
+            return self._ahead(index)
+
+    def _ahead(self, index: int) -> int:
+        """For the index-th waiting job: jobs that must finish before it starts (hold self._cond)."""
+        return max(0, index + len(self._running) - (self.max_batch - 1))
 
     @property
     def queue_depth(self) -> int:
@@ -279,13 +287,19 @@ class EngineWorker:
     @property
     def busy(self) -> bool:
         with self._cond:
-            return self._running_job is not None
+            return bool(self._running)
+
+    @property
+    def running_count(self) -> int:
+        """Jobs being served now (prefilling or generating)."""
+        with self._cond:
+            return len(self._running)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no job runs or waits (a job counts itself in `jobs_served` just after its last event went
         out); True when idle, False after `timeout` seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._running_job is None and not self._pending, timeout)
+            return self._cond.wait_for(lambda: not self._running and not self._pending, timeout)
 
     @property
     def alive(self) -> bool:
@@ -300,7 +314,7 @@ class EngineWorker:
             if self._stopping:
                 return None
             job = self._pending.popleft()
-            self._running_job = job
+            self._running.append(job)
             return job
 
     def _run(self) -> None:
@@ -326,7 +340,7 @@ class EngineWorker:
                                    f"the server log"))
             finally:
                 with self._cond:
-                    self._running_job = None
+                    self._running.remove(job)
                     self.jobs_served += 1
                     self._cond.notify_all()
 
@@ -351,27 +365,28 @@ class EngineWorker:
             return True
         return False
 
-    def _emit_cancelled(self, job: GenerationJob, completion_tokens: int) -> None:
+    def _emit_cancelled(self, job: GenerationJob, completion_tokens: int, session: SessionLike | None = None) -> None:
         """A stopped job's last event: JobCancelled (the client left) or a 503 JobFailed (the server stopped it)."""
         if job.abort is not None:
             if job.abort[1] == MODEL_FILE_CHANGED:
-                self._forget_session_state()
+                self._forget_session_state(session)
             job.emit(JobFailed(job.abort[0], 503, job.abort[1]))
         else:
             job.emit(JobCancelled(completion_tokens=completion_tokens))
 
-    def _forget_session_state(self) -> None:
-        """After an engine failure or a refusal: the session may hold anything, start it over (stored states are kept)."""
+    def _forget_session_state(self, session: SessionLike | None = None) -> None:
+        """After an engine failure or a refusal: the session (default: the worker's) may hold anything, start it over
+        (stored states are kept)."""
         try:
-            self.session.reset()
+            (self.session if session is None else session).reset()
         except Exception:
             log.exception("session reset failed")
 
-    def _checkpoint(self) -> None:
-        """Store the session's state in the cache. A failure (memory, a session without delta snapshots) costs the
-        reuse, never the request; it is logged once."""
+    def _checkpoint(self, session: SessionLike | None = None) -> None:
+        """Store the session's (default: the worker's) state in the cache. A failure (memory, a session without delta
+        snapshots) costs the reuse, never the request; it is logged once."""
         try:
-            self.cache.checkpoint(self.session)
+            self.cache.checkpoint(self.session if session is None else session)
         except Exception as exc:     # noqa: BLE001
             if not self._checkpoint_failed:
                 log.warning("kv cache: cannot store the session state (%s: %s); serving without it", type(exc).__name__,

@@ -64,6 +64,7 @@ class CudaModel:
     """
 
     backend = "cuda"
+    max_decode_batch = 1     # no batched decode step yet (engines/contract.py): the server steps streams in turn
 
     def __init__(self, config: ModelConfig, weights: dict, qtypes: dict, vectors: dict, mem, kv_mode: str,
                  qat: bool = True, chunk: int = DEFAULT_CHUNK, device: int = 0, decode_graph: bool = True,
