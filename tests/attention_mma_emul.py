@@ -13,10 +13,15 @@ sums its 16 exact products and the accumulator in float64 and rounds to float32 
 inside an mma instead: a few float32 ulps, which this emulation does not model); exp in float32 (the kernel's __expf
 is within ~2 ulps of it). Shared-memory bank conflicts of every ldmatrix, 16-byte and 8-byte access are counted.
 variant="hi" drops the lo terms (fp16 operands with an 11-bit significand: the control that shows what the split buys).
+
+Also the inputs both test files use (make_inputs, make_block_scaled_inputs) and the float64 evaluation of the
+attention they are checked against (ref_attention).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from ds4cupy.engines import numerics as nm
 
 F32, F64, U32 = np.float32, np.float64, np.uint32
 TK, HG, NSL, MAXB, PLD = 16, 32, 4, 8, 24            # AM_TK, AM_HG, AM_NS, AM_MAXB, AM_PLD
@@ -26,6 +31,92 @@ LANE = np.arange(32)[None, :]                         # lane index, [1, 32]
 GQ, TQ = LANE >> 2, LANE & 3                          # mma fragment coordinates
 KQ, KR = LANE >> 3, LANE & 7                          # ldmatrix: matrix of the lane's address, row within it
 
+
+# ---- inputs and the float64 reference (shared with tests/test_gpu_attention_mma.py) --------------------------------
+def make_inputs(rng, S, H, d, W, pos0, mode, ratio, K, n_rot, qscale=2.0):
+    """Random inputs as the session holds them: every position's KV row (hist), the window ring with the rows of the
+    W positions before pos0 (slots of positions that never existed: NaN, never read), this chunk's rows (cur),
+    compressed rows (rows past the last query's visible ones: NaN) and indexer picks with -1, future rows, repeats."""
+    P_end = pos0 + S
+    hist = rng.standard_normal((P_end, d)).astype(np.float32)
+    ring = np.full((W, d), np.nan, np.float32)
+    for p in range(max(0, pos0 - W), pos0):
+        ring[p % W] = hist[p]
+    q = (rng.standard_normal((S, H, d)) * qscale).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    comp = idx = None
+    if mode:
+        nvis_last = P_end // ratio
+        comp = rng.standard_normal((nvis_last + 4, d)).astype(np.float32)
+        comp[nvis_last:] = np.nan
+    if mode == 2:
+        idx = np.empty((S, K), np.int32)
+        for t in range(S):
+            nv = (pos0 + t + 1) // ratio
+            pick = list(rng.permutation(nv)[:K - 3]) + [-1, nv + int(rng.integers(0, 3)), int(rng.integers(0, nv))
+                                                       if nv else -1]
+            idx[t] = np.array(pick + [-1] * (K - len(pick)), np.int32)[rng.permutation(K)]
+    freqs = nm.rope_freqs(n_rot, 10000.0, None)
+    return dict(q=q, hist=hist, ring=ring, cur=hist[pos0:], comp=comp, idx=idx, pos0=pos0, W=W, ratio=ratio,
+                mode=mode, sinks=sinks, n_rot=n_rot, freqs=freqs)
+
+
+def ref_attention(q, hist, comp, idx, pos0, W, ratio, mode, sinks, n_rot, freqs, **_):
+    """float64: the key list as a count per key (window, visible compressed rows, indexer entries with repeats), the
+    softmax with the sink in the denominator, the inverse rope on the last n_rot dims."""
+    S, H, d = q.shape
+    pos = pos0 + np.arange(S)
+    keys = hist.astype(np.float64)
+    allp = np.arange(len(hist))
+    cnt = ((allp[None] <= pos[:, None]) & (allp[None] > pos[:, None] - W)).astype(np.float64)
+    if mode:
+        nvis = (pos + 1) // ratio
+        c2 = np.zeros((S, comp.shape[0]))
+        for t in range(S):
+            if mode == 1:
+                c2[t, :nvis[t]] = 1
+            else:
+                for w in idx[t]:
+                    if 0 <= w < nvis[t]:
+                        c2[t, w] += 1
+        keys = np.concatenate([keys, np.nan_to_num(comp.astype(np.float64))])
+        cnt = np.concatenate([cnt, c2], axis=1)
+    sc = (q.astype(np.float64).reshape(S * H, d) @ keys.T).reshape(S, H, -1) * d ** -0.5
+    sc = np.where(cnt[:, None, :] > 0, sc, -np.inf)
+    m = np.maximum(sc.max(-1), sinks[None].astype(np.float64))
+    e = np.exp(sc - m[..., None]) * cnt[:, None, :]
+    o = (e.reshape(S * H, -1) @ keys).reshape(S, H, d) / (e.sum(-1) + np.exp(sinks[None] - m))[..., None]
+    if n_rot:
+        c, s = np.cos(pos[:, None] * freqs[None]), np.sin(pos[:, None] * freqs[None])
+        a, b = o[..., d - n_rot::2].copy(), o[..., d - n_rot + 1::2].copy()
+        o[..., d - n_rot::2] = a * c[:, None] + b * s[:, None]
+        o[..., d - n_rot + 1::2] = b * c[:, None] - a * s[:, None]
+    return o
+
+
+BLOCK_MAGNITUDES = np.arange(-12, 13)       # key rows of magnitude 2^k, one class per block of 8 dims
+
+
+def make_block_scaled_inputs(rng, S, H, d, W, pos0, ratio):
+    """make_inputs (mode 1, no rope) with key rows of magnitude 2^k, k in BLOCK_MAGNITUDES, each row nonzero only in
+    block k of 8 dims (so output block k comes from rows of that magnitude only): the window's rows take the 9
+    smallest classes, the compressed rows the 16 largest (the largest row exponent grows along the key list); q is
+    ~1e-5, so every score is near 0 and every row weighs about the same."""
+    assert d >= 8 * len(BLOCK_MAGNITUDES)
+    x = make_inputs(rng, S, H, d, W, pos0, 1, ratio, 0, 0, qscale=1e-5)
+    hist, comp = x["hist"], x["comp"]
+    nv = comp.shape[0] - 4
+    for rows, klass in ((hist, lambda i: i % 9), (comp[:nv], lambda i: 9 + i % 16)):
+        for i in range(rows.shape[0]):
+            k = klass(i)
+            keep = np.zeros(d, bool)
+            keep[8 * k: 8 * k + 8] = True
+            rows[i] = np.where(keep, rows[i] * np.float32(2.0 ** BLOCK_MAGNITUDES[k]), 0.0)
+    x["ring"][:] = np.nan
+    for p in range(max(0, pos0 - W), pos0):
+        x["ring"][p % W] = hist[p]
+    x["cur"] = hist[pos0:]
+    return x
 
 # ---- helpers of mma_f16.cuh -----------------------------------------------------------------------------------------
 def split_exp(amax):

@@ -49,6 +49,14 @@
 //   and the accumulator holds the output times 2^(155 - E) (rescaled by 2^(E_old - E_new) with the softmax
 //   correction when E grows; a row more than 2^126 below the largest one is dropped: far below float32 resolution).
 // - The sum over the key list is l (float32, in true units); the result is ldexpf(o * w / L, E - 155).
+// - Range: each q slice and each key row has its own power-of-two scale, so no fp16 overflow and no lost term
+//   whatever the rows' magnitudes. Inside one q slice or key row, an element below ~2^-28 of its max falls into fp16
+//   subnormals (absolute error <= ~2^-40 of the max), and a key whose p times its row's magnitude is below ~2^-28 of
+//   the largest row's does likewise in P': far below float32 resolution normwise (relative to max |q| max |k| for a
+//   score, to max |v| for an output), though not element by element for vectors spanning more than 2^28.
+// - Measured: a NumPy emulation of this kernel (tests/attention_mma_emul.py) is within 8e-7 of max |out| of a float64
+//   evaluation; tests/test_gpu_attention_mma.py holds the kernel to 1e-5 (ops.attention's own bound) and prints the
+//   measured values.
 #include "mma_f16.cuh"
 
 #define AM_TK 16        // key-list entries per tile
