@@ -119,6 +119,7 @@ def test_deterministic_and_graph_replay(rng):
     args = {k: dev(x[k]) for k in ("q", "ring", "cur", "comp", "idx", "sinks", "freqs")}
     pos = cp.asarray(np.array([x["pos0"]], np.int32))
     out = cp.full(x["q"].shape, cp.nan, cp.float32)
+    cp.cuda.Device().synchronize()          # the uploads and the fill (null stream) before the graph's stream
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
