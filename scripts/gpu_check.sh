@@ -32,6 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 SWITCHES=(
   "MOE_GROUPED|tests/test_gpu_moe_grouped.py"
   "PREFILL_MMA|tests/test_gpu_matmul_mma.py"
+  "PREFILL_ATTN_MMA|tests/test_gpu_attention_mma.py"
   "HC_FUSED|tests/test_gpu_ops.py -k hc_step"
   "BRANCHES|tests/test_gpu_model.py -k side_branches"
   "GPU_SAMPLING|tests/test_gpu_sampling.py"

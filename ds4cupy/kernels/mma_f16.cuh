@@ -1,6 +1,7 @@
-// mma_f16.cuh: device helpers of the fp16 tensor-core kernels (matmul_mma.cu, moe_grouped.cu): fp16 packing, exact
-// int8 -> fp16, ldmatrix, mma.sync.m16n8k16 (f16 x f16 -> f32), and the split of float32 activations into a
-// power-of-two scale and hi + lo fp16 terms that keeps those products float32-accurate:
+// mma_f16.cuh: device helpers of the fp16 tensor-core kernels (matmul_mma.cu, moe_grouped.cu, attention_mma.cu): fp16
+// packing, exact int8 -> fp16, ldmatrix (plain and transposed), cp.async, mma.sync.m16n8k16 (f16 x f16 -> f32), and
+// the split of float32 activations into a power-of-two scale and hi + lo fp16 terms that keeps those products
+// float32-accurate:
 //
 //   per block of activations (a token's 32 columns): E = biased exponent of the block's max |x|, clamped to [15, 254];
 //   s = 2^(E - 127 - 14) (mma_split_scale), 1 / s = mma_split_inv(E): |x / s| < 2^15 (no fp16 overflow whatever the
@@ -33,6 +34,19 @@ __device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {  // addr: shared-win
 }
 
 __device__ __forceinline__ void ldsm_x4(u32* r, const u16* p) { ldsm_x4(r, smem_u32(p)); }
+
+// the same four 8x8 matrices, each transposed: lane l gets rows 2 (l % 4), 2 (l % 4) + 1 of column l / 4
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 16 bytes global -> shared without registers (sm_80+); nbytes 0 fills the 16 bytes with zeros (src not read)
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int nbytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(nbytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // c += a (16x16, row) * b (16x8, col), f16 operands, f32 accumulators
 __device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {

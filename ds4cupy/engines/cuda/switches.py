@@ -14,16 +14,19 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | PREFILL_MMA   | prefill dense projections on tensor cores (matmul_mma.cu)                        | on      |
 | MOE_GROUPED   | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | on      |
 | MOE_I8        | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | on      |
+| PREFILL_ATTN_MMA | prefill attention (chunks of >= 16 tokens) on tensor cores (attention_mma.cu)  | off     |
 
 Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91 and
 5d43b87; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
+PREFILL_ATTN_MMA (issue 13) was written after those runs and is off until its tests (tests/test_gpu_attention_mma.py)
+pass on a GPU.
 """
 from __future__ import annotations
 
 import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
-            "MOE_GROUPED": True, "MOE_I8": True}
+            "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": False}
 
 
 def enabled(name: str) -> bool:
