@@ -5,28 +5,26 @@ by default only once its GPU tests have passed on a GPU and a benchmark of it is
 since then starts off (opt-in) and says why. `scripts/gpu_check.sh` runs each path's own tests first (its SWITCHES
 table) and benchmarks with the ones that passed turned on, so the next GPU run can verify and flip them.
 
-| name          | what it switches                                                                | default |
-|---------------|---------------------------------------------------------------------------------|---------|
-| REPACK_Q8_0   | Q8_0 matrices repacked in place into planes at load (q8_0r.py)                  | on      |
-| HC_FUSED      | one hc_step launch per hyper-connection step instead of hc_post + mix + collapse | on      |
-| BRANCHES      | compressors / indexer / shared expert on a side stream (parallel graph branches) | on      |
-| GPU_SAMPLING  | argmax + the sampler's candidates computed in the decode graph (sample.cu)       | on      |
-| PREFILL_MMA   | prefill dense projections on tensor cores (matmul_mma.cu)                        | on      |
-| MOE_GROUPED   | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | on      |
-| MOE_I8        | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | on      |
-| PREFILL_ATTN_MMA | prefill attention (chunks of >= 16 tokens) on tensor cores (attention_mma.cu)  | off     |
+| name             | what it switches                                                                 | default |
+|------------------|----------------------------------------------------------------------------------|---------|
+| REPACK_Q8_0      | Q8_0 matrices repacked in place into planes at load (q8_0r.py)                   | on      |
+| HC_FUSED         | one hc_step launch per hyper-connection step instead of hc_post + mix + collapse | on      |
+| BRANCHES         | compressors / indexer / shared expert on a side stream (parallel graph branches) | on      |
+| GPU_SAMPLING     | argmax + the sampler's candidates computed in the decode graph (sample.cu)       | on      |
+| PREFILL_MMA      | prefill dense projections on tensor cores (matmul_mma.cu)                        | on      |
+| MOE_GROUPED      | prefill MoE as grouped tensor-core GEMMs (moe_grouped.cu)                        | on      |
+| MOE_I8           | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | on      |
+| PREFILL_ATTN_MMA | prefill attention (chunks of >= 16 tokens) on tensor cores (attention_mma.cu)    | on      |
 
-Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91 and
-5d43b87; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
-PREFILL_ATTN_MMA (issue 13) was written after those runs and is off until its tests (tests/test_gpu_attention_mma.py)
-pass on a GPU.
+Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
+ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
 """
 from __future__ import annotations
 
 import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
-            "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": False}
+            "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True}
 
 
 def enabled(name: str) -> bool:
