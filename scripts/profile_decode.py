@@ -94,8 +94,13 @@ if __name__ == "__main__":
                    help="instead of profiling, print the median wall time of N decode steps (run without ncu)")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="profile a prefill of N tokens (after the depth) instead of a decode step")
+    p.add_argument("--att-max-splits", type=int, default=0, metavar="N",
+                   help="decode attention: at most N splits a layer (session.DECODE_MAX_SPLITS; 0 = the engine's)")
     p.add_argument("--summarize", metavar="NCU_CSV")
     a = p.parse_args()
+    if a.att_max_splits:
+        from ds4cupy.engines.cuda import session as _session
+        _session.DECODE_MAX_SPLITS = a.att_max_splits
     if a.summarize:
         summarize(a.summarize)
     else:
