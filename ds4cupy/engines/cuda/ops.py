@@ -231,7 +231,7 @@ def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int
         (q, ring, cur, _p(comp), _p(idx), _i32(K), d_pos, _i32(H), _i32(d), _i32(window), _i32(ratio), _i32(mode),
          _f32(d ** -0.5), _i32(rows_per_split), part_ml, part_o))
     get_kernel("attention", "attn_combine")(
-        (H, S), (128,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos,
+        (H, S), (256,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos,
                          _i32(window), _i32(ratio), _i32(mode), _i32(K), _i32(rows_per_split), out),
         shared_mem=4 * (d + nsplit))
 
