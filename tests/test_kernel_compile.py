@@ -7,7 +7,7 @@ import pytest
 
 from ds4cupy.engines.cuda import compile as kc
 
-ARCHS = ["sm_121a", "sm_120", "sm_90a"]
+ARCHS = ["sm_121a", "sm_120", "sm_90a", "sm_100a"]   # GB10, RTX PRO 6000, H100/H200, B200 (issue 18)
 
 
 def test_nvrtc_loads():
