@@ -16,7 +16,6 @@ speedup = old / new. Also prints max |new - old| / max |old| (float32-accurate: 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import cupy
 import numpy as np
@@ -25,23 +24,11 @@ from ds4cupy.engines import numerics as nm
 from ds4cupy.engines.cuda import attention_mma as am
 from ds4cupy.engines.cuda import ops
 
+from bench_moe_prefill import timed   # scripts/ is on sys.path when a script runs
+
 H, D, W, N_ROT, TOP_K = 64, 512, 128, 64, 512
 RATIO = {0: 0, 1: 128, 2: 4}
 NAME = {0: "window", 1: "HCA r128", 2: "CSA top512"}
-
-
-def timed(fn, reps):
-    fn()
-    cupy.cuda.Device().synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(cupy.cuda.get_elapsed_time(a, b) * 1000.0)
-    return statistics.median(out)
 
 
 def mean_keys(pos0, S, mode, ratio, K):

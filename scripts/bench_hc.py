@@ -12,31 +12,8 @@ the engine too, since each layer's is read once per step).
 from __future__ import annotations
 
 import argparse
-import statistics
 
-
-def time_graph(cp, launch, n_launch: int, replays: int) -> float:
-    """Median microseconds per launch of `launch(i)`, i = 0..n_launch-1, captured in one graph."""
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        for i in range(n_launch):
-            launch(i)
-        s.synchronize()
-        s.begin_capture()
-        for i in range(n_launch):
-            launch(i)
-        g = s.end_capture()
-        g.launch(s)
-        s.synchronize()
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(replays):
-            e0.record(s)
-            g.launch(s)
-            e1.record(s)
-            e1.synchronize()
-            times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / n_launch)
-    return statistics.median(times)
+from bench_matvec import time_graph   # scripts/ is on sys.path when a script runs
 
 
 def main(argv=None) -> int:

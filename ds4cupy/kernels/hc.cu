@@ -163,6 +163,17 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
     }
 }
 
+// the tail threads' (warps 1.., named barrier 1) sum of their sums of squares, in warp order: 1 / rms of the row
+__device__ __forceinline__ double hc_tail_inv_rms(double ss, int D, float eps_rms, double* redd) {
+    const int NT = blockDim.x - 32, j = threadIdx.x - 32;
+    ss = warp_sum_d(ss);
+    if ((j & 31) == 0) redd[j >> 5] = ss;
+    asm volatile("bar.sync 1, %0;" ::"r"(NT) : "memory");
+    ss = 0.0;
+    for (int w = 0; w < NT / 32; ++w) ss += redd[w];
+    return 1.0 / sqrt(ss / D + (double)eps_rms);
+}
+
 // hc_step's tail: collapse + norm of token t by the NT = blockDim.x - 32 threads of warps 1.. (warp 0 runs the
 // Sinkhorn meanwhile), named barrier 1. A thread keeps its HC_TAIL_PER columns d = j + m * NT in registers and issues
 // all their loads at once (the latency-bound part of the old kernels: three passes over global memory, one load in
@@ -204,12 +215,7 @@ __device__ __forceinline__ void hc_collapse_norm_tail(int t, const float* X, int
         ss += (double)acc * (double)acc;
     }
     if (xn == nullptr) return;
-    ss = warp_sum_d(ss);
-    if ((j & 31) == 0) redd[j >> 5] = ss;
-    asm volatile("bar.sync 1, %0;" ::"r"(NT) : "memory");
-    ss = 0.0;
-    for (int w = 0; w < NT / 32; ++w) ss += redd[w];
-    const double inv = 1.0 / sqrt(ss / D + (double)eps_rms);
+    const double inv = hc_tail_inv_rms(ss, D, eps_rms, redd);
     float* xt = xn + (long long)t * D;
 #pragma unroll
     for (int m = 0; m < HC_TAIL_PER; ++m) {
@@ -295,12 +301,7 @@ __device__ __forceinline__ void hc_tail4_collapse_norm(int t, const HcTail4& r, 
         const int g = j + m * NT;
         wv[m] = has_w && g < G ? __ldg(reinterpret_cast<const float4*>(norm_w) + g) : make_float4(1.f, 1.f, 1.f, 1.f);
     }
-    ss = warp_sum_d(ss);
-    if ((j & 31) == 0) redd[j >> 5] = ss;
-    asm volatile("bar.sync 1, %0;" ::"r"(NT) : "memory");
-    ss = 0.0;
-    for (int w = 0; w < NT / 32; ++w) ss += redd[w];
-    const double inv = 1.0 / sqrt(ss / D + (double)eps_rms);
+    const double inv = hc_tail_inv_rms(ss, D, eps_rms, redd);
     float4* xt = reinterpret_cast<float4*>(xn + (long long)t * D);
 #pragma unroll
     for (int m = 0; m < HC_TAIL_V; ++m) {

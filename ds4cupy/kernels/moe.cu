@@ -293,6 +293,37 @@ __device__ __forceinline__ void rows_dot(const u8* const* rows, const float* x, 
     }
 }
 
+// A gate/up warp unit's rows: gate rows f0 .. f0 + RF - 1 of expert e, then the same rows of up (rows past ff repeat
+// the last one; their results are not stored).
+template <int RF>
+__device__ __forceinline__ void moe_unit_rows(const u8* gate, const u8* up, long long expert_stride,
+                                              long long row_stride, int e, int f0, int ff, const u8** rows) {
+#pragma unroll
+    for (int r = 0; r < RF; ++r) {
+        const size_t off = (size_t)e * expert_stride + (size_t)min(f0 + r, ff - 1) * row_stride;
+        rows[r] = gate + off;
+        rows[RF + r] = up + off;
+    }
+}
+
+// A gate/up warp unit's epilogue: warp sums of its 2 RF lane partials, then lane r stores
+// mid[pair, f0 + r] = silu(min(g, clamp)) * clamp(u, -clamp, clamp) * weight (NaN for a bad expert id).
+template <int RF>
+__device__ __forceinline__ void moe_swiglu_store(float* acc, int lane, int pair, int f0, int ff, float clamp,
+                                                 const float* weights, bool bad, float* mid) {
+#pragma unroll
+    for (int r = 0; r < 2 * RF; ++r) acc[r] = warp_sum(acc[r]);
+    const float w = (weights && !bad) ? weights[pair] : 1.f;
+#pragma unroll
+    for (int r = 0; r < RF; ++r) {
+        if (lane == r && f0 + r < ff) {
+            const float g = fminf(acc[r], clamp);
+            const float uu = fminf(fmaxf(acc[RF + r], -clamp), clamp);
+            mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * uu * w;
+        }
+    }
+}
+
 template <class P, int RF>
 __device__ __forceinline__ void moe_gate_up_fast_body(const u8* gate, const u8* up, long long expert_stride,
                                                       long long row_stride, const int* ids, const float* weights,
@@ -316,25 +347,10 @@ __device__ __forceinline__ void moe_gate_up_fast_body(const u8* gate, const u8* 
         for (int r = 0; r < 2 * RF; ++r) acc[r] = 0.f;
         if (!bad) {
             const u8* rows[2 * RF];
-#pragma unroll
-            for (int r = 0; r < RF; ++r) {
-                const size_t off = (size_t)e * expert_stride + (size_t)min(f0 + r, ff - 1) * row_stride;
-                rows[r] = gate + off;
-                rows[RF + r] = up + off;
-            }
+            moe_unit_rows<RF>(gate, up, expert_stride, row_stride, e, f0, ff, rows);
             rows_dot<P, 2 * RF>(rows, X + (size_t)tok * cols, nblocks, lane, acc, gtab, stab);
         }
-#pragma unroll
-        for (int r = 0; r < 2 * RF; ++r) acc[r] = warp_sum(acc[r]);
-        const float w = (weights && !bad) ? weights[pair] : 1.f;
-#pragma unroll
-        for (int r = 0; r < RF; ++r) {
-            if (lane == r && f0 + r < ff) {
-                const float g = fminf(acc[r], clamp);
-                const float uu = fminf(fmaxf(acc[RF + r], -clamp), clamp);
-                mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * uu * w;
-            }
-        }
+        moe_swiglu_store<RF>(acc, lane, pair, f0, ff, clamp, weights, bad, mid);
     }
 }
 
@@ -567,12 +583,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
         for (int r = 0; r < 2 * I8_RF; ++r) acc[r] = 0.f;
         if (!bad) {
             const u8* rows[2 * I8_RF];
-#pragma unroll
-            for (int r = 0; r < I8_RF; ++r) {
-                const size_t off = (size_t)e * expert_stride + (size_t)min(f0 + r, ff - 1) * row_stride;
-                rows[r] = gate + off;
-                rows[I8_RF + r] = up + off;
-            }
+            moe_unit_rows<I8_RF>(gate, up, expert_stride, row_stride, e, f0, ff, rows);
             const float* x = X + (size_t)tok * cols;
             for (int sb = lane; sb < nsub; sb += 32) {
                 I8XPlanes xq;
@@ -604,17 +615,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
                 }
             }
         }
-#pragma unroll
-        for (int r = 0; r < 2 * I8_RF; ++r) acc[r] = warp_sum(acc[r]);
-        const float w = (weights && !bad) ? weights[pair] : 1.f;
-#pragma unroll
-        for (int r = 0; r < I8_RF; ++r) {
-            if (lane == r && f0 + r < ff) {
-                const float g = fminf(acc[r], clamp);
-                const float uu = fminf(fmaxf(acc[I8_RF + r], -clamp), clamp);
-                mid[(size_t)pair * ff + f0 + r] = bad ? __int_as_float(0x7fc00000) : silu_f32(g) * uu * w;
-            }
-        }
+        moe_swiglu_store<I8_RF>(acc, lane, pair, f0, ff, clamp, weights, bad, mid);
     }
 }
 
