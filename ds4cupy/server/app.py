@@ -35,6 +35,7 @@ from . import controls as ctl
 from . import anthropic_handlers, protocol, responses_handlers
 from .guards import body_guard, cors
 from .metrics import ServerMetrics
+from .prefill_pacing import PrefillPacer
 from .prefix_cache import PrefixCache
 from .protocol import ProtocolError
 from .scheduler import BatchScheduler, StreamBatch
@@ -346,7 +347,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------------------------------- app setup
 
 def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRenderer | None = None,
-               make_generator=None, prefill_chunk: int | None = None,
+               make_generator=None, prefill_chunk: int | PrefillPacer | None = None,
                prefix_cache: PrefixCache | None = None, file_problem: Callable[[], str | None] | None = None,
                batch: StreamBatch | None = None) -> web.Application:
     """Build the application around one session. `render` (messages, tools, thinking) -> prompt and `make_generator`
@@ -354,7 +355,8 @@ def create_app(tokenizer, session, settings: ServerSettings, *, render: PromptRe
     the stored session states (default: host memory only, PrefixCache's default budget). `file_problem` () -> reason
     or None says when the model can no longer serve from its file (loader.Model.file_problem): /health and requests
     then say 503. `batch` (server.scheduler.StreamBatch, its first session `session`): serve several requests at once
-    (--max-batch); None: one at a time."""
+    (--max-batch); None: one at a time. `prefill_chunk`: tokens a prefill call, or a server.prefill_pacing.PrefillPacer
+    (the CLI's default); None: the worker's fixed default."""
     metrics = ServerMetrics()
     worker_kwargs = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     if batch is not None and batch.sessions[0] is not session:

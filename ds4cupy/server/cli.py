@@ -18,6 +18,7 @@ from .app import (DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_
 from .guards import DEFAULT_BODY_TIMEOUT_S
 from .transport import DEFAULT_HEADER_TIMEOUT_S, GuardedRunner
 from .kv_disk import DiskStore
+from .prefill_pacing import PrefillPacer
 from .prefix_cache import PrefixCache
 from .scheduler import stream_batch
 
@@ -63,7 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"an error (default {DEFAULT_SHUTDOWN_GRACE_S:g}); queued requests get 503 at once")
     p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
                    help="seconds of silence before an SSE `: keepalive` comment while a request waits or prefills")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill call (default 512)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="tokens per prefill call. Default: paced, each chunk sized from the measured prefill rate to "
+                        "take about 0.4 s (64 to 8192 tokens), since a cancel, a waiting request's progress and, with "
+                        "--max-batch, the running streams' next token wait for the chunk in progress")
     p.add_argument("--max-batch", type=int, default=1, metavar="N",
                    help="requests served at once (default 1: one at a time, the others wait in a FIFO queue). N > 1: "
                         "each of up to N requests gets its own session (KV for --ctx tokens: N times the KV memory, "
@@ -193,7 +197,10 @@ def main(args: argparse.Namespace) -> int:
                               metrics_public=args.metrics_public, cors_origins=tuple(args.cors),
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                               shutdown_grace_s=args.shutdown_grace)
-    app = create_app(model.tokenizer, session, settings, prefill_chunk=args.prefill_chunk,
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise SystemExit(f"ds4cupy serve: --prefill-chunk must be at least 1 token, got {args.prefill_chunk}")
+    pacing = PrefillPacer() if args.prefill_chunk is None else args.prefill_chunk
+    app = create_app(model.tokenizer, session, settings, prefill_chunk=pacing,
                      prefix_cache=build_prefix_cache(model, args), file_problem=model.file_problem, batch=batch)
     if model.reads_file:
         print(f"ds4cupy: the {model.backend} backend reads weights from {path} while serving: do not change the "

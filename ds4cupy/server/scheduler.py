@@ -8,10 +8,10 @@ thread runs a loop of ticks instead of one job at a time. A tick:
    or resets as the single-stream worker does;
 2. ends the streams whose job was cancelled (the client left, the server aborted it, the precheck failed) before they
    take another step: the other streams go on untouched;
-3. prefills at most `prefill_chunk` prompt tokens (one chunk's worth), to the streams still prefilling in admission
-   order (a call ends at a checkpoint position or where the tokens run out; several short prompts may share a
-   tick), so a long prompt delays the running streams by one chunk per token they generate, never by its whole
-   prefill; when a prompt is in, its generator samples the first token from the prefill's logits and the stream
+3. prefills at most one chunk's worth of prompt tokens (the worker's PrefillPacer: a fixed count, or paced to
+   ~0.4 s a chunk), to the streams still prefilling in admission order (a call ends at a checkpoint position or
+   where the tokens run out; several short prompts may share a tick), so a long prompt delays the running streams
+   by one chunk per token they generate, never by its whole prefill; when a prompt is in, its generator samples the first token from the prefill's logits and the stream
    joins the decoding batch;
 4. advances every decoding stream by one token: in groups of at most the backend's `max_decode_batch`, one
    `decode_batch` call per group (the weights are read once for the group); with max_decode_batch 1 (a backend
@@ -266,10 +266,10 @@ class BatchScheduler(EngineWorker):
             self._release(stream)
 
     def _prefill_step(self) -> None:
-        """Up to prefill_chunk prompt tokens this tick, to the streams still prefilling in admission order (one call
+        """Up to one chunk's worth of prompt tokens (the pacer's size) this tick, to the streams still prefilling in admission order (one call
         ends at a checkpoint position or where the tokens run out); a stream whose prompt is in samples its first
         token and joins the decoding streams."""
-        budget = self.prefill_chunk
+        budget = self.pacer.size()
         for stream in [s for s in self._streams if s.prefilling]:
             while budget > 0 and stream.prefilling and not stream.ended:
                 budget -= self._prefill_call(stream, budget)
@@ -286,6 +286,7 @@ class BatchScheduler(EngineWorker):
             dt = time.perf_counter() - t0
             taken, stream.position = end - stream.position, end
             self.cache.observe_prefill(taken, dt)
+            self.pacer.observe(taken, dt)
             stream.prefill_s += dt
             job.emit(PrefillProgress(end - stream.cached, len(stream.prompt) - stream.cached))
             if end < stream.points[0]:

@@ -6,7 +6,8 @@ limits) and `EngineWorker.submit`s it; the worker thread takes jobs strictly in 
 1. brings the session to the longest cached prefix of the prompt (`PrefixCache.prepare`): the live session when
    its tokens are a prefix, else the stored state that shares the most tokens (several conversations are kept, in
    memory and optionally on disk), else a reset (always for a job whose controls say cache_prompt=false);
-2. prefills the rest of the prompt in chunks, checking the job's cancel flag and reporting progress between chunks
+2. prefills the rest of the prompt in chunks (server.prefill_pacing: a fixed size, or paced to a duration), checking
+   the job's cancel flag and reporting progress between chunks
    (the handler turns progress and silence into SSE keepalive comments), storing checkpoints on the way (every
    `cache.interval` tokens, where the last user turn starts, all of the prompt but its last token);
 3. streams the Generator's deltas, checking the cancel flag after every token, and stores the state the request
@@ -34,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from .prefill_pacing import PrefillPacer
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("ds4cupy.server")
@@ -188,13 +190,14 @@ class EngineWorker:
     max_batch = 1                             # streams served at once
 
     def __init__(self, session: SessionLike, make_generator: GeneratorFactory, *, metrics=None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache: PrefixCache | None = None,
+                 prefill_chunk: int | PrefillPacer = DEFAULT_PREFILL_CHUNK, cache: PrefixCache | None = None,
                  name: str = "ds4cupy-engine", precheck: Callable[[], str | None] | None = None):
         self.session = session
         self.precheck = precheck              # () -> why the engine cannot serve now (503), or None
         self.make_generator = make_generator
         self.metrics = metrics
-        self.prefill_chunk = max(1, int(prefill_chunk))
+        # tokens a prefill call: a fixed count, or a PrefillPacer sizing each chunk to a target duration
+        self.pacer = prefill_chunk if isinstance(prefill_chunk, PrefillPacer) else PrefillPacer(max(1, int(prefill_chunk)))
         self._pending: collections.deque[GenerationJob] = collections.deque()
         self._cond = threading.Condition()
         self._running: list[GenerationJob] = []    # the jobs being served (at most max_batch)
@@ -395,15 +398,18 @@ class EngineWorker:
 
     def _prefill_chunked(self, job: GenerationJob, ids: list[int], done_before: int, total: int):
         """Prefill `ids` in chunks; returns (last logits, cancelled)."""
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
+        logits, start = None, 0
+        while start < len(ids):
             if self._should_stop(job):
                 return logits, True
-            chunk = ids[start:start + self.prefill_chunk]
+            chunk = ids[start:start + self.pacer.size()]
             t0 = time.perf_counter()
             logits = self.session.prefill(chunk)
-            self.cache.observe_prefill(len(chunk), time.perf_counter() - t0)
-            job.emit(PrefillProgress(done_before + min(start + self.prefill_chunk, len(ids)), total))
+            dt = time.perf_counter() - t0
+            self.cache.observe_prefill(len(chunk), dt)
+            self.pacer.observe(len(chunk), dt)
+            start += len(chunk)
+            job.emit(PrefillProgress(done_before + start, total))
         return logits, False
 
     def _serve(self, job: GenerationJob) -> None:
