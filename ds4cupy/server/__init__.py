@@ -10,6 +10,8 @@ serving.py     what handlers share: settings, state, body reading, prompt prepar
 app.py         aiohttp routes, API key and error middleware, the OpenAI handlers, BackgroundServer
 anthropic_handlers.py, responses_handlers.py   the handlers of the other two APIs
 worker.py      the engine worker thread: FIFO queue, prefix reuse, chunked prefill, checkpoints, streaming
+scheduler.py   BatchScheduler (--max-batch N): several streams on N sessions, FIFO admission, one step each a tick
+prefill_pacing.py  prefill chunk sizes: fixed, or paced to ~0.4 s a chunk from the measured rate (the default)
 prefix_cache.py  many stored session states by token prefix, LRU over GPU / host / disk
 kv_disk.py     state files on disk (--kv-cache-dir)
 metrics.py     counters and the Prometheus text of GET /metrics
