@@ -33,6 +33,7 @@ SWITCHES=(
   "MOE_GROUPED|tests/test_gpu_moe_grouped.py"
   "PREFILL_MMA|tests/test_gpu_matmul_mma.py"
   "PREFILL_ATTN_MMA|tests/test_gpu_attention_mma.py"
+  "DECODE_ATTN_MMA|tests/test_gpu_attention_decode_mma.py"
   "HC_FUSED|tests/test_gpu_ops.py -k hc_step"
   "BRANCHES|tests/test_gpu_model.py -k side_branches"
   "GPU_SAMPLING|tests/test_gpu_sampling.py"

@@ -34,7 +34,7 @@ from ...text.candidates import TopCandidates, top_candidates
 from ..contract import check_token_ids
 from ..numerics import rope_freqs
 from ..state import SessionState, chain_of, chain_rows, chain_tokens
-from . import attention_mma, moe_grouped, ops
+from . import attention_decode_mma, attention_mma, moe_grouped, ops
 from . import quant_ops as qo
 from . import switches
 from .q8_0r import Q8_0R
@@ -102,6 +102,7 @@ class CudaModel:
         self.branches = switches.enabled("BRANCHES")
         self.gpu_sampling = switches.enabled("GPU_SAMPLING")
         self.prefill_attn_mma = attention_mma.enabled(device)    # chunks of >= MIN_TOKENS: attention_mma.cu
+        self.decode_attn_mma = attention_decode_mma.enabled(device)   # decode and shorter chunks: its splits
         if repack_q8_0 is None:
             repack_q8_0 = switches.enabled("REPACK_Q8_0")
         if repack_q8_0:
@@ -596,10 +597,11 @@ class CudaSession:
         if m.prefill_attn_mma and S >= attention_mma.MIN_TOKENS:      # a prefill chunk on tensor cores
             attention_mma.prefill_attention(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio,
                                             mode, m.v[p + "attn_sinks.weight"], r, fr, att)
-        else:
-            ops.attention(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio, mode,
-                          m.v[p + "attn_sinks.weight"], r, fr, self._b("part_ml", S, H, ns, 2),
-                          self._b("part_o", S, H, ns, hd), att, ns, rps)
+        else:                     # attention.cu's splits, their partials on tensor cores with DECODE_ATTN_MMA
+            attend = attention_decode_mma.decode_attention if m.decode_attn_mma else ops.attention
+            attend(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio, mode,
+                   m.v[p + "attn_sinks.weight"], r, fr, self._b("part_ml", S, H, ns, 2),
+                   self._b("part_o", S, H, ns, hd), att, ns, rps)
         ops.kv_ring_store(kvcur, self._ring[il], self.d_pos)
 
         # grouped output projection: group g = heads [g*H/G, (g+1)*H/G) through rows [g*R, (g+1)*R) of wo_a
