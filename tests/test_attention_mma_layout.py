@@ -10,7 +10,9 @@ need no GPU:
   the control without the lo terms (plain fp16 operands) is ~1e-3 off;
 - key rows whose magnitudes span 2^-12 .. 2^12 (each row's own power-of-two scale, the running exponent E of the
   PV accumulator growing along the list), checked block of dims by block of dims;
-- the constants shared by the kernel, its launcher and the emulation, and the switch turning the path off.
+- the constants shared by the kernel, its launcher and the emulation, and the switch turning the path off;
+- the decode kernel (kernels/attention_decode_mma.cu, the same body over one split of the key list): its emulated
+  partials, merged as attn_combine merges them, against float64.
 The GPU tests (tests/test_gpu_attention_mma.py) run the kernel itself against ops.attention and float64.
 
 Bound: the emulation's error is <= 8e-7 of max |out| (measured: the cases below over 20 seeds, <= 5.9e-7; the GPU
@@ -91,3 +93,36 @@ def test_constants_agree_with_the_kernel(monkeypatch):
     assert am.shared_bytes(512) == 64 * 1024                                   # two stages of 16 rows
     monkeypatch.setenv("DS4CUPY_PREFILL_ATTN_MMA", "0")
     assert am.enabled() is False                         # switched off: no device query, attention.cu everywhere
+
+
+SPLIT_CASES = {   # S, H, d, W, pos0, mode, ratio, K, n_rot, NS, rps
+    "window_splits_of_8_position_3": (1, 40, 64, 16, 3, 0, 0, 0, 32, 4, 8),
+    "dense_splits_of_20_many_windows": (2, 36, 96, 16, 150, 1, 3, 0, 32, 8, 20),
+    "indexed_splits_of_5_across_window_end": (3, 33, 64, 16, 60, 2, 4, 12, 64, 7, 5),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_emulated_decode_partials_combine_to_float64(case, rng):
+    """kernels/attention_decode_mma.cu's attn_partial_mma (attn_prefill_mma's body over one split of the key list,
+    the split's entries as a key list shifted by s rps entries, its running (m, l, o) stored), emulated with
+    splits=(NS, rps), then attention.cu's attn_combine in float64: within BOUND of the float64 attention. Splits
+    that straddle the window's end and the compressed rows, skipped picks, splits past the list end (not stored);
+    every stored element stored once, no bank conflict. (Without the shift, or with o off by a factor 2, it fails.)"""
+    S, H, d, W, pos0, mode, ratio, K, n_rot, ns, rps = SPLIT_CASES[case]
+    x = emul.make_inputs(rng, S, H, d, W, pos0, mode, ratio, K, n_rot)
+    stats = {}
+    ml, po = emul.attn_prefill_mma(x["q"], x["ring"], x["cur"], x["comp"], x["idx"], x["pos0"], W, ratio, mode,
+                                   x["sinks"], n_rot, x["freqs"], stats=stats, splits=(ns, rps))
+    assert stats["conflicts"] == 0
+    for t in range(S):
+        P = pos0 + t
+        R = min(P + 1, W) + ((P + 1) // ratio if mode == 1 else (K if mode == 2 else 0))
+        used = max(1, -(-R // rps))
+        assert used < ns, "the case should leave splits past the list end"
+        assert (stats["ml_written"][t, :, :used] == 1).all() and (stats["written"][t, :, :used] == 1).all()
+        assert (stats["ml_written"][t, :, used:] == 0).all() and (stats["written"][t, :, used:] == 0).all()
+    got = emul.attn_combine(ml, po, x["sinks"], pos0, W, ratio, mode, K, rps, n_rot, x["freqs"])
+    ref = emul.ref_attention(**x)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert err <= BOUND, f"max |emulated partials, combined - float64| = {err:.2e} * max |out|"
