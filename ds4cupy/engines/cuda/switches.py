@@ -17,7 +17,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | PREFILL_ATTN_MMA | prefill attention (chunks of >= 16 tokens) on tensor cores (attention_mma.cu)    | on      |
 | DECODE_ATTN_MMA  | decode attention splits on tensor cores (attention_decode_mma.cu)                | off     |
 
-Every path passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
+Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
 DECODE_ATTN_MMA is new and has not run on a GPU yet (tests/test_gpu_attention_decode_mma.py): off until it passes.
 """
