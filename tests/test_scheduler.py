@@ -10,6 +10,7 @@ to end (greedy: the same tokens as alone).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -41,9 +42,9 @@ class LogSession(TokenListSession):
     """Records every engine call in a shared log: ("prefill", name, ids) / ("decode", name). fail_on: a token id whose
     prefill raises."""
 
-    def __init__(self, name: str, log: list, fail_on: int | None = None):
+    def __init__(self, name: str, log: list, fail_on: int | None = None, step_sleep: float = 0.0):
         super().__init__()
-        self.name, self.log, self.fail_on = name, log, fail_on
+        self.name, self.log, self.fail_on, self.step_sleep = name, log, fail_on, step_sleep
 
     def prefill(self, ids):
         if self.fail_on is not None and self.fail_on in ids:
@@ -53,6 +54,8 @@ class LogSession(TokenListSession):
         return history_logits(self.tokens)
 
     def step(self, token_id):
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
         self.tokens.append(int(token_id))
         return history_logits(self.tokens)
 
@@ -263,7 +266,9 @@ def test_a_long_prefill_interleaves_with_running_streams():
     """A 40-token prompt arriving while a stream decodes is prefilled 4 tokens (one chunk) per decode step of the
     running stream: the running stream waits one chunk per token, never the whole prefill."""
     log = []
-    worker = scheduler(2, log, prefill_chunk=4)
+    # 1 ms a step keeps the open-ended stream from running tens of thousands of steps (each one costing its whole
+    # history) while the event consumer catches up; the test asserts the order of calls, not their timing
+    worker = scheduler(2, log, prefill_chunk=4, step_sleep=0.001)
     running = job("running", [7, 8, 9], max_tokens=100_000)
     late = job("late", list(range(200, 240)), max_tokens=3)
 
@@ -370,23 +375,30 @@ def test_a_failing_stream_fails_alone():
 
 
 def test_stop_and_abort_end_every_stream():
+    # the abort comes from inside the third batched step (the worker thread), not from the event consumer: a consumer
+    # under load can fall so far behind that both 10,000-token streams have ended before it sees their 6th token
     log = []
-    worker = scheduler(2, log)
-    jobs = [job("a", [1], 10_000), job("b", [2], 10_000), job("queued", [3], 5)]
-    state = {"n": 0}
+    base = fake_decode_batch(log)
+    state = {"steps": 0, "aborted": None}
 
-    def abort_after_a_few(j, event):
-        state["n"] += isinstance(event, TokenDelta)
-        if state["n"] == 6:
-            assert worker.abort_running("the server is shutting down")
+    def decode_batch(sessions, token_ids, temperatures=None):
+        state["steps"] += 1
+        if state["steps"] == 3:
+            state["aborted"] = worker.abort_running("the server is shutting down")
             worker.fail_pending("the server is shutting down")
-    results, _ = run_jobs(worker, jobs, on_event=abort_after_a_few)
+        return base(sessions, token_ids, temperatures)
+    sessions = [LogSession(f"s{i}", log) for i in range(2)]
+    worker = BatchScheduler(StreamBatch(sessions, decode_batch, 2), HistoryGenerator, prefill_chunk=4,
+                            metrics=ServerMetrics())
+    jobs = [job("a", [1], 10_000), job("b", [2], 10_000), job("queued", [3], 5)]
+    results, _ = run_jobs(worker, jobs)
+    assert state["aborted"] is True
     for name in ("a", "b", "queued"):
         end = results[name][-1]
         assert isinstance(end, JobFailed) and end.status == 503 and end.code == "server_shutting_down", name
     assert not any(e[2] == (3,) for e in log if e[0] == "prefill")
 
-    worker = scheduler(2, [])
+    worker = scheduler(2, [], step_sleep=0.001)      # 10,000 steps take >= 10 s: the stop always comes first
 
     async def main():
         loop = asyncio.get_running_loop()
