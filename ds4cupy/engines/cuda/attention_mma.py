@@ -56,67 +56,81 @@ def shared_bytes(d: int) -> int:
     return 2 * TILE_KEYS * 4 * int(d)
 
 
-def _check(a, dtype, name: str, shape=None) -> None:
+def _check(op: str, a, dtype, name: str, shape=None) -> None:
     import cupy
     if not isinstance(a, cupy.ndarray):
-        raise TypeError(f"prefill_attention: {name} must be a cupy.ndarray, got {type(a).__name__}")
+        raise TypeError(f"{op}: {name} must be a cupy.ndarray, got {type(a).__name__}")
     if a.dtype != dtype:
-        raise TypeError(f"prefill_attention: {name} must be {np.dtype(dtype).name}, got {a.dtype}")
+        raise TypeError(f"{op}: {name} must be {np.dtype(dtype).name}, got {a.dtype}")
     if not a.flags.c_contiguous:
-        raise ValueError(f"prefill_attention: {name} must be C-contiguous")
+        raise ValueError(f"{op}: {name} must be C-contiguous")
     if shape is not None and tuple(a.shape) != tuple(shape):
-        raise ValueError(f"prefill_attention: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def check_args(op: str, q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int, sinks, n_rot: int, freqs,
+               out) -> tuple[int, int, int, int]:
+    """The checks every tensor-core attention launch makes (`op` names the caller in the errors); returns S, H, d and
+    K (the indexer's picks per query, 0 unless mode 2)."""
+    if q.ndim != 3:
+        raise ValueError(f"{op}: q must be [S, H, d], got shape {tuple(q.shape)}")
+    S, H, d = q.shape
+    if d % 32 or not 0 < d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim {d} must be a positive multiple of 32 and <= {MAX_HEAD_DIM}")
+    if not 0 < S <= 65535:
+        raise ValueError(f"{op}: {S} queries; the grid takes 1 to 65535")
+    if mode not in (0, 1, 2):
+        raise ValueError(f"{op}: mode {mode} must be 0 (window), 1 (dense compressed) or 2 (indexed)")
+    if mode and ratio <= 0:
+        raise ValueError(f"{op}: mode {mode} needs a compression ratio > 0, got {ratio}")
+    if n_rot % 2 or not 0 <= n_rot <= d:
+        raise ValueError(f"{op}: n_rot {n_rot} must be even and in [0, {d}]")
+    _check(op, q, np.float32, "q")
+    _check(op, ring, np.float32, "ring", (window, d))
+    _check(op, cur, np.float32, "cur", (S, d))
+    _check(op, sinks, np.float32, "sinks", (H,))
+    _check(op, freqs, np.float64, "freqs", (n_rot // 2,))
+    _check(op, out, np.float32, "out", (S, H, d))
+    _check(op, d_pos, np.int32, "d_pos")
+    K = 0
+    if mode:
+        if comp is None:
+            raise ValueError(f"{op}: mode {mode} needs comp")
+        _check(op, comp, np.float32, "comp")
+        if comp.ndim != 2 or comp.shape[1] != d:
+            raise ValueError(f"{op}: comp must be [N, {d}], got shape {tuple(comp.shape)}")
+    if mode == 2:
+        if idx is None:
+            raise ValueError(f"{op}: mode 2 needs idx")
+        _check(op, idx, np.int32, "idx")
+        if idx.ndim != 2 or idx.shape[0] != S:
+            raise ValueError(f"{op}: idx must be [{S}, K], got shape {tuple(idx.shape)}")
+        K = idx.shape[1]
+    return S, H, d, K
+
+
+def kernel(family: str, name: str, d: int):
+    """The kernel with its dynamic shared memory (shared_bytes(d)) allowed: above 48 KiB needs the opt-in (d > 384)."""
+    kern = get_kernel(family, name)
+    if kern.max_dynamic_shared_size_bytes < shared_bytes(d):
+        kern.max_dynamic_shared_size_bytes = shared_bytes(d)
+    return kern
 
 
 def prefill_attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int, sinks, n_rot: int, freqs,
                       out) -> None:
     """out[t, h] = attention of query q[t, h] over its key list, with the sink, then the inverse rope (module
     docstring; kernels/attention_mma.cu for the list and the numerics)."""
-    if q.ndim != 3:
-        raise ValueError(f"prefill_attention: q must be [S, H, d], got shape {tuple(q.shape)}")
-    S, H, d = q.shape
-    if d % 32 or not 0 < d <= MAX_HEAD_DIM:
-        raise ValueError(f"prefill_attention: head_dim {d} must be a positive multiple of 32 and <= {MAX_HEAD_DIM}")
-    if not 0 < S <= 65535:
-        raise ValueError(f"prefill_attention: {S} queries; the grid takes 1 to 65535")
-    if mode not in (0, 1, 2):
-        raise ValueError(f"prefill_attention: mode {mode} must be 0 (window), 1 (dense compressed) or 2 (indexed)")
-    if mode and ratio <= 0:
-        raise ValueError(f"prefill_attention: mode {mode} needs a compression ratio > 0, got {ratio}")
-    if n_rot % 2 or not 0 <= n_rot <= d:
-        raise ValueError(f"prefill_attention: n_rot {n_rot} must be even and in [0, {d}]")
-    _check(q, np.float32, "q")
-    _check(ring, np.float32, "ring", (window, d))
-    _check(cur, np.float32, "cur", (S, d))
-    _check(sinks, np.float32, "sinks", (H,))
-    _check(freqs, np.float64, "freqs", (n_rot // 2,))
-    _check(out, np.float32, "out", (S, H, d))
-    _check(d_pos, np.int32, "d_pos")
-    K = 0
-    if mode:
-        if comp is None:
-            raise ValueError(f"prefill_attention: mode {mode} needs comp")
-        _check(comp, np.float32, "comp")
-        if comp.ndim != 2 or comp.shape[1] != d:
-            raise ValueError(f"prefill_attention: comp must be [N, {d}], got shape {tuple(comp.shape)}")
-    if mode == 2:
-        if idx is None:
-            raise ValueError("prefill_attention: mode 2 needs idx")
-        _check(idx, np.int32, "idx")
-        if idx.ndim != 2 or idx.shape[0] != S:
-            raise ValueError(f"prefill_attention: idx must be [{S}, K], got shape {tuple(idx.shape)}")
-        K = idx.shape[1]
-    kern = get_kernel("attention_mma", "attn_prefill_mma")
-    smem = shared_bytes(d)
-    if kern.max_dynamic_shared_size_bytes < smem:       # above 48 KiB needs the opt-in (d > 384)
-        kern.max_dynamic_shared_size_bytes = smem
+    S, H, d, K = check_args("prefill_attention", q, ring, cur, comp, idx, d_pos, window, ratio, mode, sinks, n_rot,
+                            freqs, out)
     null = np.uint64(0)
-    kern(((H + HEADS_PER_BLOCK - 1) // HEADS_PER_BLOCK, S), (THREADS,),
-         (q, ring, cur, comp if mode else null, idx if mode == 2 else null, np.int32(K), d_pos, np.int32(H),
-          np.int32(d), np.int32(window), np.int32(ratio if mode else 0), np.int32(mode), np.float32(d ** -0.5),
-          sinks, np.int32(n_rot), freqs, out),
-         shared_mem=smem)
+    kernel("attention_mma", "attn_prefill_mma", d)(
+        ((H + HEADS_PER_BLOCK - 1) // HEADS_PER_BLOCK, S), (THREADS,),
+        (q, ring, cur, comp if mode else null, idx if mode == 2 else null, np.int32(K), d_pos, np.int32(H),
+         np.int32(d), np.int32(window), np.int32(ratio if mode else 0), np.int32(mode), np.float32(d ** -0.5),
+         sinks, np.int32(n_rot), freqs, out),
+        shared_mem=shared_bytes(d))
 
 
 __all__ = ["HEADS_PER_BLOCK", "TILE_KEYS", "MIN_TOKENS", "MIN_CAPABILITY", "MAX_HEAD_DIM", "enabled", "shared_bytes",
-           "prefill_attention"]
+           "check_args", "kernel", "prefill_attention"]

@@ -219,9 +219,7 @@ def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int
     if d % 32 or d > 512:
         raise ValueError(f"head_dim {d} must be a multiple of 32 and <= 512")
     hpb = 8 if H % 8 == 0 else (4 if H % 4 == 0 else 1)
-    if 4 * (d + nsplit) > 48 * 1024:
-        raise ValueError(f"attention: {nsplit} splits of the key list do not fit attn_combine's shared memory "
-                         f"(at most {12 * 1024 - d}); use more rows per split")
+    check_combine_splits("attention", d, nsplit)
     K = idx.shape[1] if idx is not None else 0
     if rows_per_split is None:
         longest = ring.shape[0] + (K if mode == 2 else (comp.shape[0] if mode == 1 else 0))
@@ -230,6 +228,22 @@ def attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int
         ((H + hpb - 1) // hpb, nsplit, S), (hpb * 32,),
         (q, ring, cur, _p(comp), _p(idx), _i32(K), d_pos, _i32(H), _i32(d), _i32(window), _i32(ratio), _i32(mode),
          _f32(d ** -0.5), _i32(rows_per_split), part_ml, part_o))
+    attention_combine(part_ml, part_o, sinks, n_rot, freqs, d_pos, window, ratio, mode, K, nsplit, rows_per_split, out)
+
+
+def check_combine_splits(op: str, d: int, nsplit: int) -> None:
+    """attn_combine keeps d outputs and one weight per split in 48 KiB of shared memory."""
+    if 4 * (d + nsplit) > 48 * 1024:
+        raise ValueError(f"{op}: {nsplit} splits of the key list do not fit attn_combine's shared memory "
+                         f"(at most {12 * 1024 - d}); use more rows per split")
+
+
+def attention_combine(part_ml, part_o, sinks, n_rot: int, freqs, d_pos, window: int, ratio: int, mode: int, K: int,
+                      nsplit: int, rows_per_split: int, out) -> None:
+    """attn_combine: out [S, H, d] from the nsplit splits' partials part_ml [S, H, nsplit, 2] / part_o [S, H, nsplit, d]
+    (attn_partial's layout, written by attention.cu's or attention_decode_mma.cu's partial kernel), the sinks and
+    the inverse rope."""
+    S, H, d = out.shape
     get_kernel("attention", "attn_combine")(
         (H, S), (256,), (part_ml, part_o, sinks, _i32(H), _i32(d), _i32(nsplit), _i32(n_rot), freqs, d_pos,
                          _i32(window), _i32(ratio), _i32(mode), _i32(K), _i32(rows_per_split), out),
