@@ -7,8 +7,8 @@ attn_combine), both with the splits CudaSession uses for a layer at the given ct
 Shapes: 64 heads, head_dim 512 (64 rope dims), window 128; the query sits at position depth - 1 of a session of ctx =
 depth (so the key list is the longest the splits were sized for). Modes as the model's layers: 0 window only, 1 dense
 compressed rows at ratio 128 (HCA: depth / 128 rows), 2 the indexer's top 512 of the ratio-4 rows (CSA; picks from
-random scores through the engine's indexer_topk kernel). Splits: CudaSession's (session.DECODE_MAX_SPLITS,
-DECODE_MIN_ROWS_PER_SPLIT) unless --rps sets the entries per split (then NS = ceil(rows / rps)).
+random scores through the engine's indexer_topk kernel). Splits: CudaSession's (session.decode_rows_per_split)
+unless --rps sets the entries per split (then NS = ceil(rows / rps)).
 Timing: `calls` back-to-back calls captured in one CUDA graph (no host launch gaps, as in the decode graph), the
 graph launched `reps` times after a warm-up, CUDA events around each launch; the median / calls is shown in us per
 layer call (partial + combine). Also prints max |new - old| / max |old| (float32-accurate: ~1e-6 expected).
@@ -16,7 +16,6 @@ layer call (partial + combine). Also prints max |new - old| / max |old| (float32
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import cupy
 import numpy as np
@@ -24,34 +23,13 @@ import numpy as np
 from ds4cupy.engines import numerics as nm
 from ds4cupy.engines.cuda import attention_decode_mma as adm
 from ds4cupy.engines.cuda import ops
-from ds4cupy.engines.cuda.session import DECODE_MAX_SPLITS, DECODE_MIN_ROWS_PER_SPLIT
+from ds4cupy.engines.cuda.session import decode_rows_per_split
+
+from bench_matvec import time_graph   # scripts/ is on sys.path when a script runs
 
 H, D, W, N_ROT, TOP_K = 64, 512, 128, 64, 512
 RATIO = {0: 0, 1: 128, 2: 4}
 NAME = {0: "window", 1: "HCA r128", 2: "CSA top512"}
-
-
-def graph_time(fn, calls, reps):
-    """Median microseconds per call of `calls` calls of fn captured in one CUDA graph."""
-    fn()
-    cupy.cuda.Device().synchronize()
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for _ in range(calls):
-            fn()
-        graph = stream.end_capture()
-    graph.launch(stream=stream)
-    stream.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record(stream)
-        graph.launch(stream=stream)
-        b.record(stream)
-        b.synchronize()
-        out.append(cupy.cuda.get_elapsed_time(a, b) * 1000.0 / calls)
-    return statistics.median(out)
 
 
 def bench(depth, mode, rps_opt, calls, reps, gen):
@@ -73,7 +51,7 @@ def bench(depth, mode, rps_opt, calls, reps, gen):
         idx = cupy.empty((1, K), cupy.int32)
         ops.indexer_topk(scores, d_pos, ratio, idx)
     rows = ops.attention_rows(W, ratio, mode, TOP_K, depth)
-    rps = rps_opt or max(DECODE_MIN_ROWS_PER_SPLIT, -(-rows // DECODE_MAX_SPLITS))
+    rps = rps_opt or decode_rows_per_split(rows)
     ns = -(-rows // rps)
     part_ml = cupy.empty((1, H, ns, 2), cupy.float32)
     part_o = cupy.empty((1, H, ns, D), cupy.float32)
@@ -88,7 +66,7 @@ def bench(depth, mode, rps_opt, calls, reps, gen):
         adm.decode_attention(q, ring, cur, comp, idx, d_pos, W, ratio, mode, sinks, N_ROT, freqs, part_ml, part_o,
                              out_new, ns, rps)
 
-    t_old, t_new = graph_time(old, calls, reps), graph_time(new, calls, reps)
+    t_old, t_new = (time_graph(cupy, lambda i, f=f: f(), calls, reps) for f in (old, new))
     diff = float(cupy.abs(out_new - out_old).max() / cupy.abs(out_old).max())
     print(f"{NAME[mode]:11} {depth:6d} {rows:5d} {ns:3d} {rps:4d} {t_old:9.1f} {t_new:9.1f} {t_old / t_new:7.2f}x  "
           f"{diff:.1e}")

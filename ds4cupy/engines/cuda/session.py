@@ -49,6 +49,11 @@ DECODE_MIN_ROWS_PER_SPLIT = 8
 DECODE_MAX_SPLITS = 32
 
 
+def decode_rows_per_split(rows: int) -> int:
+    """Key-list entries of one decode attention split for a layer whose longest key list is `rows` (the rule above)."""
+    return max(DECODE_MIN_ROWS_PER_SPLIT, -(-rows // DECODE_MAX_SPLITS))
+
+
 def _vector_name(name: str) -> bool:
     return name.endswith(("_norm.weight", "_scale.weight", "_base.weight", "attn_sinks.weight", "exp_probs_b.bias",
                           "attn_norm.weight", "ffn_norm.weight", "output_norm.weight", "compressor_ape.weight"))
@@ -231,7 +236,7 @@ class CudaSession:
         # decode attention splits: enough for the longest key list any position of this session can have
         self.att_rows = [ops.attention_rows(c.sliding_window, c.ratio(il), self._att_mode(il), c.indexer_top_k, self.ctx)
                          for il in range(c.n_layer)]
-        self.att_rps = [max(DECODE_MIN_ROWS_PER_SPLIT, -(-r // DECODE_MAX_SPLITS)) for r in self.att_rows]
+        self.att_rps = [decode_rows_per_split(r) for r in self.att_rows]
         ns = max(-(-r // rps) for r, rps in zip(self.att_rows, self.att_rps))
         sizes = {
             "X": S * n * D, "u": S * D, "xn": S * D, "coef": S * (n + n * n), "hcpart": S * self.hc_split * 32,
