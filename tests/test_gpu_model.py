@@ -196,6 +196,20 @@ def _lockstep(a, b, ids, steps: int, check) -> None:
     check(la, lb)
 
 
+def _lockstep_within(on, off, ids, steps: int, bound: float) -> list[float]:
+    """_lockstep with every logit vector of `on` within `bound` of `off`'s range and the same greedy token (up to a
+    top-2 margin inside the difference); returns the per-step relative differences."""
+    rels = []
+
+    def check(a, b):
+        r = _rel(a, b)
+        rels.append(r)
+        assert r <= bound, f"step {len(rels) - 1}: max|diff| = {r:.2e} * max|logit|"
+        assert _same_greedy(a, b, r, strict=False), f"greedy token differs at step {len(rels) - 1} (rel {r:.1e})"
+    _lockstep(on, off, ids, steps, check)
+    return rels
+
+
 def test_fused_hc_step_equals_three_launches(tiny_file, rng, monkeypatch):
     """hc_step (one launch per hyper-connection step, the default) against DS4CUPY_HC_FUSED=0 (hc_post, hc_mix,
     hc_split_collapse) through a whole model, QAT off: a 300-token prefill (chunks of 64) and 30 graph-replayed decode
