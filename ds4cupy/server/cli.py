@@ -197,9 +197,11 @@ def main(args: argparse.Namespace) -> int:
                               metrics_public=args.metrics_public, cors_origins=tuple(args.cors),
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                               shutdown_grace_s=args.shutdown_grace)
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise SystemExit(f"ds4cupy serve: --prefill-chunk must be at least 1 token, got {args.prefill_chunk}")
-    pacing = PrefillPacer() if args.prefill_chunk is None else args.prefill_chunk
+    try:
+        pacing = PrefillPacer(args.prefill_chunk)           # None: paced to a duration
+    except ValueError as exc:
+        raise SystemExit(f"ds4cupy serve: --prefill-chunk: {exc}") from None
+    print(f"ds4cupy: prefill in {pacing.describe()}", file=sys.stderr, flush=True)
     app = create_app(model.tokenizer, session, settings, prefill_chunk=pacing,
                      prefix_cache=build_prefix_cache(model, args), file_problem=model.file_problem, batch=batch)
     if model.reads_file:
