@@ -444,9 +444,8 @@ DS4_MOE_FAST_DOWN(q4_k, MoeQ4K)
 #ifndef I8_GRID_COPIES
 #define I8_GRID_COPIES 8      // 8 copies of the grid (16 KB) leave room for the staged planes under 48 KB of static smem
 #endif
-#ifndef I8_SIGN_COPIES
-#define I8_SIGN_COPIES 8      // 16 (conflict-free, 16 KB) measured slower on the H200: 35.4 us against 33.6 a layer
-#endif
+// the sign table keeps the float kernel's IQ2_SIGN_COPIES (8): 16 copies (conflict-free, 16 KB) measured slower on
+// the H200, 35.4 us against 33.6 a layer
 
 
 struct I8XPlanes {
@@ -505,7 +504,7 @@ __device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlane
 #pragma unroll
     for (int gi = 0; gi < 4; ++gi) {
         const u64 P = gtab[((g4 >> (8 * gi)) & 255u) * I8_GRID_COPIES];
-        const u64 M = stab[((aux >> (7 * gi)) & 127u) * I8_SIGN_COPIES];
+        const u64 M = stab[((aux >> (7 * gi)) & 127u) * IQ2_SIGN_COPIES];
         const u32 mlo = (u32)M, mhi = (u32)(M >> 32);
         const u32 w0 = (((u32)P) ^ mlo) + (mlo & 0x01010101u);           // bytes s g (two's complement, no carry:
         const u32 w1 = (((u32)(P >> 32)) ^ mhi) + (mhi & 0x01010101u);   // 255 - g + 1 <= 248)
@@ -523,8 +522,8 @@ __device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlane
 // shared tables for the integer kernel: raw grid bytes (8 / 25 / 43) and sign masks (byte 0xFF where negative)
 __device__ __forceinline__ void stage_iq2_tables_i8(u64* gtab, u64* stab) {
     for (int i = threadIdx.x; i < 256 * I8_GRID_COPIES; i += blockDim.x) gtab[i] = IQ2XXS_GRID[i / I8_GRID_COPIES];
-    for (int i = threadIdx.x; i < 128 * I8_SIGN_COPIES; i += blockDim.x) {
-        const u32 s8 = iq2_signs((u32)(i / I8_SIGN_COPIES));
+    for (int i = threadIdx.x; i < 128 * IQ2_SIGN_COPIES; i += blockDim.x) {
+        const u32 s8 = iq2_signs((u32)(i / IQ2_SIGN_COPIES));
         u64 m = 0;
 #pragma unroll
         for (int k = 0; k < 8; ++k)
@@ -562,7 +561,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
     const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
     int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
     __shared__ u64 s_grid[256 * I8_GRID_COPIES];
-    __shared__ u64 s_sign[128 * I8_SIGN_COPIES];
+    __shared__ u64 s_sign[128 * IQ2_SIGN_COPIES];
     __shared__ u32 s_xq[24 * (I8_STAGE_COLS / 32)];
     __shared__ float s_p2[I8_STAGE_COLS / 32];
     const int nsub = cols >> 5;                                   // 32-weight sub-blocks a row
@@ -571,7 +570,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
     stage_iq2_tables_i8(s_grid, s_sign);                          // its barrier also publishes the planes
     const int lane = threadIdx.x & 31;
     const u64* gtab = s_grid + (lane & (I8_GRID_COPIES - 1));
-    const u64* stab = s_sign + (lane & (I8_SIGN_COPIES - 1));
+    const u64* stab = s_sign + (lane & (IQ2_SIGN_COPIES - 1));
     const int fgroups = (ff + I8_RF - 1) / I8_RF;
     const int units = n_pairs * fgroups;
     for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
