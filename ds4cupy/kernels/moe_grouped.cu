@@ -35,6 +35,10 @@
 //   expert (tiles = sorted = nullptr, out = Y [n, D], accumulate = 1) adds straight onto Y.
 //   Launch: 256 threads, grid (ceil(rows / 256), max_tiles) (shared expert: ceil(n / 64)).
 //   Reference: moe_down_<type> of moe.cu, to float32 summation level.
+// moe_grouped_pipe_gate_up_<type>, moe_grouped_pipe_down_<type>: the same arguments, launch and results, bit for bit
+//   (switch MOE_GROUPED_PIPE): the k-loop software-pipelined (mg_gemm, PIPE) over two shared tiles in dynamic shared
+//   memory, 2 * sizeof(MgTile<DEC>) bytes (moe_grouped.pipe_smem_bytes; 66,560 .. 71,168, so launched with the
+//   > 48 KiB opt-in; a launch with less traps).
 // moe_grouped_sum(Yp, k, Y, n, D)
 //   Y[t, d] = ((Yp[t k, d] + Yp[t k + 1, d]) + ...) + Yp[t k + k - 1, d]: slots in order j = 0 .. k-1, so the result
 //   does not depend on scheduling (no float atomics anywhere: bit-identical run to run). Any grid; D % 4 == 0.
