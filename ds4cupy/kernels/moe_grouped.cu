@@ -536,6 +536,15 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
     mg_epilogue<GATE_UP>(acc, r0, s_pair, weights, out, rows, clamp, accumulate);
 }
 
+// the pipelined kernels' dynamic shared memory, 2 * sizeof(MgTile<DEC>): moe_grouped.pipe_smem_bytes(type) gives the
+// launch the same numbers (tests/test_moe_grouped_pipe_smem.py reads these lines)
+#define MG_PIPE_SMEM(DEC, bytes) static_assert(2 * sizeof(MgTile<DEC>) == (bytes), "pipe_smem_bytes of " #DEC)
+MG_PIPE_SMEM(MgQ8_0, 66560);
+MG_PIPE_SMEM(MgQ2_K, 71168);
+MG_PIPE_SMEM(MgQ4_K, 66560);
+MG_PIPE_SMEM(MgIQ2_XXS, 66560);
+MG_PIPE_SMEM(MgQ8_0R, 66560);
+
 #define DS4_MOE_GROUPED_KERNELS(prefix, suffix, DEC, PIPE)                                                         \
     extern "C" __global__ void __launch_bounds__(256, 1) prefix##gate_up_##suffix(                                 \
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* tiles,             \
