@@ -10,6 +10,9 @@ one expert, bad expert ids (NaN rows), partial row tiles, odd and even numbers o
 buffer is pre-filled with garbage (NaN for one run, a number for the other) so an element only one kernel writes
 shows. Plus: the switch picks the kernels; Q4_K scale bytes over their whole 6-bit range against float64 (the decode
 both kernels share was rewritten as load + decode).
+
+The pipelined kernels keep MG_PIPE_DEPTH (default 2) k-steps of loads in flight; to check the other depth, run this
+file with DS4_NVRTC_OPTIONS="-DMG_PIPE_DEPTH=1" (a separate compile, cached apart).
 """
 from __future__ import annotations
 

@@ -36,9 +36,10 @@
 //   Launch: 256 threads, grid (ceil(rows / 256), max_tiles) (shared expert: ceil(n / 64)).
 //   Reference: moe_down_<type> of moe.cu, to float32 summation level.
 // moe_grouped_pipe_gate_up_<type>, moe_grouped_pipe_down_<type>: the same arguments, launch and results, bit for bit
-//   (switch MOE_GROUPED_PIPE): the k-loop software-pipelined (mg_gemm, PIPE) over two shared tiles in dynamic shared
-//   memory, 2 * sizeof(MgTile<DEC>) bytes (moe_grouped.pipe_smem_bytes; 66,560 .. 71,168, so launched with the
-//   > 48 KiB opt-in; a launch with less traps).
+//   (switch MOE_GROUPED_PIPE): the k-loop software-pipelined (mg_gemm, PIPE; the weight bytes and activations of
+//   k-step i + MG_PIPE_DEPTH are loaded into registers while step i is multiplied) over two shared tiles in dynamic
+//   shared memory, 2 * sizeof(MgTile<DEC>) bytes (moe_grouped.pipe_smem_bytes; 66,560 .. 71,168, so launched with
+//   the > 48 KiB opt-in; a launch with less traps).
 // moe_grouped_sum(Yp, k, Y, n, D)
 //   Y[t, d] = ((Yp[t k, d] + Yp[t k + 1, d]) + ...) + Yp[t k + k - 1, d]: slots in order j = 0 .. k-1, so the result
 //   does not depend on scheduling (no float atomics anywhere: bit-identical run to run). Any grid; D % 4 == 0.
@@ -76,6 +77,15 @@
 #define MG_LD 40          // shared row stride in halves (80 bytes: 16-byte aligned, ldmatrix conflict-free)
 #define MG_MAX_EXPERT 512 // buckets of moe_grouped_route: experts + the bad-id bucket
 #define MG_RT_WARPS 16
+// k-steps ahead whose global loads the moe_grouped_pipe_* kernels keep in flight (register slots): 1 or 2 (an
+// experiment knob: DS4_NVRTC_OPTIONS="-DMG_PIPE_DEPTH=1", engines/cuda/compile.py). ptxas -v (CUDA 13.0), sm_90a,
+// registers of gate_up / down: depth 2: IQ2_XXS 222 / 222, Q2_K 255 / 255, Q4_K 240 / 240, Q8_0 230 / 232, Q8_0R
+// 236 / 238; depth 1: 210 / 212, 252 / 254, 216 / 218, 214 / 216, 218 / 220; no spills, no stack frame (sm_121a
+// within 4 of those); one CTA per SM either way, as the plain kernels.
+#ifndef MG_PIPE_DEPTH
+#define MG_PIPE_DEPTH 2
+#endif
+static_assert(MG_PIPE_DEPTH == 1 || MG_PIPE_DEPTH == 2, "MG_PIPE_DEPTH must be 1 or 2");
 
 __device__ __forceinline__ void st8(u16* dst, float v0, float v1, float v2, float v3, float v4, float v5, float v6,
                                     float v7) {
@@ -463,11 +473,11 @@ __device__ __forceinline__ void mg_epilogue(const float (&acc)[4][4][4], int r0,
 // !GATE_UP: A0 = down, Xin = mid [n_pairs, cols] (row p), epilogue out[p, d] (+)= acc.
 // PIPE false (the moe_grouped_* kernels): one shared tile; per k-step: load, decode + split into the tile,
 // __syncthreads, mma, __syncthreads. PIPE true (moe_grouped_pipe_*): two tiles in dynamic shared memory
-// (MgTile<DEC> x 2, the launcher's byte count); the raw weight bytes and activations of k-step i + 1 are loaded into
-// registers right after step i's are decoded into tile i % 2, so those global loads are in flight during the
-// __syncthreads and the mma of step i; one __syncthreads per k-step (writing tile (i + 1) % 2 at step i + 1 follows
-// step i's barrier, which every thread reaches after its mma of step i - 1 on that tile). Same decode, split, mma
-// and folds in the same order: bit-identical results.
+// (MgTile<DEC> x 2, the launcher's byte count); the raw weight bytes and activations of k-step i + MG_PIPE_DEPTH are
+// loaded into register slot i % MG_PIPE_DEPTH right after step i's are decoded from it into tile i % 2, so those
+// global loads are in flight during the __syncthreads and the mma of step i (and of i + 1 at depth 2); one
+// __syncthreads per k-step: writing tile i % 2 at step i follows step i - 1's barrier, which every thread reaches
+// after its mma of step i - 2 on that tile. Same decode, split, mma and folds in the same order: bit-identical.
 template <class DEC, bool GATE_UP, bool PIPE>
 __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long expert_stride, long long row_stride,
                                         const int* tiles, const int* n_tiles, const int* sorted,
@@ -509,29 +519,47 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
 
-    typename DEC::Raw raw;
-    float x[8];
-    if (PIPE) {
-        if (a_ok) DEC::load(arow, 0, raw);
-        mg_load_x(brow, 0, x);
-    }
-    int buf = 0;
-    for (int k0 = 0; k0 < cols; k0 += MG_BK) {
-        MgTile<DEC>& T = tile[buf];
-        if (!PIPE && a_ok) DEC::load(arow, k0, raw);
-        mg_store_w<DEC>(T, a_ok, raw, k0, s_grid);
-        if (!PIPE) mg_load_x(brow, k0, x);
-        mg_store_x<DEC>(T, x);
-        if (PIPE && k0 + MG_BK < cols) {  // the next k-step's global loads, in flight during this step's mma
-            if (a_ok) DEC::load(arow, k0 + MG_BK, raw);
-            mg_load_x(brow, k0 + MG_BK, x);
-        }
-        __syncthreads();
-        mg_mma<DEC>(T, smem_u32(T.A) + a_lane, smem_u32(T.Xh) + b_lane, smem_u32(T.Xl) + b_lane, acc);
-        if (PIPE)
-            buf ^= 1;
-        else
+    if (!PIPE) {
+        typename DEC::Raw raw;
+        float x[8];
+        for (int k0 = 0; k0 < cols; k0 += MG_BK) {
+            MgTile<DEC>& T = tile[0];
+            if (a_ok) DEC::load(arow, k0, raw);
+            mg_store_w<DEC>(T, a_ok, raw, k0, s_grid);
+            mg_load_x(brow, k0, x);
+            mg_store_x<DEC>(T, x);
             __syncthreads();
+            mg_mma<DEC>(T, smem_u32(T.A) + a_lane, smem_u32(T.Xh) + b_lane, smem_u32(T.Xl) + b_lane, acc);
+            __syncthreads();
+        }
+    } else {
+        // register slots of the raw weight bytes and activations of the next MG_PIPE_DEPTH k-steps; k-steps two at a
+        // time so that tile (step % 2) and slot (step % MG_PIPE_DEPTH) are compile-time indices (registers)
+        typename DEC::Raw raw[MG_PIPE_DEPTH];
+        float x[MG_PIPE_DEPTH][8];
+#pragma unroll
+        for (int s = 0; s < MG_PIPE_DEPTH; ++s)
+            if (s * MG_BK < cols) {
+                if (a_ok) DEC::load(arow, s * MG_BK, raw[s]);
+                mg_load_x(brow, s * MG_BK, x[s]);
+            }
+        for (int k0 = 0; k0 < cols; k0 += 2 * MG_BK) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int kk = k0 + s * MG_BK, slot = s % MG_PIPE_DEPTH;
+                if (kk >= cols) break;  // uniform: an odd number of k-steps
+                MgTile<DEC>& T = tile[s];
+                mg_store_w<DEC>(T, a_ok, raw[slot], kk, s_grid);
+                mg_store_x<DEC>(T, x[slot]);
+                const int kn = kk + MG_PIPE_DEPTH * MG_BK;  // its global loads in flight during the next mma(s)
+                if (kn < cols) {
+                    if (a_ok) DEC::load(arow, kn, raw[slot]);
+                    mg_load_x(brow, kn, x[slot]);
+                }
+                __syncthreads();
+                mg_mma<DEC>(T, smem_u32(T.A) + a_lane, smem_u32(T.Xh) + b_lane, smem_u32(T.Xl) + b_lane, acc);
+            }
+        }
     }
     mg_epilogue<GATE_UP>(acc, r0, s_pair, weights, out, rows, clamp, accumulate);
 }
