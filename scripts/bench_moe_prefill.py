@@ -20,6 +20,7 @@ and whether the pipelined kernels' output is bit-identical to the plain grouped 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import cupy
@@ -63,7 +64,8 @@ def main():
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     print(f"device: {props['name'].decode()}, {qo._sm_count(dev.id)} SMs; E={E} k={K} D={D} ff={FF}, "
-          f"shared {SHARED.name}, reps {args.reps}")
+          f"shared {SHARED.name}, reps {args.reps}; DS4_NVRTC_OPTIONS={os.environ.get('DS4_NVRTC_OPTIONS', '')!r} "
+          f"(-DMG_PIPE_DEPTH=1 / 2: the pipelined kernels' depth, default 2)")
     print(f"{'experts':7} {'S':>5} {'variant':16} {'us':>10} {'TFLOP/s':>8} {'GB/s':>7}")
     rng = np.random.default_rng(0)
     for preset in args.experts.split(","):

@@ -102,7 +102,8 @@ def test_bad_ids_and_activation_range(gu_t, dn_t, D, ff):
     ids, pairs = _routed(gu_t, dn_t, D, ff, 150, 4, 12, "uneven", rng, x_scale=1e6, bad=0.05)
     bad = ((ids < 0) | (ids >= 12)).reshape(-1)
     (mid, mid_p), (yp, yp_p), (y, y_p) = pairs
-    assert np.isnan(mid.reshape(len(bad), -1)[bad]).all() and np.isfinite(mid.reshape(len(bad), -1)[~bad]).all()
+    rows = mid.reshape(len(bad), -1)
+    assert np.isnan(rows[bad]).all() and np.isfinite(rows[~bad]).all(), f"seed={seed}"
     assert np.isnan(yp[bad]).all() and np.isfinite(yp[~bad]).all(), f"seed={seed}"
     for name, a, b in (("mid", mid, mid_p), ("yp", yp, yp_p), ("y", y, y_p)):
         np.testing.assert_array_equal(b, a, err_msg=f"{name} {gu_t}/{dn_t} seed={seed}")
