@@ -1,7 +1,8 @@
 """Time the prefill MoE of one layer at DeepSeek-V4-Flash shapes: per-pair decode kernels (moe.cu, what prefill ran
-before) against the grouped tensor-core GEMMs (moe_grouped.cu).
+before) against the grouped tensor-core GEMMs (moe_grouped.cu), plain (moe_grouped_*) and software-pipelined
+(moe_grouped_pipe_*, switch MOE_GROUPED_PIPE; --no-pipe leaves them out).
 
-    python scripts/bench_moe_prefill.py [--tokens 512,2048] [--experts q2,q4] [--reps 5] [--old-max 2048]
+    python scripts/bench_moe_prefill.py [--tokens 512,2048] [--experts q2,q4] [--reps 5] [--old-max 2048] [--no-pipe]
 
 Shapes: 256 experts, 6 selected per token, hidden 4096, expert ff 2048, plus the shared expert (Q8_0, ff 2048,
 repacked into planes (Q8_0R) as the engine does by default).
@@ -13,11 +14,13 @@ Per kernel of the grouped path one more pass times each launch alone (route, gat
 Columns: us = microseconds per layer; TFLOP/s = 2 * (pairs * 3 * ff * D + tokens * 3 * ff * D) / time (the useful
 multiply-adds, routed + shared); GB/s = the bytes of every distinct selected expert's three matrices + the shared
 expert's, read once, / time (what an ideal grouped kernel must read: the old path reads far more). Also prints the
-relative difference new vs old of the layer output (float32-accurate: ~1e-6 expected, kernels/moe_grouped.cu).
+relative difference new vs old of the layer output (float32-accurate: ~1e-6 expected, kernels/moe_grouped.cu),
+and whether the pipelined kernels' output is bit-identical to the plain grouped ones' (it must be).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import cupy
@@ -56,11 +59,13 @@ def main():
     ap.add_argument("--experts", default="q2,q4")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--old-max", type=int, default=2048, help="skip the per-pair path above this many tokens")
+    ap.add_argument("--no-pipe", action="store_true", help="leave out the pipelined grouped kernels")
     args = ap.parse_args()
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     print(f"device: {props['name'].decode()}, {qo._sm_count(dev.id)} SMs; E={E} k={K} D={D} ff={FF}, "
-          f"shared {SHARED.name}, reps {args.reps}")
+          f"shared {SHARED.name}, reps {args.reps}; DS4_NVRTC_OPTIONS={os.environ.get('DS4_NVRTC_OPTIONS', '')!r} "
+          f"(-DMG_PIPE_DEPTH=1 / 2: the pipelined kernels' depth, default 2)")
     print(f"{'experts':7} {'S':>5} {'variant':16} {'us':>10} {'TFLOP/s':>8} {'GB/s':>7}")
     rng = np.random.default_rng(0)
     for preset in args.experts.split(","):
@@ -90,6 +95,7 @@ def bench_preset(preset, args, rng):
         yp = cupy.empty((S * K, D), np.float32)
         y_old = cupy.empty((S, D), np.float32)
         y_new = cupy.empty((S, D), np.float32)
+        y_pipe = cupy.empty((S, D), np.float32)
         routing = mg.alloc_routing(S * K, E)
 
         def old():
@@ -98,23 +104,23 @@ def bench_preset(preset, args, rng):
             qo.moe_gate_up(sg, su, shared_t["gu"], x, clamp=CLAMP, out=mids)
             qo.moe_down(sd, shared_t["dn"], mids, out=y_old, accumulate=True)
 
-        state = {}
+        state = {"pipe": False, "y": y_new}
 
         def new_route():
             state["r"] = mg.route(ids, E, routing)
 
         def new_gate_up():
-            mg.gate_up(gate, up, gu_t, x, state["r"], w, CLAMP, out=mid)
+            mg.gate_up(gate, up, gu_t, x, state["r"], w, CLAMP, out=mid, pipe=state["pipe"])
 
         def new_down():
-            mg.down(down, dn_t, mid, state["r"], out=yp)
+            mg.down(down, dn_t, mid, state["r"], out=yp, pipe=state["pipe"])
 
         def new_sum():
-            mg.sum_slots(yp, K, out=y_new)
+            mg.sum_slots(yp, K, out=state["y"])
 
         def new_shared():
-            mg.gate_up(sg, su, shared_t["gu"], x, None, None, CLAMP, out=mids)
-            mg.down(sd, shared_t["dn"], mids, None, out=y_new, accumulate=True)
+            mg.gate_up(sg, su, shared_t["gu"], x, None, None, CLAMP, out=mids, pipe=state["pipe"])
+            mg.down(sd, shared_t["dn"], mids, None, out=state["y"], accumulate=True, pipe=state["pipe"])
 
         def new():
             new_route()
@@ -130,18 +136,27 @@ def bench_preset(preset, args, rng):
         rows = []
         if S <= args.old_max:
             rows.append(("old (per pair)", timed(old, args.reps)))
-        rows.append(("new (grouped)", timed(new, args.reps)))
-        new_route()
-        for name, fn in (("  route", new_route), ("  gate/up", new_gate_up), ("  down", new_down),
-                         ("  slot sum", new_sum), ("  shared", new_shared)):
-            rows.append((name, timed(fn, args.reps)))
+        for pipe in (False, True) if not args.no_pipe else (False,):
+            state["pipe"], state["y"] = pipe, (y_pipe if pipe else y_new)
+            rows.append(("new (pipelined)" if pipe else "new (grouped)", timed(new, args.reps)))
+            new_route()
+            for name, fn in (("  route", new_route), ("  gate/up", new_gate_up), ("  down", new_down),
+                             ("  slot sum", new_sum), ("  shared", new_shared)):
+                rows.append((name, timed(fn, args.reps)))
         for name, us in rows:
             whole = not name.startswith("  ")
             tf = f"{flops / us / 1e6:8.1f}" if whole else f"{'':8}"
             gb = f"{nbytes / us / 1e3:7.0f}" if whole else f"{'':7}"
             print(f"{preset:7} {S:5d} {name:16} {us:10.1f} {tf} {gb}")
+        if not args.no_pipe:
+            for pipe in (False, True):
+                state["pipe"], state["y"] = pipe, (y_pipe if pipe else y_new)
+                new()
+            same = bool(np.array_equal(cupy.asnumpy(y_new), cupy.asnumpy(y_pipe), equal_nan=True))
+            print(f"{preset:7} {S:5d} pipelined output bit-identical to grouped: {same}")
         if S <= args.old_max:
             old()
+            state["pipe"], state["y"] = False, y_new
             new()
             a, b = cupy.asnumpy(y_old).astype(np.float64), cupy.asnumpy(y_new).astype(np.float64)
             print(f"{preset:7} {S:5d} rel diff new vs old |y_new - y_old| / |y_old| = "

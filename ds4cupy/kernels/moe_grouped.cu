@@ -35,6 +35,11 @@
 //   expert (tiles = sorted = nullptr, out = Y [n, D], accumulate = 1) adds straight onto Y.
 //   Launch: 256 threads, grid (ceil(rows / 256), max_tiles) (shared expert: ceil(n / 64)).
 //   Reference: moe_down_<type> of moe.cu, to float32 summation level.
+// moe_grouped_pipe_gate_up_<type>, moe_grouped_pipe_down_<type>: the same arguments, launch and results, bit for bit
+//   (switch MOE_GROUPED_PIPE): the k-loop software-pipelined (mg_gemm, PIPE; the weight bytes and activations of
+//   k-step i + MG_PIPE_DEPTH are loaded into registers while step i is multiplied) over two shared tiles in dynamic
+//   shared memory, 2 * sizeof(MgTile<DEC>) bytes (moe_grouped.pipe_smem_bytes; 66,560 .. 71,168, so launched with
+//   the > 48 KiB opt-in; a launch with less traps).
 // moe_grouped_sum(Yp, k, Y, n, D)
 //   Y[t, d] = ((Yp[t k, d] + Yp[t k + 1, d]) + ...) + Yp[t k + k - 1, d]: slots in order j = 0 .. k-1, so the result
 //   does not depend on scheduling (no float atomics anywhere: bit-identical run to run). Any grid; D % 4 == 0.
@@ -72,6 +77,15 @@
 #define MG_LD 40          // shared row stride in halves (80 bytes: 16-byte aligned, ldmatrix conflict-free)
 #define MG_MAX_EXPERT 512 // buckets of moe_grouped_route: experts + the bad-id bucket
 #define MG_RT_WARPS 16
+// k-steps ahead whose global loads the moe_grouped_pipe_* kernels keep in flight (register slots): 1 or 2 (an
+// experiment knob: DS4_NVRTC_OPTIONS="-DMG_PIPE_DEPTH=1", engines/cuda/compile.py). ptxas -v (CUDA 13.0), sm_90a,
+// registers of gate_up / down: depth 2: IQ2_XXS 222 / 222, Q2_K 255 / 255, Q4_K 240 / 240, Q8_0 230 / 232, Q8_0R
+// 236 / 238; depth 1: 210 / 212, 252 / 254, 216 / 218, 214 / 216, 218 / 220; no spills, no stack frame (sm_121a
+// within 4 of those); one CTA per SM either way, as the plain kernels.
+#ifndef MG_PIPE_DEPTH
+#define MG_PIPE_DEPTH 2
+#endif
+static_assert(MG_PIPE_DEPTH == 1 || MG_PIPE_DEPTH == 2, "MG_PIPE_DEPTH must be 1 or 2");
 
 __device__ __forceinline__ void st8(u16* dst, float v0, float v1, float v2, float v3, float v4, float v5, float v6,
                                     float v7) {
@@ -110,11 +124,20 @@ struct MgGgufRow {
 struct MgQ8_0 : MgGgufRow {  // 34-byte blocks: f16 d | int8 q[32]
     static constexpr int QK = 32, SB = 32;
     static constexpr bool GRID = false, MIN = false;
-    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64*, u16* dst, float* a, float*) {
+    struct Raw {
+        u16 d;
+        u32 q[8];
+    };
+    static __device__ __forceinline__ void load(const u8* row, int k0, Raw& r) {
         const u8* blk = row + (size_t)(k0 >> 5) * 34;
-        a[0] = f16_to_f32(ld_u16(blk));
-        st16_s8(dst, ld_u32_a2(blk + 2), ld_u32_a2(blk + 6), ld_u32_a2(blk + 10), ld_u32_a2(blk + 14));
-        st16_s8(dst + 16, ld_u32_a2(blk + 18), ld_u32_a2(blk + 22), ld_u32_a2(blk + 26), ld_u32_a2(blk + 30));
+        r.d = ld_u16(blk);
+#pragma unroll
+        for (int w = 0; w < 8; ++w) r.q[w] = ld_u32_a2(blk + 2 + 4 * w);
+    }
+    static __device__ __forceinline__ void decode(const Raw& r, int, const u64*, u16* dst, float* a, float*) {
+        a[0] = f16_to_f32(r.d);
+        st16_s8(dst, r.q[0], r.q[1], r.q[2], r.q[3]);
+        st16_s8(dst + 16, r.q[4], r.q[5], r.q[6], r.q[7]);
     }
 };
 
@@ -125,11 +148,19 @@ struct MgQ8_0R {  // Q8_0 repacked into planes (q8_0r.cuh): the row's int8 qs co
     static __device__ __forceinline__ Row row(const u8* m, int r, long long slab_rows, int cols) {
         return q8r_row(m, r, cols >> 5, (int)slab_rows);
     }
-    static __device__ __forceinline__ void decode32(const Row& row, int k0, const u64*, u16* dst, float* a, float*) {
-        a[0] = f16_to_f32(row.d[k0 >> 5]);
-        const uint4 q0 = row.qs[k0 >> 4], q1 = row.qs[(k0 >> 4) + 1];
-        st16_s8(dst, q0.x, q0.y, q0.z, q0.w);
-        st16_s8(dst + 16, q1.x, q1.y, q1.z, q1.w);
+    struct Raw {
+        u16 d;
+        uint4 q0, q1;
+    };
+    static __device__ __forceinline__ void load(const Row& row, int k0, Raw& r) {
+        r.d = row.d[k0 >> 5];
+        r.q0 = row.qs[k0 >> 4];
+        r.q1 = row.qs[(k0 >> 4) + 1];
+    }
+    static __device__ __forceinline__ void decode(const Raw& r, int, const u64*, u16* dst, float* a, float*) {
+        a[0] = f16_to_f32(r.d);
+        st16_s8(dst, r.q0.x, r.q0.y, r.q0.z, r.q0.w);
+        st16_s8(dst + 16, r.q1.x, r.q1.y, r.q1.z, r.q1.w);
     }
 };
 
@@ -138,22 +169,29 @@ struct MgQ8_0R {  // Q8_0 repacked into planes (q8_0r.cuh): the row's int8 qs co
 struct MgQ2_K : MgGgufRow {
     static constexpr int QK = 256, SB = 16;
     static constexpr bool GRID = false, MIN = true;
-    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64*, u16* dst, float* a, float* m) {
+    struct Raw {
+        u32 dm, sc2, q[8];
+    };
+    static __device__ __forceinline__ void load(const u8* row, int k0, Raw& r) {
         const u8* blk = row + (size_t)(k0 >> 8) * 84;
-        const int j = (k0 >> 5) & 7, h = j >> 2, sh = 2 * (j & 3);  // columns = elements 128h + 32s + l, s = j & 3
-        const u32 dm = ld_u32(blk + 80);
-        const float d = f16_to_f32((u16)dm), dmin = f16_to_f32((u16)(dm >> 16));
-        const u32 sc2 = ld_u16(blk + 2 * j);  // scale bytes 8h + 2s, 8h + 2s + 1 (= 2j, 2j + 1)
+        const int j = (k0 >> 5) & 7, h = j >> 2;  // columns = elements 128h + 32s + l, s = j & 3
+        r.dm = ld_u32(blk + 80);
+        r.sc2 = ld_u16(blk + 2 * j);  // scale bytes 8h + 2s, 8h + 2s + 1 (= 2j, 2j + 1)
+#pragma unroll
+        for (int w = 0; w < 8; ++w) r.q[w] = ld_u32(blk + 16 + 32 * h + 4 * w);  // qs words: l = 4w .. 4w + 3
+    }
+    static __device__ __forceinline__ void decode(const Raw& r, int k0, const u64*, u16* dst, float* a, float* m) {
+        const int sh = 2 * ((k0 >> 5) & 3);
+        const float d = f16_to_f32((u16)r.dm), dmin = f16_to_f32((u16)(r.dm >> 16));
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const u32 sc = (sc2 >> (8 * half)) & 0xFFu;
+            const u32 sc = (r.sc2 >> (8 * half)) & 0xFFu;
             a[half] = d * small_f32(sc & 15u);
             m[half] = dmin * small_f32(sc >> 4);
         }
 #pragma unroll
-        for (int w = 0; w < 8; w += 2)  // qs words: l = 4w .. 4w + 7
-            st8_bytes(dst + 4 * w, (ld_u32(blk + 16 + 32 * h + 4 * w) >> sh) & 0x03030303u,
-                      (ld_u32(blk + 16 + 32 * h + 4 * w + 4) >> sh) & 0x03030303u);
+        for (int w = 0; w < 8; w += 2)
+            st8_bytes(dst + 4 * w, (r.q[w] >> sh) & 0x03030303u, (r.q[w + 1] >> sh) & 0x03030303u);
     }
 };
 
@@ -161,18 +199,29 @@ struct MgQ2_K : MgGgufRow {
 struct MgQ4_K : MgGgufRow {
     static constexpr int QK = 256, SB = 32;
     static constexpr bool GRID = false, MIN = true;
-    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64*, u16* dst, float* a, float* m) {
+    struct Raw {
+        u32 dm, sb, q[8];  // sb: scale bytes j % 4, j % 4 + 4, j % 4 + 8 in bytes 0, 1, 2 (all q4_k_scale_min reads)
+    };
+    static __device__ __forceinline__ void load(const u8* row, int k0, Raw& r) {
         const u8* blk = row + (size_t)(k0 >> 8) * 144;
-        const int j = (k0 >> 5) & 7, i = j >> 1, sh = 4 * (j & 1);
-        const u32 dm = ld_u32(blk);
-        u32 sc, mn;
-        q4_k_scale_min(blk + 4, j, sc, mn);
-        a[0] = f16_to_f32((u16)dm) * small_f32(sc);
-        m[0] = f16_to_f32((u16)(dm >> 16)) * small_f32(mn);
+        const int j = (k0 >> 5) & 7, i = j >> 1;
+        r.dm = ld_u32(blk);
+        const u8* s = blk + 4 + (j & 3);
+        r.sb = (u32)s[0] | ((u32)s[4] << 8) | ((u32)s[8] << 16);
+#pragma unroll
+        for (int w = 0; w < 8; ++w) r.q[w] = ld_u32(blk + 16 + 32 * i + 4 * w);
+    }
+    static __device__ __forceinline__ void decode(const Raw& r, int k0, const u64*, u16* dst, float* a, float* m) {
+        const int j = (k0 >> 5) & 7, sh = 4 * (j & 1);
+        // q4_k_scale_min(scales, j) on the three bytes: s[j], s[j + 4] (j < 4); s[j - 4], s[j], s[j + 4] (j >= 4)
+        const u32 b0 = r.sb & 0xFFu, b1 = (r.sb >> 8) & 0xFFu, b2 = r.sb >> 16;
+        const u32 sc = j < 4 ? (b0 & 63u) : ((b2 & 15u) | ((b0 >> 6) << 4));
+        const u32 mn = j < 4 ? (b1 & 63u) : ((b2 >> 4) | ((b1 >> 6) << 4));
+        a[0] = f16_to_f32((u16)r.dm) * small_f32(sc);
+        m[0] = f16_to_f32((u16)(r.dm >> 16)) * small_f32(mn);
 #pragma unroll
         for (int w = 0; w < 8; w += 2)
-            st8_bytes(dst + 4 * w, (ld_u32(blk + 16 + 32 * i + 4 * w) >> sh) & 0x0F0F0F0Fu,
-                      (ld_u32(blk + 16 + 32 * i + 4 * w + 4) >> sh) & 0x0F0F0F0Fu);
+            st8_bytes(dst + 4 * w, (r.q[w] >> sh) & 0x0F0F0F0Fu, (r.q[w + 1] >> sh) & 0x0F0F0F0Fu);
     }
 };
 
@@ -183,17 +232,24 @@ struct MgIQ2_XXS : MgGgufRow {
     static __device__ __forceinline__ float sgn(float v, u32 s8, int k) {
         return __uint_as_float(__float_as_uint(v) ^ (((s8 >> k) & 1u) << 31));
     }
-    static __device__ __forceinline__ void decode32(const u8* row, int k0, const u64* grid, u16* dst, float* a,
-                                                    float*) {
+    struct Raw {
+        u16 d;
+        u32 aux0, aux1;
+    };
+    static __device__ __forceinline__ void load(const u8* row, int k0, Raw& r) {
         const u8* blk = row + (size_t)(k0 >> 8) * 66;
         const u8* sb = blk + 2 + 8 * ((k0 >> 5) & 7);
-        const u32 aux0 = ld_u32_a2(sb), aux1 = ld_u32_a2(sb + 4);
-        a[0] = __fmul_rn(__fmul_rn(f16_to_f32(ld_u16(blk)), 0.5f + small_f32(aux1 >> 28)), 0.25f);
+        r.d = ld_u16(blk);
+        r.aux0 = ld_u32_a2(sb);
+        r.aux1 = ld_u32_a2(sb + 4);
+    }
+    static __device__ __forceinline__ void decode(const Raw& r, int, const u64* grid, u16* dst, float* a, float*) {
+        a[0] = __fmul_rn(__fmul_rn(f16_to_f32(r.d), 0.5f + small_f32(r.aux1 >> 28)), 0.25f);
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
-            const u64 g = grid[(aux0 >> (8 * l)) & 0xFFu];
+            const u64 g = grid[(r.aux0 >> (8 * l)) & 0xFFu];
             const u32 glo = (u32)g, ghi = (u32)(g >> 32);
-            const u32 s8 = iq2_signs((aux1 >> (7 * l)) & 127u);
+            const u32 s8 = iq2_signs((r.aux1 >> (7 * l)) & 127u);
             st8(dst + 8 * l, sgn(byte_f32(glo, 0), s8, 0), sgn(byte_f32(glo, 1), s8, 1), sgn(byte_f32(glo, 2), s8, 2),
                 sgn(byte_f32(glo, 3), s8, 3), sgn(byte_f32(ghi, 0), s8, 4), sgn(byte_f32(ghi, 1), s8, 5),
                 sgn(byte_f32(ghi, 2), s8, 6), sgn(byte_f32(ghi, 3), s8, 7));
@@ -202,27 +258,28 @@ struct MgIQ2_XXS : MgGgufRow {
 };
 
 // ---- the grouped GEMM --------------------------------------------------------------------------------------------
-// GATE_UP: A0 = gate, A1 = up, Xin = X [n, cols] (token p / k), epilogue SwiGLU into out = mid [n_pairs, rows].
-// !GATE_UP: A0 = down, Xin = mid [n_pairs, cols] (row p), epilogue out[p, d] (+)= acc.
-template <class DEC, bool GATE_UP>
-__device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long expert_stride, long long row_stride,
-                                        const int* tiles, const int* n_tiles, const int* sorted,
-                                        const float* weights, int k, int n_expert, int n_pairs, const float* Xin,
-                                        int cols, float* out, int rows, float clamp, int accumulate) {
-    constexpr int NSB = MG_BK / DEC::SB;  // sub-blocks per k-step (1 or 2)
-    constexpr int KS = DEC::SB / 16;      // m16n8k16 steps per sub-block (2 or 1)
-    __shared__ __align__(16) u16 sA[MG_BM * MG_LD];   // codes
-    __shared__ __align__(16) u16 sXh[MG_BN * MG_LD];  // activations / s: hi
-    __shared__ __align__(16) u16 sXl[MG_BN * MG_LD];  // and lo
-    __shared__ float s_a[NSB][MG_BM], s_m[DEC::MIN ? NSB : 1][MG_BM];  // per sub-block: scale, min of each row
-    __shared__ float s_s[MG_BN], s_sx[DEC::MIN ? NSB : 1][MG_BN];      // per token: scale s, sub-block sums SX
-    __shared__ int s_pair[MG_BN];
-    __shared__ u64 s_grid[DEC::GRID ? 256 : 1];
+// One k-step's shared tile: codes, activations hi / lo, per sub-block scale and min of each row, per token scale s
+// and sub-block sums SX. mg_gemm holds one; mg_gemm_pipe two (double buffer, in dynamic shared memory).
+template <class DEC>
+struct MgTile {
+    static constexpr int NSB = MG_BK / DEC::SB;        // sub-blocks per k-step (1 or 2)
+    static constexpr int NSBM = DEC::MIN ? NSB : 1;
+    u16 A[MG_BM * MG_LD];   // codes
+    u16 Xh[MG_BN * MG_LD];  // activations / s: hi
+    u16 Xl[MG_BN * MG_LD];  // and lo
+    float a[NSB][MG_BM], m[NSBM][MG_BM];  // per sub-block: scale, min of each row
+    float s[MG_BN], sx[NSBM][MG_BN];      // per token: scale s, sub-block sums SX
+};
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp & 3, wn = warp >> 2;
-    int e, first, n;
+// The CTA's tile: expert e, n pairs (s_pair, -1 past n), first row r0; the IQ2_XXS grid into s_grid; bad-id bucket:
+// NaN rows written here. false: nothing (more) to do.
+template <class DEC, bool GATE_UP>
+__device__ __forceinline__ bool mg_begin(const int* tiles, const int* n_tiles, const int* sorted, int n_expert,
+                                         int n_pairs, float* out, int rows, int* s_pair, u64* s_grid, int& e, int& r0) {
+    const int tid = threadIdx.x;
+    int first, n;
     if (tiles != nullptr) {
-        if ((int)blockIdx.y >= *n_tiles) return;
+        if ((int)blockIdx.y >= *n_tiles) return false;
         e = tiles[3 * blockIdx.y];
         first = tiles[3 * blockIdx.y + 1];
         n = tiles[3 * blockIdx.y + 2];
@@ -230,10 +287,10 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
         e = 0;
         first = (int)blockIdx.y * MG_BN;
         n = min(MG_BN, n_pairs - first);
-        if (n <= 0) return;
+        if (n <= 0) return false;
     }
     const int cta_rows = GATE_UP ? MG_BM / 2 : MG_BM;
-    const int r0 = (int)blockIdx.x * cta_rows;
+    r0 = (int)blockIdx.x * cta_rows;
     if (tid < MG_BN) s_pair[tid] = tid < n ? (sorted != nullptr ? sorted[first + tid] : first + tid) : -1;
     if (DEC::GRID)
         for (int i = tid; i < 256; i += blockDim.x) s_grid[i] = IQ2XXS_GRID[i];
@@ -243,140 +300,144 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
         const int nr = min(cta_rows, rows - r0);
         for (int idx = tid; idx < n * nr; idx += blockDim.x)
             out[(size_t)s_pair[idx / nr] * rows + r0 + idx % nr] = __int_as_float(0x7fc00000);
-        return;
+        return false;
     }
+    return true;
+}
 
-    // this thread's weight row (decoded into shared row tid) and activation slice (token tid / 4, 8 columns)
-    const int ar = GATE_UP ? r0 + (tid & 127) : r0 + tid;
-    const bool a_ok = ar < rows;
-    const typename DEC::Row arow =
-        DEC::row(((GATE_UP && tid >= 128) ? A1 : A0) + (size_t)e * expert_stride, a_ok ? ar : 0, row_stride, cols);
-    const int bt = tid >> 2, bq = tid & 3;
-    const int bp = s_pair[bt];
-    const float* brow = bp >= 0 ? Xin + (size_t)(GATE_UP ? bp / k : bp) * cols + 8 * bq : nullptr;
-    u16* a_dst = sA + tid * MG_LD;
-    const int b_off = bt * MG_LD + 8 * bq;
+// the 8 activations of this thread (token slot tid / 4, columns k0 + 8 (tid % 4) ..) or zeros past the tile
+__device__ __forceinline__ void mg_load_x(const float* brow, int k0, float* x) {
+    if (brow != nullptr) {
+        const float4 x0 = ld_x4(brow + k0), x1 = ld_x4(brow + k0 + 4);
+        x[0] = x0.x; x[1] = x0.y; x[2] = x0.z; x[3] = x0.w; x[4] = x1.x; x[5] = x1.y; x[6] = x1.z; x[7] = x1.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = 0.f;
+    }
+}
 
-    // ldmatrix lane addresses: A x4 = (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3; B x4 = two n8 tiles x (k 0-7 | 8-15)
-    const u32 a_addr = smem_u32(sA) + 2u * (u32)((wm * 32 + (lane & 15)) * MG_LD + (lane >> 4) * 8);
-    const u32 b_lane = 2u * (u32)((wn * 32 + ((lane >> 4) << 3) + (lane & 7)) * MG_LD + ((lane >> 3) & 1) * 8);
-    const u32 bh_addr = smem_u32(sXh) + b_lane, bl_addr = smem_u32(sXl) + b_lane;
-
-    float acc[4][4][4];
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
-
-    for (int k0 = 0; k0 < cols; k0 += MG_BK) {
-        // weights: codes and sub-block scales of row tid
-        if (a_ok) {
-            float a[NSB], m[NSB];
-            DEC::decode32(arow, k0, s_grid, a_dst, a, m);
-#pragma unroll
-            for (int j = 0; j < NSB; ++j) {
-                s_a[j][tid] = a[j];
-                if (DEC::MIN) s_m[DEC::MIN ? j : 0][tid] = m[j];
-            }
-        } else {
-#pragma unroll
-            for (int c = 0; c < MG_BK; c += 8) *reinterpret_cast<uint4*>(a_dst + c) = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-            for (int j = 0; j < NSB; ++j) {
-                s_a[j][tid] = 0.f;
-                if (DEC::MIN) s_m[DEC::MIN ? j : 0][tid] = 0.f;
-            }
-        }
-        // activations: the 4 threads of a token agree on s (max over its 32 columns), each splits its 8 floats
-        float x[8];
-        if (brow != nullptr) {
-            const float4 x0 = ld_x4(brow + k0), x1 = ld_x4(brow + k0 + 4);
-            x[0] = x0.x; x[1] = x0.y; x[2] = x0.z; x[3] = x0.w; x[4] = x1.x; x[5] = x1.y; x[6] = x1.z; x[7] = x1.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) x[i] = 0.f;
-        }
-        float amax = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(x[i]));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        const int ex = mma_split_exp(amax);
-        const float inv = mma_split_inv(ex);
-        {
-            float vh[8], vl[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) mma_split(x[i] * inv, vh[i], vl[i]);
-            st8(sXh + b_off, vh[0], vh[1], vh[2], vh[3], vh[4], vh[5], vh[6], vh[7]);
-            st8(sXl + b_off, vl[0], vl[1], vl[2], vl[3], vl[4], vl[5], vl[6], vl[7]);
-        }
-        if (bq == 0) s_s[bt] = mma_split_scale(ex);
-        if (DEC::MIN) {  // SX: float32 sum of the sub-block's activations (8 per thread, then across threads)
-            float sx = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
-            sx += __shfl_xor_sync(0xffffffffu, sx, 1);
-            if (NSB == 1) sx += __shfl_xor_sync(0xffffffffu, sx, 2);
-            if ((bq & (NSB == 1 ? 3 : 1)) == 0) s_sx[DEC::MIN ? (NSB == 1 ? 0 : bq >> 1) : 0][bt] = sx;
-        }
-        __syncthreads();
+// weights: codes and sub-block scales of row tid (decoded from raw), or zeros past the matrix
+template <class DEC>
+__device__ __forceinline__ void mg_store_w(MgTile<DEC>& T, bool a_ok, const typename DEC::Raw& raw, int k0,
+                                           const u64* s_grid) {
+    constexpr int NSB = MgTile<DEC>::NSB;
+    const int tid = threadIdx.x;
+    u16* a_dst = T.A + tid * MG_LD;
+    if (a_ok) {
+        float a[NSB], m[NSB];
+        DEC::decode(raw, k0, s_grid, a_dst, a, m);
 #pragma unroll
         for (int j = 0; j < NSB; ++j) {
-            u32 bh[KS][4][2], bl[KS][4][2];  // [k16 step][n8 tile][reg]
+            T.a[j][tid] = a[j];
+            if (DEC::MIN) T.m[DEC::MIN ? j : 0][tid] = m[j];
+        }
+    } else {
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                const u32 kk = 2u * (u32)(j * DEC::SB + 16 * ks);
+        for (int c = 0; c < MG_BK; c += 8) *reinterpret_cast<uint4*>(a_dst + c) = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-                for (int np = 0; np < 2; ++np) {
-                    u32 r[4];
-                    ldsm_x4(r, bh_addr + 2u * (u32)(np * 16 * MG_LD) + kk);
-                    bh[ks][2 * np][0] = r[0]; bh[ks][2 * np][1] = r[1];
-                    bh[ks][2 * np + 1][0] = r[2]; bh[ks][2 * np + 1][1] = r[3];
-                    ldsm_x4(r, bl_addr + 2u * (u32)(np * 16 * MG_LD) + kk);
-                    bl[ks][2 * np][0] = r[0]; bl[ks][2 * np][1] = r[1];
-                    bl[ks][2 * np + 1][0] = r[2]; bl[ks][2 * np + 1][1] = r[3];
-                }
+        for (int j = 0; j < NSB; ++j) {
+            T.a[j][tid] = 0.f;
+            if (DEC::MIN) T.m[DEC::MIN ? j : 0][tid] = 0.f;
+        }
+    }
+}
+
+// activations: the 4 threads of a token agree on s (max over its 32 columns), each splits its 8 floats
+template <class DEC>
+__device__ __forceinline__ void mg_store_x(MgTile<DEC>& T, const float* x) {
+    constexpr int NSB = MgTile<DEC>::NSB;
+    const int tid = threadIdx.x, bt = tid >> 2, bq = tid & 3, b_off = bt * MG_LD + 8 * bq;
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const int ex = mma_split_exp(amax);
+    const float inv = mma_split_inv(ex);
+    {
+        float vh[8], vl[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) mma_split(x[i] * inv, vh[i], vl[i]);
+        st8(T.Xh + b_off, vh[0], vh[1], vh[2], vh[3], vh[4], vh[5], vh[6], vh[7]);
+        st8(T.Xl + b_off, vl[0], vl[1], vl[2], vl[3], vl[4], vl[5], vl[6], vl[7]);
+    }
+    if (bq == 0) T.s[bt] = mma_split_scale(ex);
+    if (DEC::MIN) {  // SX: float32 sum of the sub-block's activations (8 per thread, then across threads)
+        float sx = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+        sx += __shfl_xor_sync(0xffffffffu, sx, 1);
+        if (NSB == 1) sx += __shfl_xor_sync(0xffffffffu, sx, 2);
+        if ((bq & (NSB == 1 ? 3 : 1)) == 0) T.sx[DEC::MIN ? (NSB == 1 ? 0 : bq >> 1) : 0][bt] = sx;
+    }
+}
+
+// the k-step's mma and float32 folds into acc from tile T (a_addr, bh_addr, bl_addr: this lane's ldmatrix addresses
+// in T.A, T.Xh, T.Xl)
+template <class DEC>
+__device__ __forceinline__ void mg_mma(const MgTile<DEC>& T, u32 a_addr, u32 bh_addr, u32 bl_addr,
+                                       float (&acc)[4][4][4]) {
+    constexpr int NSB = MgTile<DEC>::NSB;
+    constexpr int KS = DEC::SB / 16;  // m16n8k16 steps per sub-block (2 or 1)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp & 3, wn = warp >> 2;
+#pragma unroll
+    for (int j = 0; j < NSB; ++j) {
+        u32 bh[KS][4][2], bl[KS][4][2];  // [k16 step][n8 tile][reg]
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            const u32 kk = 2u * (u32)(j * DEC::SB + 16 * ks);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                u32 r[4];
+                ldsm_x4(r, bh_addr + 2u * (u32)(np * 16 * MG_LD) + kk);
+                bh[ks][2 * np][0] = r[0]; bh[ks][2 * np][1] = r[1];
+                bh[ks][2 * np + 1][0] = r[2]; bh[ks][2 * np + 1][1] = r[3];
+                ldsm_x4(r, bl_addr + 2u * (u32)(np * 16 * MG_LD) + kk);
+                bl[ks][2 * np][0] = r[0]; bl[ks][2 * np][1] = r[1];
+                bl[ks][2 * np + 1][0] = r[2]; bl[ks][2 * np + 1][1] = r[3];
             }
+        }
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) {
-                const int ra = (mt >> 1) * 128 + wm * 32 + (mt & 1) * 16 + (lane >> 2);  // rows ra, ra + 8
-                u32 af[KS][4];
+        for (int mt = 0; mt < 4; ++mt) {
+            const int ra = (mt >> 1) * 128 + wm * 32 + (mt & 1) * 16 + (lane >> 2);  // rows ra, ra + 8
+            u32 af[KS][4];
 #pragma unroll
-                for (int ks = 0; ks < KS; ++ks)
-                    ldsm_x4(af[ks], a_addr + 2u * (u32)(((mt >> 1) * 128 + (mt & 1) * 16) * MG_LD + j * DEC::SB +
-                                                        16 * ks));
-                const float a0 = s_a[j][ra], a1 = s_a[j][ra + 8];
+            for (int ks = 0; ks < KS; ++ks)
+                ldsm_x4(af[ks], a_addr + 2u * (u32)(((mt >> 1) * 128 + (mt & 1) * 16) * MG_LD + j * DEC::SB +
+                                                    16 * ks));
+            const float a0 = T.a[j][ra], a1 = T.a[j][ra + 8];
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
-                    const int tk = wn * 32 + nt * 8 + 2 * (lane & 3);  // tokens tk, tk + 1
-                    float p[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int nt = 0; nt < 4; ++nt) {
+                const int tk = wn * 32 + nt * 8 + 2 * (lane & 3);  // tokens tk, tk + 1
+                float p[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                    for (int ks = 0; ks < KS; ++ks) {
-                        mma_16816(p, af[ks], bh[ks][nt][0], bh[ks][nt][1]);
-                        mma_16816(p, af[ks], bl[ks][nt][0], bl[ks][nt][1]);
-                    }
-                    const float s0 = s_s[tk], s1 = s_s[tk + 1];
-                    acc[mt][nt][0] = fmaf(a0 * s0, p[0], acc[mt][nt][0]);
-                    acc[mt][nt][1] = fmaf(a0 * s1, p[1], acc[mt][nt][1]);
-                    acc[mt][nt][2] = fmaf(a1 * s0, p[2], acc[mt][nt][2]);
-                    acc[mt][nt][3] = fmaf(a1 * s1, p[3], acc[mt][nt][3]);
-                    if (DEC::MIN) {
-                        const int jm = DEC::MIN ? j : 0;
-                        const float m0 = s_m[jm][ra], m1 = s_m[jm][ra + 8];
-                        const float x0 = s_sx[jm][tk], x1 = s_sx[jm][tk + 1];
-                        acc[mt][nt][0] = fmaf(-m0, x0, acc[mt][nt][0]);
-                        acc[mt][nt][1] = fmaf(-m0, x1, acc[mt][nt][1]);
-                        acc[mt][nt][2] = fmaf(-m1, x0, acc[mt][nt][2]);
-                        acc[mt][nt][3] = fmaf(-m1, x1, acc[mt][nt][3]);
-                    }
+                for (int ks = 0; ks < KS; ++ks) {
+                    mma_16816(p, af[ks], bh[ks][nt][0], bh[ks][nt][1]);
+                    mma_16816(p, af[ks], bl[ks][nt][0], bl[ks][nt][1]);
+                }
+                const float s0 = T.s[tk], s1 = T.s[tk + 1];
+                acc[mt][nt][0] = fmaf(a0 * s0, p[0], acc[mt][nt][0]);
+                acc[mt][nt][1] = fmaf(a0 * s1, p[1], acc[mt][nt][1]);
+                acc[mt][nt][2] = fmaf(a1 * s0, p[2], acc[mt][nt][2]);
+                acc[mt][nt][3] = fmaf(a1 * s1, p[3], acc[mt][nt][3]);
+                if (DEC::MIN) {
+                    const int jm = DEC::MIN ? j : 0;
+                    const float m0 = T.m[jm][ra], m1 = T.m[jm][ra + 8];
+                    const float x0 = T.sx[jm][tk], x1 = T.sx[jm][tk + 1];
+                    acc[mt][nt][0] = fmaf(-m0, x0, acc[mt][nt][0]);
+                    acc[mt][nt][1] = fmaf(-m0, x1, acc[mt][nt][1]);
+                    acc[mt][nt][2] = fmaf(-m1, x0, acc[mt][nt][2]);
+                    acc[mt][nt][3] = fmaf(-m1, x1, acc[mt][nt][3]);
                 }
             }
         }
-        __syncthreads();
     }
+}
 
-    // epilogue: acc[mt][nt][q] = row (mt >> 1) * 128 + 32 wm + 16 (mt & 1) + lane / 4 + 8 (q >> 1) of the CTA,
-    // token slot 32 wn + 8 nt + 2 (lane % 4) + (q & 1)
+// epilogue: acc[mt][nt][q] = row (mt >> 1) * 128 + 32 wm + 16 (mt & 1) + lane / 4 + 8 (q >> 1) of the CTA,
+// token slot 32 wn + 8 nt + 2 (lane % 4) + (q & 1)
+template <bool GATE_UP>
+__device__ __forceinline__ void mg_epilogue(const float (&acc)[4][4][4], int r0, const int* s_pair,
+                                            const float* weights, float* out, int rows, float clamp, int accumulate) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp & 3, wn = warp >> 2;
     if (GATE_UP) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -408,21 +469,128 @@ __device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long ex
     }
 }
 
-#define DS4_MOE_GROUPED(suffix, DEC)                                                                               \
-    extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_##suffix(                             \
+// GATE_UP: A0 = gate, A1 = up, Xin = X [n, cols] (token p / k), epilogue SwiGLU into out = mid [n_pairs, rows].
+// !GATE_UP: A0 = down, Xin = mid [n_pairs, cols] (row p), epilogue out[p, d] (+)= acc.
+// PIPE false (the moe_grouped_* kernels): one shared tile; per k-step: load, decode + split into the tile,
+// __syncthreads, mma, __syncthreads. PIPE true (moe_grouped_pipe_*): two tiles in dynamic shared memory
+// (MgTile<DEC> x 2, the launcher's byte count); the raw weight bytes and activations of k-step i + MG_PIPE_DEPTH are
+// loaded into register slot i % MG_PIPE_DEPTH right after step i's are decoded from it into tile i % 2, so those
+// global loads are in flight during the __syncthreads and the mma of step i (and of i + 1 at depth 2); one
+// __syncthreads per k-step: writing tile i % 2 at step i follows step i - 1's barrier, which every thread reaches
+// after its mma of step i - 2 on that tile. Same decode, split, mma and folds in the same order: bit-identical.
+template <class DEC, bool GATE_UP, bool PIPE>
+__device__ __forceinline__ void mg_gemm(const u8* A0, const u8* A1, long long expert_stride, long long row_stride,
+                                        const int* tiles, const int* n_tiles, const int* sorted,
+                                        const float* weights, int k, int n_expert, int n_pairs, const float* Xin,
+                                        int cols, float* out, int rows, float clamp, int accumulate) {
+    __shared__ int s_pair[MG_BN];
+    __shared__ u64 s_grid[DEC::GRID ? 256 : 1];
+    extern __shared__ __align__(16) u8 mg_dyn[];
+    __shared__ __align__(16) MgTile<DEC> s_tile[PIPE ? 1 : 1];
+    MgTile<DEC>* tile = PIPE ? reinterpret_cast<MgTile<DEC>*>(mg_dyn) : s_tile;
+    if (PIPE) {  // the launcher's dynamic shared memory must hold both tiles
+        u32 dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < 2u * (u32)sizeof(MgTile<DEC>)) __trap();
+    }
+
+    int e, r0;
+    if (!mg_begin<DEC, GATE_UP>(tiles, n_tiles, sorted, n_expert, n_pairs, out, rows, s_pair, s_grid, e, r0)) return;
+
+    // this thread's weight row (decoded into shared row tid) and activation slice (token tid / 4, 8 columns)
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp & 3, wn = warp >> 2;
+    const int ar = GATE_UP ? r0 + (tid & 127) : r0 + tid;
+    const bool a_ok = ar < rows;
+    const typename DEC::Row arow =
+        DEC::row(((GATE_UP && tid >= 128) ? A1 : A0) + (size_t)e * expert_stride, a_ok ? ar : 0, row_stride, cols);
+    const int bt = tid >> 2, bq = tid & 3;
+    const int bp = s_pair[bt];
+    const float* brow = bp >= 0 ? Xin + (size_t)(GATE_UP ? bp / k : bp) * cols + 8 * bq : nullptr;
+
+    // ldmatrix lane addresses: A x4 = (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3; B x4 = two n8 tiles x (k 0-7 | 8-15)
+    const u32 a_lane = 2u * (u32)((wm * 32 + (lane & 15)) * MG_LD + (lane >> 4) * 8);
+    const u32 b_lane = 2u * (u32)((wn * 32 + ((lane >> 4) << 3) + (lane & 7)) * MG_LD + ((lane >> 3) & 1) * 8);
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
+
+    if (!PIPE) {
+        typename DEC::Raw raw;
+        float x[8];
+        for (int k0 = 0; k0 < cols; k0 += MG_BK) {
+            MgTile<DEC>& T = tile[0];
+            if (a_ok) DEC::load(arow, k0, raw);
+            mg_store_w<DEC>(T, a_ok, raw, k0, s_grid);
+            mg_load_x(brow, k0, x);
+            mg_store_x<DEC>(T, x);
+            __syncthreads();
+            mg_mma<DEC>(T, smem_u32(T.A) + a_lane, smem_u32(T.Xh) + b_lane, smem_u32(T.Xl) + b_lane, acc);
+            __syncthreads();
+        }
+    } else {
+        // register slots of the raw weight bytes and activations of the next MG_PIPE_DEPTH k-steps; k-steps two at a
+        // time so that tile (step % 2) and slot (step % MG_PIPE_DEPTH) are compile-time indices (registers)
+        typename DEC::Raw raw[MG_PIPE_DEPTH];
+        float x[MG_PIPE_DEPTH][8];
+#pragma unroll
+        for (int s = 0; s < MG_PIPE_DEPTH; ++s)
+            if (s * MG_BK < cols) {
+                if (a_ok) DEC::load(arow, s * MG_BK, raw[s]);
+                mg_load_x(brow, s * MG_BK, x[s]);
+            }
+        for (int k0 = 0; k0 < cols; k0 += 2 * MG_BK) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int kk = k0 + s * MG_BK, slot = s % MG_PIPE_DEPTH;
+                if (kk >= cols) break;  // uniform: an odd number of k-steps
+                MgTile<DEC>& T = tile[s];
+                mg_store_w<DEC>(T, a_ok, raw[slot], kk, s_grid);
+                mg_store_x<DEC>(T, x[slot]);
+                const int kn = kk + MG_PIPE_DEPTH * MG_BK;  // its global loads in flight during the next mma(s)
+                if (kn < cols) {
+                    if (a_ok) DEC::load(arow, kn, raw[slot]);
+                    mg_load_x(brow, kn, x[slot]);
+                }
+                __syncthreads();
+                mg_mma<DEC>(T, smem_u32(T.A) + a_lane, smem_u32(T.Xh) + b_lane, smem_u32(T.Xl) + b_lane, acc);
+            }
+        }
+    }
+    mg_epilogue<GATE_UP>(acc, r0, s_pair, weights, out, rows, clamp, accumulate);
+}
+
+// the pipelined kernels' dynamic shared memory, 2 * sizeof(MgTile<DEC>): moe_grouped.pipe_smem_bytes(type) gives the
+// launch the same numbers (tests/test_moe_grouped_pipe_smem.py reads these lines)
+#define MG_PIPE_SMEM(DEC, bytes) static_assert(2 * sizeof(MgTile<DEC>) == (bytes), "pipe_smem_bytes of " #DEC)
+MG_PIPE_SMEM(MgQ8_0, 66560);
+MG_PIPE_SMEM(MgQ2_K, 71168);
+MG_PIPE_SMEM(MgQ4_K, 66560);
+MG_PIPE_SMEM(MgIQ2_XXS, 66560);
+MG_PIPE_SMEM(MgQ8_0R, 66560);
+
+#define DS4_MOE_GROUPED_KERNELS(prefix, suffix, DEC, PIPE)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 1) prefix##gate_up_##suffix(                                 \
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* tiles,             \
         const int* n_tiles, const int* sorted, const float* weights, int k, int n_expert, int n_pairs,             \
         const float* X, int cols, float* mid, int ff, float clamp) {                                               \
-        mg_gemm<DEC, true>(gate, up, expert_stride, row_stride, tiles, n_tiles, sorted, weights, k, n_expert,      \
-                           n_pairs, X, cols, mid, ff, clamp, 0);                                                   \
+        mg_gemm<DEC, true, PIPE>(gate, up, expert_stride, row_stride, tiles, n_tiles, sorted, weights, k,          \
+                                 n_expert, n_pairs, X, cols, mid, ff, clamp, 0);                                   \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_##suffix(                                \
+    extern "C" __global__ void __launch_bounds__(256, 1) prefix##down_##suffix(                                    \
         const u8* down, long long expert_stride, long long row_stride, const int* tiles, const int* n_tiles,       \
         const int* sorted, int n_expert, int n_pairs, const float* mid, int cols, float* out, int rows,            \
         int accumulate) {                                                                                          \
-        mg_gemm<DEC, false>(down, nullptr, expert_stride, row_stride, tiles, n_tiles, sorted, nullptr, 1,          \
-                            n_expert, n_pairs, mid, cols, out, rows, 0.f, accumulate);                             \
+        mg_gemm<DEC, false, PIPE>(down, nullptr, expert_stride, row_stride, tiles, n_tiles, sorted, nullptr, 1,    \
+                                  n_expert, n_pairs, mid, cols, out, rows, 0.f, accumulate);                       \
     }
+#define DS4_MOE_GROUPED(suffix, DEC)                                                                               \
+    DS4_MOE_GROUPED_KERNELS(moe_grouped_, suffix, DEC, false)                                                      \
+    DS4_MOE_GROUPED_KERNELS(moe_grouped_pipe_, suffix, DEC, true)
 
 DS4_MOE_GROUPED(q8_0, MgQ8_0)
 DS4_MOE_GROUPED(q2_k, MgQ2_K)

@@ -22,6 +22,11 @@ split into hi + lo fp16 terms under a power-of-two scale per 32 columns (2^-21 r
 sub-block scales and mins are applied in float32. tests/test_moe_grouped.py emulates that arithmetic in NumPy
 (scripts/emulate_moe_grouped.py: the tiny models' logits move by <= 5.4e-7 of max |logit|).
 
+Switch MOE_GROUPED_PIPE (engines/cuda/switches.py, off by default until it has run on a GPU) launches the
+moe_grouped_pipe_* kernels instead: the same tiles and arithmetic (bit-identical results), with the next k-step's
+weight bytes and activations loaded while the current one is multiplied, in two shared tiles (dynamic shared memory,
+pipe_smem_bytes); gate_up / down take pipe=True / False to pick one regardless of the switch.
+
 PrefillMoE is what CudaSession uses: buffers for its chunk, the per-layer choice, and the routed + shared MoE of a
 layer in one call.
 """
@@ -60,6 +65,33 @@ def grouped_supported(qtype) -> bool:
         return quants.qtype_of(qtype) in GROUPED_TYPES
     except Exception:
         return False
+
+
+def pipe_smem_bytes(t) -> int:
+    """Dynamic shared memory of a moe_grouped_pipe_* kernel: two MgTile<DEC> of kernels/moe_grouped.cu (codes [256,
+    40] fp16, activations hi and lo [64, 40] fp16, per sub-block scale (and min) of 256 rows, per token scale (and
+    sub-block sums)); the kernel traps when launched with less."""
+    sb = 16 if t == T.Q2_K else 32                       # sub-block columns
+    nsb = K_STEP // sb
+    nsbm = nsb if t in (T.Q2_K, T.Q4_K) else 1           # formats with a min
+    tile = 2 * 256 * 40 + 2 * 2 * 64 * 40 + 4 * 256 * (nsb + nsbm) + 4 * 64 * (1 + nsbm)
+    return 2 * tile
+
+
+def _use_pipe(pipe: bool | None) -> bool:
+    return switches.enabled("MOE_GROUPED_PIPE") if pipe is None else bool(pipe)
+
+
+def _gemm_kernel(which: str, t, pipe: bool):
+    """(kernel, dynamic shared bytes) of moe_grouped[_pipe]_{which}_{type}; the pipelined ones get the opt-in above
+    48 KiB of dynamic shared memory."""
+    if not pipe:
+        return get_kernel("moe_grouped", f"moe_grouped_{which}_{_suffix(t)}"), 0
+    kern = get_kernel("moe_grouped", f"moe_grouped_pipe_{which}_{_suffix(t)}")
+    smem = pipe_smem_bytes(t)
+    if kern.max_dynamic_shared_size_bytes < smem:
+        kern.max_dynamic_shared_size_bytes = smem
+    return kern, smem
 
 
 def _suffix(t) -> str:
@@ -193,10 +225,11 @@ def _tile_args(routed: Routed | None):
 
 
 def gate_up(gate, up, qtype, x, routed: Routed | None = None, weights=None, clamp: float = 10.0, out=None,
-            stream=None):
+            stream=None, pipe: bool | None = None):
     """mid[n, k, ff] = silu(min(gate_e . x_t, c)) * clamp(up_e . x_t, -c, c) * w[t, j] for every pair of `routed`
     (route()'s result for ids [n, k]); moe_gate_up's result to float32 summation level. routed=None: the shared expert
-    (gate, up: [ff, row_bytes], every token, weight 1, mid [n, 1, ff]). x: float32 [n, D]; weights: float32 [n, k]."""
+    (gate, up: [ff, row_bytes], every token, weight 1, mid [n, 1, ff]). x: float32 [n, D]; weights: float32 [n, k].
+    pipe: the pipelined kernels (True), the plain ones (False), or switch MOE_GROUPED_PIPE (None)."""
     t = _gtype(qtype)
     x = _aligned16(_f32(x, "x"), "x")
     if x.ndim != 2:
@@ -222,20 +255,21 @@ def gate_up(gate, up, qtype, x, routed: Routed | None = None, weights=None, clam
             raise ValueError("routed experts need weights float32 [n, k]")
         _f32(weights, "weights", (n, k))
     mid = _out(out, (n, k, ff), "out")
-    kern = get_kernel("moe_grouped", f"moe_grouped_gate_up_{_suffix(t)}")
+    kern, smem = _gemm_kernel("gate_up", t, _use_pipe(pipe))
     tiles, n_tiles, sorted_ = _tile_args(routed)
     with _stream(stream):
         kern((-(-ff // GATE_UP_ROWS), _grid_y(routed, n)), (_THREADS,),
              (gate, up, np.int64(ff * rb), _row_arg(t, rb), tiles, n_tiles, sorted_,
               weights if weights is not None else np.uint64(0), np.int32(k), np.int32(n_expert), np.int32(n_pairs),
-              x, np.int32(cols), mid, np.int32(ff), np.float32(clamp)))
+              x, np.int32(cols), mid, np.int32(ff), np.float32(clamp)), shared_mem=smem)
     return mid
 
 
-def down(down_w, qtype, mid, routed: Routed | None = None, out=None, accumulate: bool = False, stream=None):
+def down(down_w, qtype, mid, routed: Routed | None = None, out=None, accumulate: bool = False, stream=None,
+         pipe: bool | None = None):
     """Routed: yp[p, D] = down_e . mid[p] for every pair p = t * k + j (float32 [n * k, D]; sum_slots adds a
     token's k rows). routed=None: the shared expert, down_w [D, row_bytes], mid [n, 1, ff] (or [n, ff]):
-    out[t] (+)= down . mid[t] (accumulate=True adds onto out, which must be given)."""
+    out[t] (+)= down . mid[t] (accumulate=True adds onto out, which must be given). pipe: as gate_up."""
     t = _gtype(qtype)
     mid = _aligned16(_f32(mid, "mid"), "mid")
     if mid.ndim not in (2, 3):
@@ -260,12 +294,13 @@ def down(down_w, qtype, mid, routed: Routed | None = None, out=None, accumulate:
     if accumulate and out is None:
         raise ValueError("accumulate=True needs out= (the array to add into)")
     y = _out(out, (n_pairs, D), "out")
-    kern = get_kernel("moe_grouped", f"moe_grouped_down_{_suffix(t)}")
+    kern, smem = _gemm_kernel("down", t, _use_pipe(pipe))
     tiles, n_tiles, sorted_ = _tile_args(routed)
     with _stream(stream):
         kern((-(-D // DOWN_ROWS), _grid_y(routed, n_pairs)), (_THREADS,),
              (down_w, np.int64(D * rb), _row_arg(t, rb), tiles, n_tiles, sorted_, np.int32(n_expert),
-              np.int32(n_pairs), mid, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0)))
+              np.int32(n_pairs), mid, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0)),
+             shared_mem=smem)
     return y
 
 
@@ -359,4 +394,5 @@ class PrefillMoE:
 
 __all__ = ["GROUPED_TYPES", "TILE_TOKENS", "MIN_TOKENS", "MAX_EXPERT", "K_STEP", "grouped_supported", "max_tiles",
            "Routing", "Routed", "alloc_routing", "route", "gate_up", "down", "sum_slots", "enabled_by_env",
+           "pipe_smem_bytes",
            "PrefillMoE"]

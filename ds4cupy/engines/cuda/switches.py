@@ -16,10 +16,13 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | MOE_I8           | IQ2_XXS expert gate/up: dp4a on three int8 planes of the activations (moe.cu)    | on      |
 | PREFILL_ATTN_MMA | prefill attention (chunks of >= 16 tokens) on tensor cores (attention_mma.cu)    | on      |
 | DECODE_ATTN_MMA  | decode attention splits on tensor cores (attention_decode_mma.cu)                | off     |
+| MOE_GROUPED_PIPE | MOE_GROUPED's GEMMs with next k-steps' loads in flight (moe_grouped_pipe_*)      | off     |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
 DECODE_ATTN_MMA is new and has not run on a GPU yet (tests/test_gpu_attention_decode_mma.py): off until it passes.
+MOE_GROUPED_PIPE (software-pipelined grouped MoE GEMMs, bit-identical to MOE_GROUPED's) has not run on a GPU yet
+(tests/test_gpu_moe_grouped_pipe.py): off until it passes and benchmarks faster.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
-            "DECODE_ATTN_MMA": False}
+            "DECODE_ATTN_MMA": False, "MOE_GROUPED_PIPE": False}
 
 
 def enabled(name: str) -> bool:
