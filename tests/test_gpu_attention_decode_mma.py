@@ -181,7 +181,11 @@ def test_argument_errors_name_the_value(rng):
 def test_tiny_model_switch_on_vs_off(tiny_file, rng, monkeypatch):
     """The tiny model (window 32, ratio 4 layers with top-6 indexer, ratio 16 layers; 4 heads of 96 dims), QAT off:
     270-token prefill in chunks of 64 (the last, 14 tokens, on this path when on) then 30 graph-replayed greedy
-    decode steps (on: attn_partial_mma's splits; off: attn_partial's)."""
+    decode steps (on: attn_partial_mma's splits; off: attn_partial's). The engine takes this path only for layers
+    with >= MIN_ROWS key rows (512; the tiny model has at most ~100): the floor is lowered to 0 so that every layer
+    does."""
+    from ds4cupy.engines.cuda import attention_decode_mma
+    monkeypatch.setattr(attention_decode_mma, "MIN_ROWS", 0)
     on, off = _on_and_off(tiny_file, "DECODE_ATTN_MMA", False, monkeypatch)
     assert on.model.decode_attn_mma and not off.model.decode_attn_mma
     rels = _lockstep_within(on, off, rng.integers(0, on.model.config.n_vocab, 270), 30, 1e-4)
@@ -191,8 +195,10 @@ def test_tiny_model_switch_on_vs_off(tiny_file, rng, monkeypatch):
 
 def test_tiny_model_decode_graph_shallow_serves_deep_switch_on(tiny_file, rng, monkeypatch):
     """test_gpu_model's test_decode_graph_captured_shallow_serves_deep with DECODE_ATTN_MMA on: a decode graph
-    captured at depth ~12 replayed past 4,096 equals the eager steps bit for bit and the reference within 1e-3."""
+    captured at depth ~12 replayed past 4,096 equals the eager steps bit for bit and the reference within 1e-3
+    (every layer on this path: its MIN_ROWS floor lowered to 0)."""
     from ds4cupy.engines.cuda import attention_decode_mma
     monkeypatch.setenv("DS4CUPY_DECODE_ATTN_MMA", "1")
+    monkeypatch.setattr(attention_decode_mma, "MIN_ROWS", 0)
     assert attention_decode_mma.enabled()
     _shallow_serves_deep(tiny_file, rng)

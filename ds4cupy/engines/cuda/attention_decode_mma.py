@@ -15,8 +15,12 @@ covering the longest key list of any position (CudaSession sizes them from its c
 any depth). No host sync, nothing allocated: graph-capturable. Precision: float32-accurate (attention_mma.cu's header);
 tests/test_gpu_attention_decode_mma.py states the bound.
 
-Switch DECODE_ATTN_MMA (engines/cuda/switches.py; off by default until it has run on a GPU): CudaModel reads it once
-(`enabled`), and CudaSession sends decode steps and chunks shorter than attention_mma.MIN_TOKENS here.
+Switch DECODE_ATTN_MMA (engines/cuda/switches.py): CudaModel reads it once (`enabled`), and CudaSession sends decode
+steps and chunks shorter than attention_mma.MIN_TOKENS of layers whose longest key list has at least MIN_ROWS entries
+here (`use_for`). H200, scripts/bench_attention_decode.py at eadf732, us a layer call (partial + combine), old -> new:
+128 rows (window) 11.9 -> 13.9, 160 (HCA at 4K) 15.0 -> 16.1, 640 (CSA top 512; HCA at 64K) 23.6 -> 19.9. Short
+lists leave the tensor-core block (32 heads, 16-key tiles) mostly idle; long ones pay off from its one staged read
+of each key row for 32 heads.
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ def enabled(device_id: int | None = None) -> bool:
         return False
     import cupy
     return int(cupy.cuda.Device(device_id).compute_capability) >= MIN_CAPABILITY
+
+
+MIN_ROWS = 512
+
+
+def use_for(rows: int) -> bool:
+    """Whether a layer whose longest decode key list has `rows` entries takes decode_attention (given the switch)."""
+    return rows >= MIN_ROWS
 
 
 def decode_attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mode: int, sinks, n_rot: int, freqs,
@@ -59,4 +71,4 @@ def decode_attention(q, ring, cur, comp, idx, d_pos, window: int, ratio: int, mo
                           out)
 
 
-__all__ = ["enabled", "decode_attention"]
+__all__ = ["MIN_ROWS", "enabled", "use_for", "decode_attention"]

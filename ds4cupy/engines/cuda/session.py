@@ -602,8 +602,9 @@ class CudaSession:
         if m.prefill_attn_mma and S >= attention_mma.MIN_TOKENS:      # a prefill chunk on tensor cores
             attention_mma.prefill_attention(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio,
                                             mode, m.v[p + "attn_sinks.weight"], r, fr, att)
-        else:                     # attention.cu's splits, their partials on tensor cores with DECODE_ATTN_MMA
-            attend = attention_decode_mma.decode_attention if m.decode_attn_mma else ops.attention
+        else:                     # attention.cu's splits; long key lists' partials on tensor cores (DECODE_ATTN_MMA)
+            mma = m.decode_attn_mma and attention_decode_mma.use_for(rows)
+            attend = attention_decode_mma.decode_attention if mma else ops.attention
             attend(q, self._ring[il], kvcur, comp, idx, self.d_pos, c.sliding_window, ratio, mode,
                    m.v[p + "attn_sinks.weight"], r, fr, self._b("part_ml", S, H, ns, 2),
                    self._b("part_o", S, H, ns, hd), att, ns, rps)
