@@ -91,7 +91,8 @@ def main():
     x = cupy.asarray(rng.standard_normal((1, D)).astype(np.float32))
     dev = cupy.cuda.Device()
     import os
-    print(f"variant: DS4_NVRTC_OPTIONS={os.environ.get('DS4_NVRTC_OPTIONS', '')!r}")
+    switches = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("DS4CUPY_"))
+    print(f"variant: DS4_NVRTC_OPTIONS={os.environ.get('DS4_NVRTC_OPTIONS', '')!r} {switches}")
     print(f"device: {cupy.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, "
           f"{ops._sm_count(dev.id)} SMs; reps {args.reps}, {n_ids} id sets")
     rows = []

@@ -38,6 +38,7 @@ SWITCHES=(
   "BRANCHES|tests/test_gpu_model.py -k side_branches"
   "GPU_SAMPLING|tests/test_gpu_sampling.py"
   "MOE_I8|tests/test_gpu_moe_i8.py"
+  "MOE_STAGED|tests/test_gpu_moe_staged.py"
   "MOE_GROUPED_PIPE|tests/test_gpu_moe_grouped_pipe.py"
 )
 gate_files=()

@@ -90,3 +90,18 @@ def test_iq2xxs_grid_table_matches_gguf():
     values = [int(v, 16) for v in re.findall(r"0x([0-9a-fA-F]{16})ull", body)]
     assert len(values) == 256
     assert np.array_equal(np.array(values, dtype="<u8").view(np.uint8).reshape(256, 8), iq2xxs_grid())
+
+
+def test_iq2xxs_grid_holds_three_magnitudes():
+    """moe_gate_up_i8s_iq2_xxs codes each grid byte as 0, 1, 2 (b > 8) + (b > 25) and maps the codes back through
+    the bytes 8, 25, 43 (I8S_LUT_LO): that round trip holds only if the grid has exactly these three values."""
+    from ds4cupy.format.quants import iq2xxs_grid
+    grid = iq2xxs_grid().astype(np.int64)
+    assert set(np.unique(grid)) == {8, 25, 43}
+    codes = (grid > 8).astype(np.int64) + (grid > 25)
+    assert np.array_equal(np.array([8, 25, 43])[codes], grid)
+    text = (kc.KERNEL_DIR / "moe.cu").read_text()
+    lut_lo = int(re.search(r"#define I8S_LUT_LO 0x([0-9a-fA-F]{8})u", text).group(1), 16)
+    lut_hi = int(re.search(r"#define I8S_LUT_HI 0x([0-9a-fA-F]{8})u", text).group(1), 16)
+    assert [(lut_lo >> (8 * c)) & 255 for c in range(3)] == [8, 25, 43]
+    assert [((lut_hi >> (8 * c)) & 255) - 256 for c in range(3)] == [-8, -25, -43]

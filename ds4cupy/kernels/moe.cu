@@ -23,6 +23,7 @@
 //   products on three int8 planes of the activations (below; switch MOE_I8, quant_ops picks it).
 // Reference: the float64 NumPy expert of tests/test_gpu_quant_ops.py, following model.md §2.8.
 #include "q8_0r.cuh"
+#include "mma_f16.cuh"
 
 __device__ __forceinline__ float silu_f32(float g) { return g / (1.f + expf(-g)); }
 
@@ -616,6 +617,167 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
         }
         moe_swiglu_store<I8_RF>(acc, lane, pair, f0, ff, clamp, weights, bad, mid);
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// moe_gate_up_i8s_iq2_xxs: moe_gate_up_i8_iq2_xxs for one token (n_pairs == k, cols <= I8_STAGE_COLS), bit-identical
+// to it (switch MOE_STAGED, quant_ops picks it), with the weights staged through shared memory. H200 ncu at 1d62150:
+// the per-lane kernel above keeps L1 77 % busy at 13 % of DRAM bandwidth (two-byte loads from 66-byte blocks, two
+// 64-bit table lookups a weight group). Here
+//   - a warp's unit (I8S_RF gate rows and the same up rows, rows of cols / 256 blocks of 66 bytes: row_stride must be
+//     a multiple of 16, e.g. cols = 4096: 1056 bytes) is copied whole into the warp's own shared buffer by 16-byte
+//     cp.async, the next unit's copy in flight while this one is computed (two buffers a warp, dynamic shared
+//     memory: i8s_smem_bytes below);
+//   - a lane reads its sub-block (d, 4 grid indices, signs and scale) as aligned 32-bit shared words and funnel
+//     shifts;
+//   - the signed weight bytes s g of 4 weights come from one PRMT: selector nibble = grid code (0, 1, 2 for 8, 25,
+//     43) | 4 for a negative weight, picking from the bytes {8, 25, 43, 0, -8, -25, -43, 0}; the grid codes (256 x 8
+//     nibbles) and the sign nibbles (128 x 8) are 32-bit tables in shared memory, I8S_TAB_COPIES copies.
+// Lane sb-order, the three dp4a sums, the float steps and the warp sums are i8_iq2_subblock's / the kernel above's,
+// so the results are the same bits. Launch: 256 threads, dynamic shared memory i8s_smem_bytes(row_stride), grid =
+// min(ceil(units / 8), resident CTAs), units = k * ceil(ff / I8S_RF).
+// Reference: moe_gate_up_i8_iq2_xxs (bit for bit; tests/test_gpu_moe_staged.py).
+#ifndef I8S_RF
+#define I8S_RF 2
+#endif
+#ifndef I8S_TAB_COPIES
+#define I8S_TAB_COPIES 16
+#endif
+#define I8S_LUT_LO 0x002B1908u   // bytes 8, 25, 43, 0
+#define I8S_LUT_HI 0x00D5E7F8u   // bytes -8, -25, -43, 0
+#define I8S_PAD 16               // a lane's last funnel-shift word may read 4 bytes past a row: padding after a unit
+
+// one warp's buffer: 2 I8S_RF rows + padding; two a warp, 8 warps (the host computes the same: i8s_smem_bytes)
+__device__ __forceinline__ int i8s_unit_bytes(long long row_stride) { return 2 * I8S_RF * (int)row_stride + I8S_PAD; }
+
+__device__ __forceinline__ void stage_iq2_nibble_tables(u32* gnib, u32* snib) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const u64 g = IQ2XXS_GRID[i];
+        u32 v = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const u32 b = (u32)(g >> (8 * k)) & 255u;
+            v |= ((u32)(b > 8u) + (u32)(b > 25u)) << (4 * k);
+        }
+#pragma unroll
+        for (int c = 0; c < I8S_TAB_COPIES; ++c) gnib[i * I8S_TAB_COPIES + c] = v;
+    }
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+        const u32 s8 = iq2_signs((u32)i);
+        u32 v = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v |= ((s8 >> k) & 1u) << (4 * k + 2);
+#pragma unroll
+        for (int c = 0; c < I8S_TAB_COPIES; ++c) snib[i * I8S_TAB_COPIES + c] = v;
+    }
+}
+
+// a unit's rows -> the warp's buffer (16-byte cp.async; one commit group a unit, empty for a bad id or no unit)
+__device__ __forceinline__ void i8s_issue(const u8* const* rows, int nch, long long row_stride, u8* buf, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2 * I8S_RF; ++r)
+        for (int j = lane; j < nch; j += 32)
+            cp_async16(smem_u32(buf + r * row_stride + 16 * j), rows[r] + 16 * j, 16);
+}
+
+// i8_iq2_subblock with the weight bytes from the nibble tables (same integers, same float steps)
+__device__ __forceinline__ float i8s_subblock(u32 g4, u32 aux, const I8XPlanes& x, const u32* gnib, const u32* snib) {
+    int sh = 0, sc = 0, sl = 0;
+#pragma unroll
+    for (int gi = 0; gi < 4; ++gi) {
+        const u32 sel = gnib[((g4 >> (8 * gi)) & 255u) * I8S_TAB_COPIES] |
+                        snib[((aux >> (7 * gi)) & 127u) * I8S_TAB_COPIES];
+        const u32 w0 = __byte_perm(I8S_LUT_LO, I8S_LUT_HI, sel & 0xFFFFu);
+        const u32 w1 = __byte_perm(I8S_LUT_LO, I8S_LUT_HI, sel >> 16);
+        sh = dp4a_ss(w0, x.h[2 * gi], sh);
+        sh = dp4a_ss(w1, x.h[2 * gi + 1], sh);
+        sc = dp4a_su(w0, x.c[2 * gi], sc);
+        sc = dp4a_su(w1, x.c[2 * gi + 1], sc);
+        sl = dp4a_su(w0, x.l[2 * gi], sl);
+        sl = dp4a_su(w1, x.l[2 * gi + 1], sl);
+    }
+    return fmaf(small_int_f32(sh), 65536.0f, fmaf(small_int_f32(sc), 256.0f, small_int_f32(sl))) * x.p2;
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
+    const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
+    int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
+    extern __shared__ __align__(16) u8 s_units[];                 // [8 warps][2][i8s_unit_bytes]
+    __shared__ u32 s_gnib[256 * I8S_TAB_COPIES];
+    __shared__ u32 s_snib[128 * I8S_TAB_COPIES];
+    __shared__ u32 s_xq[24 * (I8_STAGE_COLS / 32)];
+    __shared__ float s_p2[I8_STAGE_COLS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nsub = cols >> 5, nch = (int)(row_stride >> 4);
+    const int fgroups = (ff + I8S_RF - 1) / I8S_RF;
+    const int units = n_pairs * fgroups, stride = gridDim.x * 8;
+    const int ub = i8s_unit_bytes(row_stride);
+    u8* bufs = s_units + (size_t)warp * 2 * ub;
+    // the first unit's copy goes out before the tables and planes are built
+    int u = blockIdx.x * 8 + warp;
+    const u8* rows[2 * I8S_RF];
+    if (u < units) {
+        const int e = ids ? ids[u / fgroups] : 0;
+        if (e >= 0 && e < n_expert) {
+            moe_unit_rows<I8S_RF>(gate, up, expert_stride, row_stride, e, (u % fgroups) * I8S_RF, ff, rows);
+            i8s_issue(rows, nch, row_stride, bufs, lane);
+        }
+    }
+    cp_async_commit();
+    i8_stage_planes(X, nsub, s_xq, s_p2);
+    stage_iq2_nibble_tables(s_gnib, s_snib);
+    __syncthreads();
+    const u32* gnib = s_gnib + (lane & (I8S_TAB_COPIES - 1));
+    const u32* snib = s_snib + (lane & (I8S_TAB_COPIES - 1));
+    for (int it = 0; u < units; u += stride, ++it) {
+        const int pair = u / fgroups, f0 = (u % fgroups) * I8S_RF;
+        const int e = ids ? ids[pair] : 0;
+        const bool bad = e < 0 || e >= n_expert;
+        {                                                          // the next unit's copy into the other buffer
+            const int un = u + stride;
+            if (un < units) {
+                const int en = ids ? ids[un / fgroups] : 0;
+                if (en >= 0 && en < n_expert) {
+                    moe_unit_rows<I8S_RF>(gate, up, expert_stride, row_stride, en, (un % fgroups) * I8S_RF, ff, rows);
+                    i8s_issue(rows, nch, row_stride, bufs + ((it + 1) & 1) * ub, lane);
+                }
+            }
+            cp_async_commit();
+        }
+        asm volatile("cp.async.wait_group 1;" ::: "memory");      // this unit's copy (the older group) landed
+        __syncwarp();
+        const u8* buf = bufs + (it & 1) * ub;
+        float acc[2 * I8S_RF];
+#pragma unroll
+        for (int r = 0; r < 2 * I8S_RF; ++r) acc[r] = 0.f;
+        if (!bad) {
+            for (int sb = lane; sb < nsub; sb += 32) {
+                I8XPlanes xq;
+#pragma unroll
+                for (int w = 0; w < 8; ++w) {
+                    xq.h[w] = s_xq[w * nsub + sb];
+                    xq.c[w] = s_xq[(8 + w) * nsub + sb];
+                    xq.l[w] = s_xq[(16 + w) * nsub + sb];
+                }
+                xq.p2 = s_p2[sb];
+                const int bo = (sb >> 3) * 66, qo = bo + 2 + 8 * (sb & 7);
+                const u32 dsh = 8u * (u32)(bo & 2), qsh = 8u * (u32)(qo & 2);
+#pragma unroll
+                for (int r = 0; r < 2 * I8S_RF; ++r) {
+                    const u32* w32 = reinterpret_cast<const u32*>(buf + r * row_stride);
+                    const u32 d = (w32[bo >> 2] >> dsh) & 0xFFFFu;
+                    const u32 q0 = w32[qo >> 2], q1 = w32[(qo >> 2) + 1], q2 = w32[(qo >> 2) + 2];
+                    const u32 g4 = __funnelshift_r(q0, q1, qsh), aux = __funnelshift_r(q1, q2, qsh);
+                    const float v = i8s_subblock(g4, aux, xq, gnib, snib);
+                    const float db = f16_to_f32((u16)d) * (__uint_as_float(0x4B000000u | (aux >> 28)) - 8388607.5f);
+                    acc[r] = fmaf(db * 0.25f, v, acc[r]);
+                }
+            }
+        }
+        __syncwarp();                                              // buffer free before the copy after next
+        moe_swiglu_store<I8S_RF>(acc, lane, pair, f0, ff, clamp, weights, bad, mid);
+    }
+    cp_async_wait_all();
 }
 
 // ---- Q8_0R (q8_0r.cuh) ----------------------------------------------------------------------------------------------

@@ -553,26 +553,41 @@ _FAST_GATE_UP = frozenset({T.IQ2_XXS, T.Q4_K})
 _FAST_DOWN = frozenset({T.Q2_K, T.Q4_K})
 _FAST_ROWS_PER_WARP = 2  # DS4_MOE_RF / DS4_MOE_RD in moe.cu
 _I8_ROWS_PER_WARP = 4    # I8_RF in moe.cu
+_I8S_ROWS_PER_WARP = 2   # I8S_RF in moe.cu (moe_gate_up_i8s_iq2_xxs: one token, weights staged in shared memory)
+_I8S_MAX_COLS = 4096     # I8_STAGE_COLS in moe.cu
+
+
+def i8s_smem_bytes(row_bytes: int) -> int:
+    """Dynamic shared memory of moe_gate_up_i8s_iq2_xxs: 8 warps x 2 buffers x (2 I8S_RF rows + 16 bytes)."""
+    return 8 * 2 * (2 * _I8S_ROWS_PER_WARP * row_bytes + 16)
+
+
+def _use_i8s(t, n: int, cols: int, rb: int, gate, up) -> bool:
+    """moe_gate_up_i8s_iq2_xxs takes IQ2_XXS gate/up for one token when its 16-byte copies line up (row bytes and
+    both stacks' addresses multiples of 16: cols a multiple of 2,048) and the switches MOE_I8 and MOE_STAGED are on."""
+    return (t == T.IQ2_XXS and n == 1 and cols <= _I8S_MAX_COLS and rb % 16 == 0 and gate.data.ptr % 16 == 0
+            and up.data.ptr % 16 == 0 and switches.enabled("MOE_I8") and switches.enabled("MOE_STAGED"))
 _Q8R_MOE_ROWS = 2        # rows per warp of moe_*_q8_0r (gate/up: 2 gate + 2 up dot products); moe.cu has r1, r2
 
 
-def _persistent_grid(kern, units: int) -> int:
-    """CTAs of 256 threads (8 warps, one unit each at a time) for `units` warp units: no more than fit at once."""
+def _persistent_grid(kern, units: int, smem: int = 0) -> int:
+    """CTAs of 256 threads (8 warps, one unit each at a time) for `units` warp units: no more than fit at once (with
+    `smem` bytes of dynamic shared memory each)."""
     import cupy
     dev = cupy.cuda.Device().id
-    per_sm = _resident_ctas(kern, dev)
+    per_sm = _resident_ctas(kern, dev, smem)
     return max(1, min((units + 7) // 8, per_sm * _sm_count(dev)))
 
 
 _RESIDENT: dict = {}
 
 
-def _resident_ctas(kern, dev: int) -> int:
-    key = (kern.name, dev)
+def _resident_ctas(kern, dev: int, smem: int = 0) -> int:
+    key = (kern.name, dev, smem)
     if key not in _RESIDENT:
         try:
             from cupy_backends.cuda.api import driver
-            n = driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, _THREADS, 0)
+            n = driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, _THREADS, smem)
         except Exception:
             n = 2
         _RESIDENT[key] = max(1, int(n))
@@ -622,6 +637,18 @@ def moe_gate_up(gate, up, qtype, x, ids=None, weights=None, clamp: float = 10.0,
                  (gate, up, np.int64(ff * rb), np.int32(t.slab_rows), ids if ids is not None else null,
                   weights if weights is not None else null, np.int32(k), np.int32(n_expert), x2, np.int32(cols), mid,
                   np.int32(ff), np.float32(clamp), np.int32(wpr)))
+        return mid
+    if _use_i8s(t, n, cols, rb, gate, up):     # integer dot products, weights staged in shared memory (one token)
+        kern = get_kernel("moe", "moe_gate_up_i8s_iq2_xxs")
+        smem = i8s_smem_bytes(rb)
+        if kern.max_dynamic_shared_size_bytes < smem:
+            kern.max_dynamic_shared_size_bytes = smem
+        units = k * ((ff + _I8S_ROWS_PER_WARP - 1) // _I8S_ROWS_PER_WARP)
+        with _stream(stream):
+            kern((_persistent_grid(kern, units, smem),), (_THREADS,),
+                 (gate, up, np.int64(ff * rb), np.int64(rb), ids if ids is not None else null,
+                  weights if weights is not None else null, np.int32(k), np.int32(n_expert), x2, np.int32(cols), mid,
+                  np.int32(ff), np.float32(clamp), np.int32(k)), shared_mem=smem)
         return mid
     if t in _FAST_GATE_UP:
         if t == T.IQ2_XXS and switches.enabled("MOE_I8"):     # integer dot products (moe.cu, moe_gate_up_i8_*)
@@ -699,4 +726,4 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
 
 __all__ = ["SUPPORTED_TYPES", "Q8_0R", "Q8Activations", "quantize_q8x", "quantize_q8x_np", "matvec", "matvec_xgroup", "MatvecGroup", "matmul", "dequantize",
            "moe_gate_up", "moe_down", "warps_per_row", "q8r_launch_geometry", "repack_q8_0", "unpack_q8_0",
-           "matmul_xgroup", "use_mma", "MMA_MIN_TOKENS", "MMA_TYPES"]
+           "matmul_xgroup", "use_mma", "MMA_MIN_TOKENS", "MMA_TYPES", "i8s_smem_bytes"]
