@@ -136,3 +136,56 @@ def test_staged_in_a_captured_graph_replays_new_inputs(monkeypatch):
         got = cupy.asnumpy(mid)
         want = _gate_up(monkeypatch, False, gate, up, x, ids, w, 8.0)
         np.testing.assert_array_equal(got, want, err_msg=f"seed={seed}")
+
+
+def _down(monkeypatch, staged: bool, down, mid, ids, out=None, accumulate=False):
+    import cupy
+    monkeypatch.setenv("DS4CUPY_MOE_STAGED", "1" if staged else "0")
+    ops = quant_ops()
+    n, k, ff = mid.shape
+    assert ops._use_xs(T.Q2_K, n, k, ff) == staged, "the switch did not pick the kernel under test"
+    return cupy.asnumpy(ops.moe_down(down, T.Q2_K, mid, ids, out=out, accumulate=accumulate))
+
+
+@pytest.mark.parametrize("E,k,D,ff", [(16, 6, 4096, 2048), (9, 3, 1000, 512), (5, 8, 37, 256), (12, 1, 4096, 1024)])
+def test_down_xs_equals_per_lane_kernel_bit_for_bit(monkeypatch, E, k, D, ff):
+    """Flash shape (2,048 warp units: several per warp), D not a multiple of the 2 rows a unit takes (1000, 37: the
+    clamped tail row), ff from one block to 2,048, k from 1 to 8; mid with scales over 2^-8..2^8 per 64 values."""
+    import cupy
+    rng, seed = fresh_rng()
+    down, down_ref = make_weight(T.Q2_K, (E, D, ff), rng)
+    mid = (rng.standard_normal((1, k, ff)) * np.exp2(rng.uniform(-8, 8, (1, k, ff // 64))).repeat(64, 2))
+    mid = mid.astype(np.float32)
+    ids = rng.choice(E, size=(1, k), replace=False).astype(np.int32)
+    args = (down, cupy.asarray(mid), cupy.asarray(ids))
+    staged = _down(monkeypatch, True, *args)
+    per_lane = _down(monkeypatch, False, *args)
+    np.testing.assert_array_equal(staged, per_lane, err_msg=f"seed={seed}")
+    ref = sum(down_ref[ids[0, j]] @ mid[0, j].astype(np.float64) for j in range(k))
+    assert rel_err(staged[0], ref) <= RTOL, f"seed={seed}"
+
+
+def test_down_xs_accumulates_and_marks_bad_ids(monkeypatch):
+    """accumulate=True adds onto out (as the shared expert's sum is added to the routed one); an id outside [0, E)
+    makes the token's whole output NaN; NaN / 1e30 values in mid; every bit equal to the per-lane kernel's."""
+    import cupy
+    rng, seed = fresh_rng()
+    E, k, D, ff = 6, 6, 512, 2048
+    down, _ = make_weight(T.Q2_K, (E, D, ff), rng)
+    mid = rng.standard_normal((1, k, ff)).astype(np.float32)
+    mid[0, 2, 77] = np.nan
+    mid[0, 4, 1024:1088] *= 1e30
+    base = rng.standard_normal((1, D)).astype(np.float32)
+    ids = rng.choice(E, size=(1, k), replace=False).astype(np.int32)
+    got = {}
+    for staged in (True, False):
+        out = cupy.asarray(base)
+        got[staged] = _down(monkeypatch, staged, down, cupy.asarray(mid), cupy.asarray(ids), out=out,
+                            accumulate=True)
+    np.testing.assert_array_equal(got[True], got[False], err_msg=f"seed={seed}")
+    bad = ids.copy()
+    bad[0, 3] = E + 2
+    for staged in (True, False):
+        got[staged] = _down(monkeypatch, staged, down, cupy.asarray(mid), cupy.asarray(bad))
+    assert np.isnan(got[True]).all(), f"seed={seed}"
+    np.testing.assert_array_equal(got[True], got[False], err_msg=f"seed={seed}")

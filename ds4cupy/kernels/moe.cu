@@ -210,11 +210,17 @@ struct MoeQ4K {
 };
 
 // Q2_K, slices as BlockQ2_K (4 per block: 16 quant bytes, 64 weights); scales and d/dmin read as 32-bit words.
+// dot_rows_x reads the block's activations through xv(i) = float4 i of the block's 256 (64 of them): from global
+// memory (dot_rows) or from moe_down_xs_q2_k's shared copy.
 struct MoeQ2K {
     static constexpr int QK = 256, BYTES = 84, SL = 4, TABLES = 0;
     template <int NR>
     static __device__ __forceinline__ void dot_rows(const u8* const* rows, size_t boff, int s, const float* x,
                                                     float* acc, const u64*, const u64*) {
+        dot_rows_x<NR>(rows, boff, s, [x](int i) { return ld_x4(x + 4 * i); }, acc);
+    }
+    template <int NR, class XV>
+    static __device__ __forceinline__ void dot_rows_x(const u8* const* rows, size_t boff, int s, XV xv4, float* acc) {
         const int h = s >> 1, half = s & 1;
         u32 qw[NR][4], sc[NR][2], dm[NR];
 #pragma unroll
@@ -229,12 +235,12 @@ struct MoeQ2K {
         }
 #pragma unroll
         for (int sh = 0; sh < 4; ++sh) {
-            const float* xs = x + 128 * h + 32 * sh + 16 * half;
+            const int xs = 32 * h + 8 * sh + 4 * half;                 // float4 index of weight 128 h + 32 sh + 16 half
             float4 xv[4];
             float sum = 0.f;
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
-                xv[w] = ld_x4(xs + 4 * w);
+                xv[w] = xv4(xs + w);
                 sum += (xv[w].x + xv[w].y) + (xv[w].z + xv[w].w);
             }
             const u32 bsh = 8u * (u32)((2 * sh + half) & 3);
@@ -535,11 +541,12 @@ __device__ __forceinline__ void stage_iq2_tables_i8(u64* gtab, u64* stab) {
 }
 
 // One token (decode): the CTA splits the token's activations into the planes once, in shared memory, plane-major
-// (word w of plane P of sub-block sb at [(8 P + w) nsub + sb]: a warp's lanes read consecutive words), so a lane's
+// (word w of plane P of sub-block sb at [(8 P + w) pstride + sb], pstride >= nsub: a warp's lanes read consecutive
+// words), so a lane's
 // 24 plane words cost 24 conflict-free shared loads instead of 8 float4 global loads spread over 32 cache lines per
 // warp instruction. Same m_j and e as i8_x_planes (the same arithmetic on the same values), so the results do not
 // depend on the path. Several tokens, or cols > I8_STAGE_COLS: i8_x_planes per lane and sub-block.
-__device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s_xq, float* s_p2) {
+__device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s_xq, float* s_p2, int pstride) {
     const int lane = threadIdx.x & 31;
     u8* b = reinterpret_cast<u8*>(s_xq);
     for (int sb = threadIdx.x >> 5; sb < nsub; sb += blockDim.x >> 5) {
@@ -550,10 +557,10 @@ __device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s
         const u32 E = (__float_as_uint(amax) >> 23) & 255u;
         const int e = max((int)E - 126, -103);
         const int m = min(__float2int_rn(v * __uint_as_float((u32)(127 + 23 - e) << 23)), 8388607);
-        const int at = ((lane >> 2) * nsub + sb) * 4 + (lane & 3);
+        const int at = ((lane >> 2) * pstride + sb) * 4 + (lane & 3);
         b[at] = (u8)(m >> 16);
-        b[at + 8 * nsub * 4] = (u8)(m >> 8);
-        b[at + 16 * nsub * 4] = (u8)m;
+        b[at + 8 * pstride * 4] = (u8)(m >> 8);
+        b[at + 16 * pstride * 4] = (u8)m;
         if (lane == 0) s_p2[sb] = E == 255u ? __int_as_float(0x7fc00000) : __uint_as_float((u32)(127 - 23 + e) << 23);
     }
 }
@@ -567,7 +574,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
     __shared__ float s_p2[I8_STAGE_COLS / 32];
     const int nsub = cols >> 5;                                   // 32-weight sub-blocks a row
     const bool staged = n_pairs == k && cols <= I8_STAGE_COLS;
-    if (staged) i8_stage_planes(X, nsub, s_xq, s_p2);
+    if (staged) i8_stage_planes(X, nsub, s_xq, s_p2, nsub);
     stage_iq2_tables_i8(s_grid, s_sign);                          // its barrier also publishes the planes
     const int lane = threadIdx.x & 31;
     const u64* gtab = s_grid + (lane & (I8_GRID_COPIES - 1));
@@ -646,6 +653,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
 #define I8S_LUT_LO 0x002B1908u   // bytes 8, 25, 43, 0
 #define I8S_LUT_HI 0x00D5E7F8u   // bytes -8, -25, -43, 0
 #define I8S_PAD 16               // a lane's last funnel-shift word may read 4 bytes past a row: padding after a unit
+#define I8S_PSTRIDE (I8_STAGE_COLS / 32)   // plane stride of the staged activations (constant: immediate offsets)
 
 // one warp's buffer: 2 I8S_RF rows + padding; two a warp, 8 warps (the host computes the same: i8s_smem_bytes)
 __device__ __forceinline__ int i8s_unit_bytes(long long row_stride) { return 2 * I8S_RF * (int)row_stride + I8S_PAD; }
@@ -680,15 +688,27 @@ __device__ __forceinline__ void i8s_issue(const u8* const* rows, int nch, long l
             cp_async16(smem_u32(buf + r * row_stride + 16 * j), rows[r] + 16 * j, 16);
 }
 
-// i8_iq2_subblock with the weight bytes from the nibble tables (same integers, same float steps)
-__device__ __forceinline__ float i8s_subblock(u32 g4, u32 aux, const I8XPlanes& x, const u32* gnib, const u32* snib) {
+__device__ __forceinline__ u32 prmt_var(u32 a, u32 b, u32 sel) {      // prmt without __byte_perm's selector mask
+    u32 d;                                                             // (our selector nibbles never set bit 3)
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+__device__ __forceinline__ u32 lds_u32(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+
+// i8_iq2_subblock with the weight bytes from the nibble tables (same integers, same float steps). gtab, stab: this
+// lane's copy of the grid / sign nibble tables as shared addresses (entry i of copy c at word I8S_TAB_COPIES i + c).
+__device__ __forceinline__ float i8s_subblock(u32 g4, u32 aux, const I8XPlanes& x, u32 gtab, u32 stab) {
     int sh = 0, sc = 0, sl = 0;
 #pragma unroll
     for (int gi = 0; gi < 4; ++gi) {
-        const u32 sel = gnib[((g4 >> (8 * gi)) & 255u) * I8S_TAB_COPIES] |
-                        snib[((aux >> (7 * gi)) & 127u) * I8S_TAB_COPIES];
-        const u32 w0 = __byte_perm(I8S_LUT_LO, I8S_LUT_HI, sel & 0xFFFFu);
-        const u32 w1 = __byte_perm(I8S_LUT_LO, I8S_LUT_HI, sel >> 16);
+        const u32 gidx = __byte_perm(g4, 0u, 0x4440u | (u32)gi);                         // grid index byte gi
+        const u32 sidx = (aux >> (7 * gi)) & 127u;
+        const u32 sel = lds_u32(gtab + gidx * (4u * I8S_TAB_COPIES)) | lds_u32(stab + sidx * (4u * I8S_TAB_COPIES));
+        const u32 w0 = prmt_var(I8S_LUT_LO, I8S_LUT_HI, sel), w1 = prmt_var(I8S_LUT_LO, I8S_LUT_HI, sel >> 16);
         sh = dp4a_ss(w0, x.h[2 * gi], sh);
         sh = dp4a_ss(w1, x.h[2 * gi + 1], sh);
         sc = dp4a_su(w0, x.c[2 * gi], sc);
@@ -724,11 +744,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
         }
     }
     cp_async_commit();
-    i8_stage_planes(X, nsub, s_xq, s_p2);
+    i8_stage_planes(X, nsub, s_xq, s_p2, I8S_PSTRIDE);
     stage_iq2_nibble_tables(s_gnib, s_snib);
     __syncthreads();
-    const u32* gnib = s_gnib + (lane & (I8S_TAB_COPIES - 1));
-    const u32* snib = s_snib + (lane & (I8S_TAB_COPIES - 1));
+    const u32 gtab = smem_u32(s_gnib) + 4u * (u32)(lane & (I8S_TAB_COPIES - 1));
+    const u32 stab = smem_u32(s_snib) + 4u * (u32)(lane & (I8S_TAB_COPIES - 1));
     for (int it = 0; u < units; u += stride, ++it) {
         const int pair = u / fgroups, f0 = (u % fgroups) * I8S_RF;
         const int e = ids ? ids[pair] : 0;
@@ -755,9 +775,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
                 I8XPlanes xq;
 #pragma unroll
                 for (int w = 0; w < 8; ++w) {
-                    xq.h[w] = s_xq[w * nsub + sb];
-                    xq.c[w] = s_xq[(8 + w) * nsub + sb];
-                    xq.l[w] = s_xq[(16 + w) * nsub + sb];
+                    xq.h[w] = s_xq[w * I8S_PSTRIDE + sb];
+                    xq.c[w] = s_xq[(8 + w) * I8S_PSTRIDE + sb];
+                    xq.l[w] = s_xq[(16 + w) * I8S_PSTRIDE + sb];
                 }
                 xq.p2 = s_p2[sb];
                 const int bo = (sb >> 3) * 66, qo = bo + 2 + 8 * (sb & 7);
@@ -768,7 +788,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
                     const u32 d = (w32[bo >> 2] >> dsh) & 0xFFFFu;
                     const u32 q0 = w32[qo >> 2], q1 = w32[(qo >> 2) + 1], q2 = w32[(qo >> 2) + 2];
                     const u32 g4 = __funnelshift_r(q0, q1, qsh), aux = __funnelshift_r(q1, q2, qsh);
-                    const float v = i8s_subblock(g4, aux, xq, gnib, snib);
+                    const float v = i8s_subblock(g4, aux, xq, gtab, stab);
                     const float db = f16_to_f32((u16)d) * (__uint_as_float(0x4B000000u | (aux >> 28)) - 8388607.5f);
                     acc[r] = fmaf(db * 0.25f, v, acc[r]);
                 }
@@ -778,6 +798,70 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
         moe_swiglu_store<I8S_RF>(acc, lane, pair, f0, ff, clamp, weights, bad, mid);
     }
     cp_async_wait_all();
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// moe_down_xs_q2_k: moe_down_fast_q2_k for one token (n == 1), bit-identical to it (switch MOE_STAGED, quant_ops picks
+// it), with the token's k x ff mid values copied once per CTA into shared memory. H200 ncu at 1d62150: the per-lane
+// kernel keeps L1 72 % busy at 13 % of DRAM bandwidth, mostly on its activation loads: a lane's float4 loads of one
+// slice touch 16 cache lines per warp instruction, for every expert and every RD rows. Here those loads come from
+// shared memory, 16-byte chunk c stored at slot c ^ ((c >> 5) & 7) so that the 32 lanes of one float4 load spread
+// over all 8 bank groups (4 wavefronts, the minimum for 512 bytes). Same slices per lane, same expert order, same
+// float steps (MoeQ2K::dot_rows_x) and warp sums as the kernel above. mid: float32 [1, k, ff], 16-byte aligned, k ff
+// <= 12,288 (48 KB: dynamic shared memory 4 k ff bytes). Launch: 256 threads, grid = min(ceil(units / 8), resident
+// CTAs), units = ceil(D / XS_RD).
+// Reference: moe_down_fast_q2_k (bit for bit; tests/test_gpu_moe_staged.py).
+#ifndef XS_RD
+#define XS_RD 2
+#endif
+
+__device__ __forceinline__ int xs_slot(int c) { return c ^ ((c >> 5) & 7); }
+
+extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
+    const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,
+    const float* mid, int ff, float* Y, int D, int accumulate) {
+    extern __shared__ __align__(16) float4 s_mid[];
+    const int nchunk = k * ff / 4;
+    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) s_mid[xs_slot(c)] = ld_x4(mid + 4 * c);
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int units = (D + XS_RD - 1) / XS_RD;
+    const int nblocks = ff / MoeQ2K::QK;
+    for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
+        const int d0 = u * XS_RD;
+        float acc[XS_RD];
+#pragma unroll
+        for (int r = 0; r < XS_RD; ++r) acc[r] = 0.f;
+        bool bad = false;
+        for (int j = 0; j < k; ++j) {
+            const int e = ids ? ids[j] : 0;
+            if (e < 0 || e >= n_expert) {
+                bad = true;
+                continue;
+            }
+            const u8* rows[XS_RD];
+#pragma unroll
+            for (int r = 0; r < XS_RD; ++r)
+                rows[r] = down + (size_t)e * expert_stride + (size_t)min(d0 + r, D - 1) * row_stride;
+            constexpr int unroll = DS4_MOE_UNROLL;                  // rows_dot's unrolling
+#pragma unroll unroll
+            for (int s = lane; s < nblocks * MoeQ2K::SL; s += 32) {
+                const int blk = s / MoeQ2K::SL, cb = (j * ff + blk * MoeQ2K::QK) / 4;
+                MoeQ2K::dot_rows_x<XS_RD>(rows, (size_t)blk * MoeQ2K::BYTES, s % MoeQ2K::SL,
+                                          [cb](int i) { return s_mid[xs_slot(cb + i)]; }, acc);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < XS_RD; ++r) acc[r] = warp_sum(acc[r]);
+#pragma unroll
+        for (int r = 0; r < XS_RD; ++r) {
+            if (lane == r && d0 + r < D) {
+                float* y = Y + d0 + r;
+                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
+                *y = accumulate ? *y + v : v;
+            }
+        }
+    }
 }
 
 // ---- Q8_0R (q8_0r.cuh) ----------------------------------------------------------------------------------------------

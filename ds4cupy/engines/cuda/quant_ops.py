@@ -562,6 +562,15 @@ def i8s_smem_bytes(row_bytes: int) -> int:
     return 8 * 2 * (2 * _I8S_ROWS_PER_WARP * row_bytes + 16)
 
 
+_XS_ROWS_PER_WARP = 2    # XS_RD in moe.cu (moe_down_xs_q2_k: one token, mid staged in shared memory)
+_XS_MAX_SMEM = 64 * 1024  # its mid copy: k * ff * 4 bytes of dynamic shared memory (two CTAs an SM on an H200)
+
+
+def _use_xs(t, n: int, k: int, ff: int) -> bool:
+    """moe_down_xs_q2_k takes a Q2_K down for one token whose k x ff mid fits _XS_MAX_SMEM, switch MOE_STAGED on."""
+    return t == T.Q2_K and n == 1 and 4 * k * ff <= _XS_MAX_SMEM and switches.enabled("MOE_STAGED")
+
+
 def _use_i8s(t, n: int, cols: int, rb: int, gate, up) -> bool:
     """moe_gate_up_i8s_iq2_xxs takes IQ2_XXS gate/up for one token when its 16-byte copies line up (row bytes and
     both stacks' addresses multiples of 16: cols a multiple of 2,048) and the switches MOE_I8 and MOE_STAGED are on."""
@@ -704,6 +713,18 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
                  (down, np.int64(D * rb), np.int32(t.slab_rows), ids if ids is not None else np.uint64(0),
                   np.int32(k), np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D),
                   np.int32(1 if accumulate else 0), np.int32(wpr)))
+        return y
+    if _use_xs(t, n, k, ff):                    # one token: mid staged in shared memory once per CTA
+        kern = get_kernel("moe", "moe_down_xs_q2_k")
+        smem = 4 * k * ff
+        if kern.max_dynamic_shared_size_bytes < smem:
+            kern.max_dynamic_shared_size_bytes = smem
+        units = (D + _XS_ROWS_PER_WARP - 1) // _XS_ROWS_PER_WARP
+        with _stream(stream):
+            kern((_persistent_grid(kern, units, smem),), (_THREADS,),
+                 (down, np.int64(D * rb), np.int64(rb), ids if ids is not None else np.uint64(0), np.int32(k),
+                  np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D), np.int32(1 if accumulate else 0)),
+                 shared_mem=smem)
         return y
     if t in _FAST_DOWN:
         kern = get_kernel("moe", f"moe_down_fast_{_SUFFIX[t]}")

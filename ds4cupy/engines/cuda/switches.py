@@ -17,7 +17,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | PREFILL_ATTN_MMA | prefill attention (chunks of >= 16 tokens) on tensor cores (attention_mma.cu)    | on      |
 | DECODE_ATTN_MMA  | decode attention splits of layers with >= 512 key rows on tensor cores           | on      |
 | MOE_GROUPED_PIPE | MOE_GROUPED's GEMMs with next k-steps' loads in flight (moe_grouped_pipe_*)      | on      |
-| MOE_STAGED       | MOE_I8's decode kernel with weights staged in shared memory (moe_*_i8s_*)        | off     |
+| MOE_STAGED       | one-token expert kernels staging through shared memory (moe_*_i8s_*, moe_*_xs_*) | off     |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -27,8 +27,8 @@ merged here). Their speed, measured by scripts/bench_attention_decode.py and ben
 docs/PERF_NOTES.md: decode attention on tensor cores is 1.18x faster for 640 key rows and 0.86-0.93x for 128-160
 (hence its 512-row floor, attention_decode_mma.MIN_ROWS); the pipelined grouped MoE 1.22x (q2) and 1.18x (q4) at
 2,048 tokens, bit-identical.
-MOE_STAGED (moe_gate_up_i8s_iq2_xxs, bit-identical to MOE_I8's kernel) has not run on a GPU yet
-(tests/test_gpu_moe_staged.py): off until it passes and benchmarks faster.
+MOE_STAGED (moe_gate_up_i8s_iq2_xxs and moe_down_xs_q2_k, bit-identical to the kernels they replace) has not run on
+a GPU yet (tests/test_gpu_moe_staged.py): off until it passes and benchmarks faster.
 """
 from __future__ import annotations
 
