@@ -23,6 +23,7 @@
 //   products on three int8 planes of the activations (below; switch MOE_I8, quant_ops picks it).
 // Reference: the float64 NumPy expert of tests/test_gpu_quant_ops.py, following model.md §2.8.
 #include "q8_0r.cuh"
+#include "pdl.cuh"
 
 __device__ __forceinline__ float silu_f32(float g) { return g / (1.f + expf(-g)); }
 
@@ -94,12 +95,14 @@ __device__ __forceinline__ void moe_down_body(const u8* down, long long expert_s
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids,              \
         const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,     \
         int wpr) {                                                                                                \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_gate_up_body<BT>(gate, up, expert_stride, row_stride, ids, weights, k, n_expert, X, cols, mid, ff,    \
                              clamp, wpr);                                                                         \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) moe_down_##suffix(                                          \
         const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,       \
         const float* mid, int ff, float* Y, int D, int accumulate, int wpr) {                                     \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_down_body<BT>(down, expert_stride, row_stride, ids, k, n_expert, mid, ff, Y, D, accumulate, wpr);     \
     }
 
@@ -406,6 +409,7 @@ __device__ __forceinline__ void moe_down_fast_body(const u8* down, long long exp
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids,              \
         const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,     \
         int n_pairs) {                                                                                            \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_gate_up_fast_body<P, DS4_MOE_RF>(gate, up, expert_stride, row_stride, ids, weights, k, n_expert, X,   \
                                              cols, mid, ff, clamp, n_pairs);                                      \
     }
@@ -413,6 +417,7 @@ __device__ __forceinline__ void moe_down_fast_body(const u8* down, long long exp
     extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_down_fast_##suffix(                                     \
         const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,       \
         const float* mid, int ff, float* Y, int D, int accumulate, int n) {                                       \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_down_fast_body<P, DS4_MOE_RD>(down, expert_stride, row_stride, ids, k, n_expert, mid, ff, Y, D,       \
                                           accumulate, n);                                                         \
     }
@@ -560,6 +565,7 @@ __device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s
 extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_iq2_xxs(
     const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
     int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
+    DS4_PDL_ENTRY();
     __shared__ u64 s_grid[256 * I8_GRID_COPIES];
     __shared__ u64 s_sign[128 * IQ2_SIGN_COPIES];
     __shared__ u32 s_xq[24 * (I8_STAGE_COLS / 32)];
@@ -708,12 +714,14 @@ __device__ __forceinline__ void moe_down_q8r_body(const u8* down, long long expe
         const u8* gate, const u8* up, long long expert_stride, int slab_rows, const int* ids,                    \
         const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,    \
         int wpr) {                                                                                               \
+        DS4_PDL_ENTRY();                                                                                         \
         moe_gate_up_q8r_body<R>(gate, up, expert_stride, slab_rows, ids, weights, k, n_expert, X, cols, mid, ff, \
                                 clamp, wpr);                                                                     \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, MINB) moe_down_q8_0r_r##R(                                 \
         const u8* down, long long expert_stride, int slab_rows, const int* ids, int k, int n_expert,             \
         const float* mid, int ff, float* Y, int D, int accumulate, int wpr) {                                    \
+        DS4_PDL_ENTRY();                                                                                         \
         moe_down_q8r_body<R>(down, expert_stride, slab_rows, ids, k, n_expert, mid, ff, Y, D, accumulate, wpr);  \
     }
 
