@@ -56,7 +56,8 @@ extern "C" __global__ void probe(unsigned long long* out, const float* x, unsign
     out[0] = (unsigned long long)x; out[1] = p; out[2] = (unsigned int)i32; out[3] = (unsigned long long)i64;
     out[4] = u32; out[5] = u64; out[6] = __float_as_uint(f32); out[7] = __double_as_longlong(f64);
     out[8] = (unsigned char)i8; out[9] = u8; out[10] = (unsigned short)i16; out[11] = f16_bits; out[12] = b;
-    out[13] = (unsigned long long)py_int; out[14] = __double_as_longlong(py_float); out[15] = (unsigned long long)py_bool;
+    out[13] = (unsigned long long)py_int; out[14] = __double_as_longlong(py_float);
+    out[15] = (unsigned long long)py_bool;
     out[16] = (unsigned long long)mp; out[17] = __double_as_longlong(re); out[18] = __double_as_longlong(im);
     out[19] = __float_as_uint(x[1]);                      // the pointer is usable
 }

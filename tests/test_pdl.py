@@ -101,7 +101,8 @@ SCALARS = [
 ]
 
 
-@pytest.mark.parametrize("value, expected", SCALARS, ids=[f"{type(v).__name__}-{i}" for i, (v, _) in enumerate(SCALARS)])
+@pytest.mark.parametrize("value, expected", SCALARS,
+                         ids=[f"{type(v).__name__}-{i}" for i, (v, _) in enumerate(SCALARS)])
 def test_scalar_bytes(value, expected):
     assert launch.arg_bytes(0, value) == expected
 
