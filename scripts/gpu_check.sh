@@ -40,6 +40,7 @@ SWITCHES=(
   "MOE_I8|tests/test_gpu_moe_i8.py"
   "MOE_STAGED|tests/test_gpu_moe_staged.py"
   "MOE_GROUPED_PIPE|tests/test_gpu_moe_grouped_pipe.py"
+  "PDL|tests/test_gpu_pdl.py"
 )
 gate_files=()
 rc=0

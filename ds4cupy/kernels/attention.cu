@@ -22,6 +22,7 @@
 // NS * rps from the session's ctx (the longest key list any position can have), so a decode graph captured at one
 // depth is right at every depth; splits past the current list end at once.
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define ATT_MAXC 16    // d / 32 <= 16
 #define ATT_TR 16
@@ -37,6 +38,7 @@ __device__ __forceinline__ int att_list_len(long long P, int W, int ratio, int m
 extern "C" __global__ void attn_partial(const float* q, const float* ring, const float* cur, const float* comp,
                                         const int* idx, int K, const int* d_pos, int H, int d, int W, int ratio,
                                         int mode, float scale, int rps, float* part_ml, float* part_o) {
+    DS4_PDL_ENTRY();
     __shared__ __align__(16) float ks[ATT_TR * 512];
     __shared__ long long row_off[ATT_TR];   // element offset of the row in its buffer, or -1 (skipped key)
     __shared__ int row_src[ATT_TR];         // 0 ring, 1 cur, 2 comp
@@ -151,6 +153,7 @@ extern "C" __global__ void attn_partial(const float* q, const float* ring, const
 extern "C" __global__ void attn_combine(const float* part_ml, const float* part_o, const float* sinks, int H, int d,
                                         int NS_alloc, int n_rot, const double* freqs, const int* d_pos, int W,
                                         int ratio, int mode, int K, int rps, float* out) {
+    DS4_PDL_ENTRY();
     extern __shared__ float o_s[];           // d floats of output, then one weight per split
     __shared__ float red[32];
     float* w_s = o_s + d;
@@ -200,6 +203,7 @@ extern "C" __global__ void attn_combine(const float* part_ml, const float* part_
 // After attention: the last min(S, W) rows of this call go into the window ring (slot = position % W).
 // cur: [S, d]; ring: [W, d]. grid = min(S, W), block = 128.
 extern "C" __global__ void kv_ring_store(const float* cur, float* ring, const int* d_pos, int S, int W, int d) {
+    DS4_PDL_ENTRY();
     const int n = S < W ? S : W;
     const int t = S - n + blockIdx.x;
     const long long p = (long long)d_pos[0] + t;

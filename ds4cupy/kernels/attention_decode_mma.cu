@@ -23,11 +23,13 @@
 // stores the running (m, l, o) instead of finishing the softmax. Numerics: attention_mma.cu's header (float32-accurate:
 // hi + lo fp16 operands under power-of-two scales); o leaves in true units, ldexpf(o, E_run - 155).
 #include "attention_mma.cuh"
+#include "pdl.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 1) attn_partial_mma(
     const float* __restrict__ q, const float* ring, const float* cur, const float* comp, const int* idx, int K,
     const int* d_pos, int H, int d, int W, int ratio, int mode, float scale, int rps, float* __restrict__ part_ml,
     float* __restrict__ part_o) {
+    DS4_PDL_ENTRY();
     extern __shared__ __align__(16) float am_stage[];           // [2][AM_TK][d]
     __shared__ __align__(16) float part[AM_NS][2][16][AM_PLD];  // partial scores [slice][head group][row][key]
     __shared__ u32 rmax[2][AM_TK];                              // per stage: the rows' max |x| (float bits)

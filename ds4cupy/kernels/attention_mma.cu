@@ -58,11 +58,13 @@
 //   evaluation; tests/test_gpu_attention_mma.py holds the kernel to 1e-5 (ops.attention's own bound) and prints the
 //   measured values.
 #include "attention_mma.cuh"
+#include "pdl.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 1) attn_prefill_mma(
     const float* __restrict__ q, const float* ring, const float* cur, const float* comp, const int* idx, int K,
     const int* d_pos, int H, int d, int W, int ratio, int mode, float scale, const float* sinks, int n_rot,
     const double* freqs, float* __restrict__ out) {
+    DS4_PDL_ENTRY();
     extern __shared__ __align__(16) float am_stage[];           // [2][AM_TK][d]
     __shared__ __align__(16) float part[AM_NS][2][16][AM_PLD];  // partial scores [slice][head group][row][key]
     __shared__ u32 rmax[2][AM_TK];                              // per stage: the rows' max |x| (float bits)

@@ -15,6 +15,7 @@
 //   2 = Hadamard + fp4 (indexer compressor), 0 = none.
 // compressor_emit runs before compressor_store (it reads the state left by earlier calls).
 #include "common.cuh"
+#include "pdl.cuh"
 
 // grid = S / m + 2 (block b handles window floor(pos0/m) + b if it closes inside this call), block = 256,
 // dynamic smem = hd * 12 bytes.
@@ -22,6 +23,7 @@ extern "C" __global__ void compressor_emit(const float* C, const float* Z, const
                                            const float* st_sc, const int* d_pos, int S, int m, int hd, int overlap,
                                            const float* norm_w, float eps, int n_rot, const double* freqs, int qat,
                                            float* out) {
+    DS4_PDL_ENTRY();
     extern __shared__ double dsm[];
     float* v = (float*)(dsm + hd);
     __shared__ double redd[32];
@@ -71,6 +73,7 @@ extern "C" __global__ void compressor_emit(const float* C, const float* Z, const
 // Write this call's last min(S, lanes*m) tokens into the state ring. grid = min(S, lanes*m), block = 256.
 extern "C" __global__ void compressor_store(const float* C, const float* Z, const float* ape, float* st_kv,
                                             float* st_sc, const int* d_pos, int S, int m, int cw, int lanes) {
+    DS4_PDL_ENTRY();
     const int L = lanes * m;
     const int n = S < L ? S : L;
     const int t = S - n + blockIdx.x;

@@ -4,9 +4,11 @@
 // ids: int32 [T] in device memory (decode reads the token id the previous step left there).
 // X: [T, n, D] float32, every stream a copy of the row. grid = (ceil(D/256), T), block = 256.
 #include "common.cuh"
+#include "pdl.cuh"
 
 extern "C" __global__ void embed_hc(const int* ids, const unsigned char* table, int dtype, long long row_bytes, int D,
                                     int n, float* X) {
+    DS4_PDL_ENTRY();
     const int t = blockIdx.y;
     const int d = blockIdx.x * blockDim.x + threadIdx.x;
     if (d >= D) return;
@@ -26,5 +28,6 @@ extern "C" __global__ void embed_hc(const int* ids, const unsigned char* table, 
 // The session's device position counter: d_pos[0] += n after a step (so a captured decode step needs no host write).
 // grid = 1, block = 1.
 extern "C" __global__ void pos_advance(int* d_pos, int n) {
+    DS4_PDL_ENTRY();
     d_pos[0] += n;
 }

@@ -2,6 +2,7 @@
 // (hc_pre and hc_head), and hc_post. X is the HC state [T, n, D] float32 (n = hc_mult streams).
 // reference: ReferenceModel.hc_pre / hc_post / hc_head, numerics.hc_split_sinkhorn.
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define HC_MAX_ROWS 32      // 2n + n*n for n = 4 is 24
 #define HC_MAX_STREAMS 5    // n*n <= 32 (hc_split_collapse: one lane per comb entry)
@@ -13,6 +14,7 @@
 // grid = (nsplit, T), block = 256. Deterministic (no atomics): hc_split_collapse sums the splits in order.
 extern "C" __global__ void hc_mix(const float* X, long long K, const void* fn, int dtype, int rows, int nsplit,
                                   float* part) {
+    DS4_PDL_ENTRY();
     __shared__ float red[8][HC_MAX_ROWS + 1];
     const int t = blockIdx.y, s = blockIdx.x;
     const long long chunk = ((K + nsplit - 1) / nsplit + 255) / 256 * 256;
@@ -129,6 +131,7 @@ extern "C" __global__ void hc_split_collapse(const float* X, const float* part, 
                                              const float* scale, const float* base, int iters, float eps_hc,
                                              float eps_rms, int mode, float* u, float* coef,
                                              const float* norm_w, float* xn) {
+    DS4_PDL_ENTRY();
     __shared__ double sums[HC_MAX_ROWS + 1];
     __shared__ double redd[32];
     __shared__ float pre_s[8];
@@ -440,13 +443,14 @@ __device__ __forceinline__ void hc_step_body(float* X, const float* y, const flo
         float eps_rms, int mode, float *u, float *coef_out, const float *norm_w, float *xn
 #define HC_STEP_ARGS X, y, coef_in, n, D, fn, dtype, rows, nsplit, part, counter, scale, base, iters, eps_hc, eps_rms, \
                      mode, u, coef_out, norm_w, xn
-extern "C" __global__ void hc_step(HC_STEP_PARAMS) { hc_step_body<0, 0, -1>(HC_STEP_ARGS); }
-extern "C" __global__ void hc_step_n4_r24_f16(HC_STEP_PARAMS) { hc_step_body<4, 24, 1>(HC_STEP_ARGS); }
-extern "C" __global__ void hc_step_n4_r4_f16(HC_STEP_PARAMS) { hc_step_body<4, 4, 1>(HC_STEP_ARGS); }
+extern "C" __global__ void hc_step(HC_STEP_PARAMS) { DS4_PDL_ENTRY(); hc_step_body<0, 0, -1>(HC_STEP_ARGS); }
+extern "C" __global__ void hc_step_n4_r24_f16(HC_STEP_PARAMS) { DS4_PDL_ENTRY(); hc_step_body<4, 24, 1>(HC_STEP_ARGS); }
+extern "C" __global__ void hc_step_n4_r4_f16(HC_STEP_PARAMS) { DS4_PDL_ENTRY(); hc_step_body<4, 4, 1>(HC_STEP_ARGS); }
 
 // hc_post, in place: X'[t, k, d] = post[k] * y[t, d] + sum_j comb[j, k] * X[t, j, d]   (comb transposed: model.md §7.1)
 // coef: [T, n + n*n] from hc_split_collapse. grid = (ceil(D/256), T), block = 256.
 extern "C" __global__ void hc_post(float* X, const float* y, const float* coef, int n, int D) {
+    DS4_PDL_ENTRY();
     const int t = blockIdx.y;
     const int d = blockIdx.x * blockDim.x + threadIdx.x;
     if (d >= D) return;

@@ -5,6 +5,7 @@
 // c^-1/2 * HI^-1/2 folded in here), k: [Ncap, c] indexer-compressed rows. scores: [S, stride] float32 (only s < nvis
 // written). P = d_pos[0] + t.
 #include "common.cuh"
+#include "pdl.cuh"
 
 // indexer_scores: tiles of IDX_TR = 32 rows x all heads, register-tiled on CUDA cores in float32.
 // grid = (nblk, S), block = 256. Block (b, t) takes row tiles b, b + nblk, ... below nvis(t): the grid is fixed by the
@@ -25,6 +26,7 @@ __device__ __forceinline__ float4* idx_slot(float4* base, int row, int f, int c4
 extern "C" __global__ void __launch_bounds__(256) indexer_scores(const float* q, const float* wts, const float* k,
                                                                  const int* d_pos, int HI, int c, int ratio,
                                                                  float wscale, float* scores, long long stride) {
+    DS4_PDL_ENTRY();
     __shared__ float4 qs[IDX_MAXH * IDX_MAXC / 4];     // [64][c/4] swizzled
     __shared__ float4 ks[IDX_TR * IDX_MAXC / 4];       // [32][c/4] swizzled
     const int t = blockIdx.y;
@@ -132,6 +134,7 @@ __device__ __forceinline__ int block_scan_excl(int v, int* wsum, int* total) {
 
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk(const float* scores, long long stride,
                                                                         const int* d_pos, int ratio, int K, int* out) {
+    DS4_PDL_ENTRY();
     __shared__ unsigned int hist[TOPK_THREADS / 32][256];
     __shared__ int wsum[32];
     __shared__ unsigned int s_prefix;

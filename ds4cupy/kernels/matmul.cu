@@ -14,6 +14,7 @@
 //   exactly one block column: each of the 256 threads loads 8 int8 of one row (one 8-byte load) and its scale.
 //   Reference: as above, with W's rows before repacking.
 #include "q8_0r.cuh"
+#include "pdl.cuh"
 
 #define MM_TR 64  // rows of W per CTA
 #define MM_TN 64  // tokens per CTA
@@ -120,10 +121,12 @@ __device__ __forceinline__ void dequantize_body(const u8* W, long long row_strid
 #define DS4_MATMUL(suffix, BT)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) matmul_##suffix(                                          \
         const u8* W, long long row_stride, const float* X, float* Y, int n, int rows, int cols) {               \
+        DS4_PDL_ENTRY();                                                                                        \
         matmul_body(GgufTiles<BT>{W, row_stride}, X, Y, n, rows, cols);                                        \
     }                                                                                                           \
     extern "C" __global__ void dequantize_##suffix(const u8* W, long long row_stride, float* out, int rows,      \
                                                    int cols) {                                                  \
+        DS4_PDL_ENTRY();                                                                                        \
         dequantize_body<BT>(W, row_stride, out, rows, cols);                                                    \
     }
 
@@ -132,10 +135,12 @@ DS4_FOR_EACH_QTYPE(DS4_MATMUL)
 // ---- Q8_0R (q8_0r.cuh) ----------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) matmul_q8_0r(const u8* W, int slab_rows, const float* X, float* Y,
                                                                int n, int rows, int cols) {
+    DS4_PDL_ENTRY();
     matmul_body(Q8RTiles{W, slab_rows, cols >> 5}, X, Y, n, rows, cols);
 }
 
 extern "C" __global__ void dequantize_q8_0r(const u8* W, int slab_rows, float* out, int rows, int cols) {
+    DS4_PDL_ENTRY();
     const long long total = (long long)rows * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x)

@@ -33,6 +33,7 @@
 //   to the float32 accumulator. The result differs from the FP32 CUDA-core kernel (matmul.cu) by float32
 //   summation-level errors (~1e-6 relative), not by fp16 rounding (~3e-4; tests/test_gpu_matmul_mma.py).
 #include "mma_f16.cuh"
+#include "pdl.cuh"
 #include "q8_0r.cuh"
 
 #define MMA_BM 128   // tokens per CTA
@@ -257,17 +258,20 @@ __device__ __forceinline__ void mma_matmul_body(const Tiles& tiles, const float*
 extern "C" __global__ void __launch_bounds__(256, 1) mma_matmul_q8_0(
     const u8* W, long long row_stride, const float* X, long long ldx, long long xgoff, float* Y, long long ldy,
     long long ygoff, int n, int R, int cols) {
+    DS4_PDL_ENTRY();
     mma_matmul_body(MmaTilesQ8_0{W, row_stride, cols >> 5}, X, ldx, xgoff, Y, ldy, ygoff, n, R, cols);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) mma_matmul_q8_0r(
     const u8* W, long long slab_rows, const float* X, long long ldx, long long xgoff, float* Y, long long ldy,
     long long ygoff, int n, int R, int cols) {
+    DS4_PDL_ENTRY();
     mma_matmul_body(MmaTilesQ8_0R{W, (int)slab_rows, cols >> 5}, X, ldx, xgoff, Y, ldy, ygoff, n, R, cols);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) mma_matmul_f16(
     const u8* W, long long row_stride, const float* X, long long ldx, long long xgoff, float* Y, long long ldy,
     long long ygoff, int n, int R, int cols) {
+    DS4_PDL_ENTRY();
     mma_matmul_body(MmaTilesF16{W, row_stride, cols}, X, ldx, xgoff, Y, ldy, ygoff, n, R, cols);
 }

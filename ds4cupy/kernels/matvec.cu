@@ -39,6 +39,7 @@
 //   q8_1 activations, the scale kept in float32, no block sums.
 //   Reference: ds4cupy.engines.cuda.quant_ops.quantize_q8x_np.
 #include "q8_0r.cuh"
+#include "pdl.cuh"
 
 template <class BT>
 __device__ __forceinline__ void matvec_body(const u8* W, long long row_stride, const float* x, float* y, int rows,
@@ -70,15 +71,18 @@ __device__ __forceinline__ void matvec_body(const u8* W, long long row_stride, c
 #define DS4_MATVEC(suffix, BT)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) matvec_##suffix(                                           \
         const u8* W, long long row_stride, const float* x, float* y, int rows, int cols, int wpr) {              \
+        DS4_PDL_ENTRY();                                                                                         \
         matvec_body<BT>(W, row_stride, x, y, rows, cols, wpr, nullptr, nullptr, 0, 0);                           \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) matvec_xgroup_##suffix(                                    \
         const u8* W, long long row_stride, const float* x, float* y, int rows, int cols, int wpr, int group_rows) { \
+        DS4_PDL_ENTRY();                                                                                            \
         matvec_body<BT>(W, row_stride, x, y, rows, cols, wpr, nullptr, nullptr, 0, group_rows);                  \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) matvec_group_##suffix(                                     \
         const unsigned long long* w_ptrs, const int* row_start, int n_mats, long long row_stride, const float* x, \
         float* y, int total_rows, int cols, int wpr) {                                                           \
+        DS4_PDL_ENTRY();                                                                                         \
         matvec_body<BT>(nullptr, row_stride, x, y, total_rows, cols, wpr, w_ptrs, row_start, n_mats, 0);         \
     }
 
@@ -127,15 +131,18 @@ __device__ __forceinline__ void matvec_q8r_body(const u8* W, int slab_rows, XA x
 #define DS4_MATVEC_Q8R(NR, MINB, SUF, XARGS, XA)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, MINB) matvec_q8_0r##SUF##_r##NR(                           \
         const u8* W, int slab_rows, XARGS, float* y, int rows, int cols, int wpr) {                              \
+        DS4_PDL_ENTRY();                                                                                         \
         matvec_q8r_body<NR>(W, slab_rows, XA, y, rows, cols, wpr, nullptr, nullptr, 0, 0);                       \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, MINB) matvec_xgroup_q8_0r##SUF##_r##NR(                    \
         const u8* W, int slab_rows, XARGS, float* y, int rows, int cols, int wpr, int group_rows) {              \
+        DS4_PDL_ENTRY();                                                                                         \
         matvec_q8r_body<NR>(W, slab_rows, XA, y, rows, cols, wpr, nullptr, nullptr, 0, group_rows);              \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, MINB) matvec_group_q8_0r##SUF##_r##NR(                     \
         const unsigned long long* w_ptrs, const int* row_start, int n_mats, int slab_rows, XARGS, float* y,      \
         int total_rows, int cols, int wpr) {                                                                     \
+        DS4_PDL_ENTRY();                                                                                         \
         matvec_q8r_body<NR>(nullptr, slab_rows, XA, y, total_rows, cols, wpr, w_ptrs, row_start, n_mats, 0);     \
     }
 
@@ -153,6 +160,7 @@ DS4_MATVEC_Q8R(2, 2, _q8x, DS4_XQ8_ARGS, DS4_XQ8)
 
 extern "C" __global__ void __launch_bounds__(256) quantize_q8x(const float* x, long long n_blocks, signed char* xq,
                                                                float* xd) {
+    DS4_PDL_ENTRY();
     const int lane = threadIdx.x & 31;
     for (long long b = blockIdx.x * 8LL + (threadIdx.x >> 5); b < n_blocks; b += gridDim.x * 8LL) {
         const float v = x[32 * b + lane];

@@ -21,9 +21,12 @@
 //   (8 / wpr) * RF (RD) rows: grid (ceil(ff / ((8 / wpr) RF)), n * k) or (ceil(D / ((8 / wpr) RD)), n).
 // moe_gate_up_i8_iq2_xxs: moe_gate_up_fast_iq2_xxs's arguments and results (to float32 rounding) with integer dot
 //   products on three int8 planes of the activations (below; switch MOE_I8, quant_ops picks it).
+// moe_gate_up_i8s_iq2_xxs / moe_down_xs_q2_k: one token (decode); the two kernels above (i8, fast Q2_K down) staging
+//   weights, respectively activations, through shared memory, bit-identical to them (below; switch MOE_STAGED).
 // Reference: the float64 NumPy expert of tests/test_gpu_quant_ops.py, following model.md §2.8.
 #include "q8_0r.cuh"
 #include "mma_f16.cuh"
+#include "pdl.cuh"
 
 __device__ __forceinline__ float silu_f32(float g) { return g / (1.f + expf(-g)); }
 
@@ -95,12 +98,14 @@ __device__ __forceinline__ void moe_down_body(const u8* down, long long expert_s
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids,              \
         const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,     \
         int wpr) {                                                                                                \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_gate_up_body<BT>(gate, up, expert_stride, row_stride, ids, weights, k, n_expert, X, cols, mid, ff,    \
                              clamp, wpr);                                                                         \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) moe_down_##suffix(                                          \
         const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,       \
         const float* mid, int ff, float* Y, int D, int accumulate, int wpr) {                                     \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_down_body<BT>(down, expert_stride, row_stride, ids, k, n_expert, mid, ff, Y, D, accumulate, wpr);     \
     }
 
@@ -413,6 +418,7 @@ __device__ __forceinline__ void moe_down_fast_body(const u8* down, long long exp
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids,              \
         const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,     \
         int n_pairs) {                                                                                            \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_gate_up_fast_body<P, DS4_MOE_RF>(gate, up, expert_stride, row_stride, ids, weights, k, n_expert, X,   \
                                              cols, mid, ff, clamp, n_pairs);                                      \
     }
@@ -420,6 +426,7 @@ __device__ __forceinline__ void moe_down_fast_body(const u8* down, long long exp
     extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_down_fast_##suffix(                                     \
         const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,       \
         const float* mid, int ff, float* Y, int D, int accumulate, int n) {                                       \
+        DS4_PDL_ENTRY();                                                                                          \
         moe_down_fast_body<P, DS4_MOE_RD>(down, expert_stride, row_stride, ids, k, n_expert, mid, ff, Y, D,       \
                                           accumulate, n);                                                         \
     }
@@ -568,6 +575,7 @@ __device__ __forceinline__ void i8_stage_planes(const float* x, int nsub, u32* s
 extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_iq2_xxs(
     const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
     int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
+    DS4_PDL_ENTRY();
     __shared__ u64 s_grid[256 * I8_GRID_COPIES];
     __shared__ u64 s_sign[128 * IQ2_SIGN_COPIES];
     __shared__ u32 s_xq[24 * (I8_STAGE_COLS / 32)];
@@ -722,6 +730,7 @@ __device__ __forceinline__ float i8s_subblock(u32 g4, u32 aux, const I8XPlanes& 
 extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
     const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* ids, const float* weights,
     int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp, int n_pairs) {
+    DS4_PDL_ENTRY();
     extern __shared__ __align__(16) u8 s_units[];                 // [8 warps][2][i8s_unit_bytes]
     __shared__ u32 s_gnib[256 * I8S_TAB_COPIES];
     __shared__ u32 s_snib[128 * I8S_TAB_COPIES];
@@ -812,7 +821,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
 // CTAs), units = ceil(D / XS_RD).
 // Reference: moe_down_fast_q2_k (bit for bit; tests/test_gpu_moe_staged.py).
 #ifndef XS_RD
-#define XS_RD 2
+#define XS_RD 4
 #endif
 
 __device__ __forceinline__ int xs_slot(int c) { return c ^ ((c >> 5) & 7); }
@@ -820,6 +829,7 @@ __device__ __forceinline__ int xs_slot(int c) { return c ^ ((c >> 5) & 7); }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
     const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,
     const float* mid, int ff, float* Y, int D, int accumulate) {
+    DS4_PDL_ENTRY();
     extern __shared__ __align__(16) float4 s_mid[];
     const int nchunk = k * ff / 4;
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) s_mid[xs_slot(c)] = ld_x4(mid + 4 * c);
@@ -954,12 +964,14 @@ __device__ __forceinline__ void moe_down_q8r_body(const u8* down, long long expe
         const u8* gate, const u8* up, long long expert_stride, int slab_rows, const int* ids,                    \
         const float* weights, int k, int n_expert, const float* X, int cols, float* mid, int ff, float clamp,    \
         int wpr) {                                                                                               \
+        DS4_PDL_ENTRY();                                                                                         \
         moe_gate_up_q8r_body<R>(gate, up, expert_stride, slab_rows, ids, weights, k, n_expert, X, cols, mid, ff, \
                                 clamp, wpr);                                                                     \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, MINB) moe_down_q8_0r_r##R(                                 \
         const u8* down, long long expert_stride, int slab_rows, const int* ids, int k, int n_expert,             \
         const float* mid, int ff, float* Y, int D, int accumulate, int wpr) {                                    \
+        DS4_PDL_ENTRY();                                                                                         \
         moe_down_q8r_body<R>(down, expert_stride, slab_rows, ids, k, n_expert, mid, ff, Y, D, accumulate, wpr);  \
     }
 

@@ -69,6 +69,7 @@
 // by fp16 rounding (~4e-4; tests/test_gpu_moe_grouped.py, tests/test_moe_grouped.py's NumPy emulation). No range
 // condition: the scale s keeps every fp16 operand below 2^15 whatever the activations.
 #include "mma_f16.cuh"
+#include "pdl.cuh"
 #include "q8_0r.cuh"
 
 #define MG_BN 64          // tokens (pairs) per tile
@@ -578,6 +579,7 @@ MG_PIPE_SMEM(MgQ8_0R, 66560);
         const u8* gate, const u8* up, long long expert_stride, long long row_stride, const int* tiles,             \
         const int* n_tiles, const int* sorted, const float* weights, int k, int n_expert, int n_pairs,             \
         const float* X, int cols, float* mid, int ff, float clamp) {                                               \
+        DS4_PDL_ENTRY();                                                                                           \
         mg_gemm<DEC, true, PIPE>(gate, up, expert_stride, row_stride, tiles, n_tiles, sorted, weights, k,          \
                                  n_expert, n_pairs, X, cols, mid, ff, clamp, 0);                                   \
     }                                                                                                              \
@@ -585,6 +587,7 @@ MG_PIPE_SMEM(MgQ8_0R, 66560);
         const u8* down, long long expert_stride, long long row_stride, const int* tiles, const int* n_tiles,       \
         const int* sorted, int n_expert, int n_pairs, const float* mid, int cols, float* out, int rows,            \
         int accumulate) {                                                                                          \
+        DS4_PDL_ENTRY();                                                                                           \
         mg_gemm<DEC, false, PIPE>(down, nullptr, expert_stride, row_stride, tiles, n_tiles, sorted, nullptr, 1,    \
                                   n_expert, n_pairs, mid, cols, out, rows, 0.f, accumulate);                       \
     }
@@ -603,6 +606,7 @@ __device__ __forceinline__ int mg_bucket(int e, int n_expert) { return (e >= 0 &
 
 extern "C" __global__ void __launch_bounds__(MG_RT_WARPS * 32) moe_grouped_route(
     const int* ids, int n_pairs, int n_expert, int tile_n, int* offsets, int* sorted, int* tiles, int* n_tiles) {
+    DS4_PDL_ENTRY();
     __shared__ int cnt[MG_RT_WARPS][MG_MAX_EXPERT + 1];  // per warp segment and bucket: count, then next position
     __shared__ int s_tot[MG_MAX_EXPERT + 1], s_base[MG_MAX_EXPERT + 1], s_tbase[MG_MAX_EXPERT + 1];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -681,6 +685,7 @@ extern "C" __global__ void __launch_bounds__(MG_RT_WARPS * 32) moe_grouped_route
 
 // ---- the k slots of a token, in order --------------------------------------------------------------------------------
 extern "C" __global__ void moe_grouped_sum(const float* Yp, int k, float* Y, int n, int D) {
+    DS4_PDL_ENTRY();
     const long long total = (long long)n * (D / 4);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {

@@ -4,11 +4,13 @@
 // RoPE frequencies: float64 [n_rot/2] from ds4cupy.engines.numerics.rope_freqs (per layer, YaRN folded in); cos/sin are
 // formed per element in double exactly like numerics.rope_cos_sin.
 #include "common.cuh"
+#include "pdl.cuh"
 
 // y[r, :n] = rms_norm(x[r, :n], w)            (numerics.rms_norm; w == nullptr: no weight)
 // x: [rows, xs] float, y: [rows, ys] float (may alias x). grid = rows, block = 256.
 extern "C" __global__ void rms_norm_rows(const float* x, long long xs, const float* w, float* y, long long ys, int n,
                                          float eps) {
+    DS4_PDL_ENTRY();
     __shared__ double redd[32];
     const float* xr = x + (long long)blockIdx.x * xs;
     float* yr = y + (long long)blockIdx.x * ys;
@@ -29,6 +31,7 @@ extern "C" __global__ void rms_norm_rows(const float* x, long long xs, const flo
 extern "C" __global__ void rms_norm_qkv(const float* xq, long long xqs, const float* wq, float* qr, int nq,
                                         const float* xkv, long long xkvs, const float* wkv, float* kv, int nkv,
                                         int n_rot, const double* freqs, const int* d_pos, int qat, float eps) {
+    DS4_PDL_ENTRY();
     extern __shared__ float v[];
     __shared__ double redd[32];
     const int t = blockIdx.x;
@@ -49,6 +52,7 @@ extern "C" __global__ void rms_norm_qkv(const float* xq, long long xqs, const fl
 // reference: ReferenceModel.attention (q) / indexer_select (qi). grid = S*H, block = 128, dynamic smem = d*12 bytes.
 extern "C" __global__ void heads_prep(float* x, int H, int d, int norm, int n_rot, const double* freqs,
                                       const int* d_pos, int qat, float eps) {
+    DS4_PDL_ENTRY();
     extern __shared__ double dsm[];              // d doubles, then d floats
     float* v = (float*)(dsm + d);
     __shared__ double redd[32];
@@ -64,6 +68,7 @@ extern "C" __global__ void heads_prep(float* x, int H, int d, int norm, int n_ro
 // d_pos[0] + r / per_tok. inverse != 0: conjugate rotation. grid = S*per_tok, block = 32..256.
 extern "C" __global__ void rope_rows(float* x, int per_tok, int d, int n_rot, const double* freqs, const int* d_pos,
                                      int inverse) {
+    DS4_PDL_ENTRY();
     const long long row = blockIdx.x;
     const long long pos = (long long)d_pos[0] + row / per_tok;
     float* xr = x + row * d + (d - n_rot);
@@ -84,6 +89,7 @@ extern "C" __global__ void rope_rows(float* x, int per_tok, int d, int n_rot, co
 // Bit-exact to the NumPy functions (the Hadamard runs in double in NumPy's butterfly order).
 // grid = rows, block = 128, dynamic smem = d*12 bytes.
 extern "C" __global__ void qat_rows(float* x, int d, int nq, int mode) {
+    DS4_PDL_ENTRY();
     extern __shared__ double dsm[];
     float* v = (float*)(dsm + d);
     __shared__ double redd[32];

@@ -10,6 +10,7 @@
 //   MXFP4 / NVFP4 scales: the neighbouring representable values below/above the target, drawn so E[scale^2] is exact.
 // Randomness: a counter-based hash of (seed, block, word), so any launch shape gives the same bytes.
 #include "quant_blocks.cuh"
+#include "pdl.cuh"
 
 __device__ __forceinline__ u64 mix64(u64 z) {
     z += 0x9E3779B97F4A7C15ull;
@@ -37,6 +38,7 @@ __device__ __forceinline__ bool pick_upper(float t, float a, float b, u64 r) {
 }
 
 extern "C" __global__ void random_q8_0(u8* out, long long n, unsigned long long seed, float base) {
+    DS4_PDL_ENTRY();
     for (long long blk = blockIdx.x * (long long)blockDim.x + threadIdx.x; blk < n; blk += (long long)gridDim.x * blockDim.x) {
         u8* p = out + blk * 34;
         put_u16(p, f32_to_f16_rn(base * jitter(rand64(seed, blk, 0))));
@@ -51,6 +53,7 @@ extern "C" __global__ void random_q8_0(u8* out, long long n, unsigned long long 
 }
 
 extern "C" __global__ void random_q2_k(u8* out, long long n, unsigned long long seed, float base) {
+    DS4_PDL_ENTRY();
     for (long long blk = blockIdx.x * (long long)blockDim.x + threadIdx.x; blk < n; blk += (long long)gridDim.x * blockDim.x) {
         u8* p = out + blk * 84;
         const u64 rs = rand64(seed, blk, 1);
@@ -67,6 +70,7 @@ extern "C" __global__ void random_q2_k(u8* out, long long n, unsigned long long 
 }
 
 extern "C" __global__ void random_q4_k(u8* out, long long n, unsigned long long seed, float base) {
+    DS4_PDL_ENTRY();
     for (long long blk = blockIdx.x * (long long)blockDim.x + threadIdx.x; blk < n; blk += (long long)gridDim.x * blockDim.x) {
         u8* p = out + blk * 144;
         const u16 d = f32_to_f16_rn(base * jitter(rand64(seed, blk, 0)));
@@ -88,6 +92,7 @@ extern "C" __global__ void random_q4_k(u8* out, long long n, unsigned long long 
 }
 
 extern "C" __global__ void random_iq2_xxs(u8* out, long long n, unsigned long long seed, float base) {
+    DS4_PDL_ENTRY();
     for (long long blk = blockIdx.x * (long long)blockDim.x + threadIdx.x; blk < n; blk += (long long)gridDim.x * blockDim.x) {
         u8* p = out + blk * 66;
         put_u16(p, f32_to_f16_rn(base * jitter(rand64(seed, blk, 0))));
@@ -104,6 +109,7 @@ extern "C" __global__ void random_iq2_xxs(u8* out, long long n, unsigned long lo
 }
 
 extern "C" __global__ void random_mxfp4(u8* out, long long n, unsigned long long seed, float base) {
+    DS4_PDL_ENTRY();
     for (long long blk = blockIdx.x * (long long)blockDim.x + threadIdx.x; blk < n; blk += (long long)gridDim.x * blockDim.x) {
         u8* p = out + blk * 17;
         const float t = base * jitter(rand64(seed, blk, 0));
@@ -118,6 +124,7 @@ extern "C" __global__ void random_mxfp4(u8* out, long long n, unsigned long long
 }
 
 extern "C" __global__ void random_nvfp4(u8* out, long long n, unsigned long long seed, float base) {
+    DS4_PDL_ENTRY();
     for (long long blk = blockIdx.x * (long long)blockDim.x + threadIdx.x; blk < n; blk += (long long)gridDim.x * blockDim.x) {
         u8* p = out + blk * 36;
         for (int s = 0; s < 4; ++s) {
@@ -145,16 +152,19 @@ __device__ __forceinline__ float normal01(u64 seed, u64 i) {
 }
 
 extern "C" __global__ void random_f32(float* out, long long n, unsigned long long seed, float std) {
+    DS4_PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         out[i] = std * normal01(seed, i);
 }
 
 extern "C" __global__ void random_f16(u16* out, long long n, unsigned long long seed, float std) {
+    DS4_PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         out[i] = f32_to_f16_rn(std * normal01(seed, i));
 }
 
 extern "C" __global__ void random_bf16(u16* out, long long n, unsigned long long seed, float std) {
+    DS4_PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const u32 b = __float_as_uint(std * normal01(seed, i));
         out[i] = (u16)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);   // round to nearest even (values are finite)

@@ -14,9 +14,11 @@
 // Reference: ds4cupy.engines.cuda.q8_0r.repack_q8_0_np / unpack_q8_0_np.
 // Launch: 256 threads, any grid (grid-stride over the n_rows * nblk blocks, one block per thread).
 #include "q8_0r.cuh"
+#include "pdl.cuh"
 
 extern "C" __global__ void repack_q8_0(const u8* src, long long n_rows, int nblk, int slab_rows, u8* qs_dst,
                                        u8* d_dst) {
+    DS4_PDL_ENTRY();
     const long long total = n_rows * nblk;
     const long long sb = 34LL * nblk * slab_rows;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -38,6 +40,7 @@ extern "C" __global__ void repack_q8_0(const u8* src, long long n_rows, int nblk
 }
 
 extern "C" __global__ void unpack_q8_0(const u8* src, long long n_rows, int nblk, int slab_rows, u8* dst) {
+    DS4_PDL_ENTRY();
     const long long total = n_rows * nblk;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {

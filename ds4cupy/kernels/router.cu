@@ -8,11 +8,13 @@
 // out_ids: int32 [T, k], out_w: float32 [T, k] in device memory, read by the MoE kernels (no host round trip).
 // grid = T, block = 256 (E <= 256 * 8): all threads compute sc, warp 0 selects.
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define ROUTER_PER_THREAD 8
 
 extern "C" __global__ void router_select(const float* logits, const float* bias, const int* tid2eid, const int* ids,
                                          int E, int k, int norm, float scale, int* out_ids, float* out_w) {
+    DS4_PDL_ENTRY();
     __shared__ float sc_s[256 * ROUTER_PER_THREAD];
     __shared__ double vb[256 * ROUTER_PER_THREAD];     // sc + bias, -inf once picked
     __shared__ int sel_s[64];

@@ -26,6 +26,7 @@
 //   combines the partial sums: total = sum_b bsum[b] * exp((bmax[b] - M) / T). That rescaling differs from summing
 //   exp((l - M) / T) directly by a few float64 rounding steps (relative ~1e-15), as does any other summation order.
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define SAMPLE_RUN 1024          // keys per run == candidates kept (text.candidates.N_CANDIDATES)
 #define SAMPLE_MERGE_RUNS 4      // runs merged per block by sample_merge
@@ -90,6 +91,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_runs(const float* __restrict__ logits, int V, const double* __restrict__ temp, u64* __restrict__ runs,
             float* __restrict__ bmax, double* __restrict__ bsum, int final_launch, int* __restrict__ out_ids,
             float* __restrict__ out_vals, double* __restrict__ out_td) {
+    DS4_PDL_ENTRY();
     __shared__ u64 s[SAMPLE_RUN];
     __shared__ double red[32];
     const int tid = threadIdx.x, b = blockIdx.x;
@@ -135,6 +137,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_merge(const u64* __restrict__ in, int n_runs, u64* __restrict__ out, const float* __restrict__ bmax,
              const double* __restrict__ bsum, int nb0, const double* __restrict__ temp, int final_launch,
              int* __restrict__ out_ids, float* __restrict__ out_vals, double* __restrict__ out_td) {
+    DS4_PDL_ENTRY();
     __shared__ u64 s[SAMPLE_MERGE_RUNS * SAMPLE_RUN];
     __shared__ double red[32];
     const int tid = threadIdx.x, b = blockIdx.x;

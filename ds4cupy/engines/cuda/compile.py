@@ -5,6 +5,7 @@ One family = one `.cu` file = one module. Everyone's kernels go through the two 
     from ds4cupy.engines.cuda.compile import get_kernel
     k = get_kernel("matvec", "matvec_q8_0")      # cupy.RawKernel, compiled once per device and cached on disk
     k((grid,), (256,), (args...))                # launch on the current CuPy stream
+                                                 # (switch PDL: programmatic dependent launch, launch.py)
 
     compile_for_arch("matvec", "sm_90a")  -> (ok, log)   # NVRTC only, no driver or GPU needed (CI uses it)
 
@@ -224,10 +225,22 @@ def _kernel(family: str, name: str, device_id: int):
     return _module(family, device_id).get_function(name)
 
 
+@functools.cache
+def _pdl_kernel(family: str, name: str, device_id: int):
+    from .launch import PdlKernel
+    return PdlKernel(_kernel(family, name, device_id))
+
+
 def get_kernel(family: str, name: str):
-    """The `extern "C"` kernel `name` of ds4cupy/kernels/<family>.cu as a cupy.RawKernel (cached per device)."""
+    """The `extern "C"` kernel `name` of ds4cupy/kernels/<family>.cu as a cupy.RawKernel (cached per device); with
+    switch PDL on and a device of compute capability >= 9.0, the same kernel wrapped in launch.PdlKernel (called the
+    same way, launched with programmatic dependent launch)."""
     import cupy
-    return _kernel(family, name, cupy.cuda.Device().id)
+    from . import launch, switches
+    dev = cupy.cuda.Device().id
+    if switches.enabled("PDL") and launch.supported(dev):
+        return _pdl_kernel(family, name, dev)
+    return _kernel(family, name, dev)
 
 
 def _precompile_one(args: tuple[str, str]) -> tuple[str, str | None]:

@@ -562,7 +562,7 @@ def i8s_smem_bytes(row_bytes: int) -> int:
     return 8 * 2 * (2 * _I8S_ROWS_PER_WARP * row_bytes + 16)
 
 
-_XS_ROWS_PER_WARP = 2    # XS_RD in moe.cu (moe_down_xs_q2_k: one token, mid staged in shared memory)
+_XS_ROWS_PER_WARP = 4    # XS_RD in moe.cu (moe_down_xs_q2_k: one token, mid staged in shared memory)
 _XS_MAX_SMEM = 64 * 1024  # its mid copy: k * ff * 4 bytes of dynamic shared memory (two CTAs an SM on an H200)
 
 
