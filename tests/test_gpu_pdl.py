@@ -50,7 +50,7 @@ PROBE = r"""
 extern "C" __global__ void probe(unsigned long long* out, const float* x, unsigned long long p, int i32, long long i64,
                                  unsigned int u32, unsigned long long u64, float f32, double f64, signed char i8,
                                  unsigned char u8, short i16, unsigned short f16_bits, bool b, long long py_int,
-                                 double py_float, long long py_bool, const float* mp, double re, double im) {
+                                 double py_float, long long py_bool, const float* mp, double2 c128) {
     DS4_PDL_ENTRY();
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     out[0] = (unsigned long long)x; out[1] = p; out[2] = (unsigned int)i32; out[3] = (unsigned long long)i64;
@@ -58,7 +58,7 @@ extern "C" __global__ void probe(unsigned long long* out, const float* x, unsign
     out[8] = (unsigned char)i8; out[9] = u8; out[10] = (unsigned short)i16; out[11] = f16_bits; out[12] = b;
     out[13] = (unsigned long long)py_int; out[14] = __double_as_longlong(py_float);
     out[15] = (unsigned long long)py_bool;
-    out[16] = (unsigned long long)mp; out[17] = __double_as_longlong(re); out[18] = __double_as_longlong(im);
+    out[16] = (unsigned long long)mp; out[17] = __double_as_longlong(c128.x); out[18] = __double_as_longlong(c128.y);
     out[19] = __float_as_uint(x[1]);                      // the pointer is usable
 }
 """
