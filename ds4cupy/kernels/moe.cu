@@ -655,6 +655,9 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
 #ifndef I8S_RF
 #define I8S_RF 2
 #endif
+#ifndef I8S_UNROLL
+#define I8S_UNROLL 1             // sub-blocks of a unit's rows in flight (unrolled sub-block loop)
+#endif
 #ifndef I8S_TAB_COPIES
 #define I8S_TAB_COPIES 16
 #endif
@@ -780,6 +783,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
 #pragma unroll
         for (int r = 0; r < 2 * I8S_RF; ++r) acc[r] = 0.f;
         if (!bad) {
+            constexpr int sunroll = I8S_UNROLL;
+#pragma unroll sunroll
             for (int sb = lane; sb < nsub; sb += 32) {
                 I8XPlanes xq;
 #pragma unroll
@@ -823,6 +828,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
 #ifndef XS_RD
 #define XS_RD 4
 #endif
+#ifndef XS_JUNROLL
+#define XS_JUNROLL 1             // experts whose rows are loaded together (unrolled expert loop)
+#endif
 
 __device__ __forceinline__ int xs_slot(int c) { return c ^ ((c >> 5) & 7); }
 
@@ -843,6 +851,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
 #pragma unroll
         for (int r = 0; r < XS_RD; ++r) acc[r] = 0.f;
         bool bad = false;
+        constexpr int junroll = XS_JUNROLL;
+#pragma unroll junroll
         for (int j = 0; j < k; ++j) {
             const int e = ids ? ids[j] : 0;
             if (e < 0 || e >= n_expert) {
