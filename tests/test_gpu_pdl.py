@@ -1,9 +1,10 @@
 """Programmatic dependent launch (switch PDL: engines/cuda/launch.py, kernels/pdl.cuh) on the GPU (sm_90+).
 
 - The launcher: a probe kernel that stores every argument it gets, called with every argument kind the engine passes
-  (and the other kinds CuPy accepts) through launch.PdlKernel and through the plain cupy.RawKernel: the same bytes,
-  equal to the values passed (struct.pack is the reference). Dynamic shared memory above 48 KB through the
-  RawKernel's attribute set on the wrapper; a bad launch raises CUDA's error.
+  (and the other kinds CuPy accepts) through launch.PdlKernel and through the plain cupy.RawKernel, each captured
+  into a CUDA graph (PdlKernel marshals the arguments itself only for a capturing stream; eagerly it is the plain
+  launch): the same bytes, equal to the values passed (struct.pack is the reference). Dynamic shared memory above
+  48 KB through the RawKernel's attribute set on the wrapper; a bad launch raises CUDA's error.
 - Ordering: a chain of 200 kernels, each adding 1 to its predecessor's output after a ~5 us delay (ping-pong
   buffers), launched with PDL, eagerly and captured into a CUDA graph: exactly start + 200. The same chain of a
   kernel without griddepcontrol.wait (launch_dependents only) must come out wrong under PDL: that shows the launches
@@ -64,11 +65,43 @@ extern "C" __global__ void probe(unsigned long long* out, const float* x, unsign
 """
 
 
+def _in_graph(launch):
+    """launch() captured into a CUDA graph on a fresh stream, then the graph run: PdlKernel takes cuLaunchKernelEx
+    only for a stream being captured (launch.py, "Where"); eagerly it is the plain RawKernel launch."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            launch()
+        except BaseException:
+            try:
+                stream.end_capture()
+            except Exception:           # the capture is invalid after a failed launch: the launch's error is the news
+                pass
+            raise
+        stream.end_capture().launch(stream)
+        stream.synchronize()
+
+
+@pytest.fixture
+def pdl_launches(monkeypatch):
+    """Counts the launches that went through cuLaunchKernelEx."""
+    from ds4cupy.engines.cuda import launch
+    count = [0]
+    real = launch._launch_ex
+
+    def counting(*a):
+        count[0] += 1
+        return real(*a)
+    monkeypatch.setattr(launch, "_launch_ex", counting)
+    return count
+
+
 def _u64(fmt, v):
     return struct.unpack("<Q", struct.pack(fmt, v).ljust(8, b"\0"))[0]
 
 
-def test_every_argument_kind_as_cupy_passes_it():
+def test_every_argument_kind_as_cupy_passes_it(pdl_launches):
     from ds4cupy.engines.cuda.launch import PdlKernel
     raw = _raw_kernel(PROBE, "probe")
     pdl = PdlKernel(raw)
@@ -84,13 +117,14 @@ def test_every_argument_kind_as_cupy_passes_it():
     outs = []
     for kern in (raw, pdl):
         out = cp.full(20, 0xDEAD, np.uint64)
-        kern((1,), (32,), (out, *args))
+        _in_graph(lambda: kern((1,), (32,), (out, *args)))
         outs.append(cp.asnumpy(out))
+    assert pdl_launches[0] == 1
     np.testing.assert_array_equal(outs[1], outs[0])
     np.testing.assert_array_equal(outs[1], np.array(expected, np.uint64))
 
 
-def test_dynamic_shared_memory_above_48k_and_errors():
+def test_dynamic_shared_memory_above_48k_and_errors(pdl_launches):
     """The max-dynamic-shared-memory attribute set through the wrapper (as attention_mma / moe_grouped do) holds
     for its launches; beyond the attribute the launch fails with CUDA's error, as the RawKernel's does."""
     from cupy_backends.cuda.api.driver import CUDADriverError
@@ -108,11 +142,15 @@ def test_dynamic_shared_memory_above_48k_and_errors():
     x = cp.asarray(np.arange(n, dtype=np.float32) % 7)
     out = cp.zeros(1, np.float32)
     with pytest.raises(CUDADriverError):
-        pdl((1,), (256,), (x, out, np.int32(n)), shared_mem=4 * n)
+        _in_graph(lambda: pdl((1,), (256,), (x, out, np.int32(n)), shared_mem=4 * n))
     pdl.max_dynamic_shared_size_bytes = 4 * n
     assert pdl.raw.max_dynamic_shared_size_bytes == 4 * n
-    pdl((1,), (256,), (x, out, np.int32(n)), shared_mem=4 * n)
+    _in_graph(lambda: pdl((1,), (256,), (x, out, np.int32(n)), shared_mem=4 * n))
+    assert pdl_launches[0] == 2
     assert float(out[0]) == float(np.sum(np.arange(n) % 7))   # small integers: exact in float32
+    out[...] = 0                                               # eagerly: the plain launch, same result
+    pdl((1,), (256,), (x, out, np.int32(n)), shared_mem=4 * n)
+    assert pdl_launches[0] == 2 and float(out[0]) == float(np.sum(np.arange(n) % 7))
 
 
 CHAIN = r"""
@@ -170,9 +208,13 @@ def test_dependent_chain_is_exact(graph):
     expected = np.arange(CHAIN_N, dtype=np.float32) + CHAIN_LEN
     np.testing.assert_array_equal(_run_chain(raw.get_function("chain_step"), graph), expected)     # plain launches
     np.testing.assert_array_equal(_run_chain(PdlKernel(raw.get_function("chain_step")), graph), expected)
-    # control: without the wait, PDL lets each kernel read its input before its predecessor wrote it
-    wrong = _run_chain(PdlKernel(raw.get_function("chain_step_nowait")), graph)
-    assert not np.array_equal(wrong, expected), "no overlap seen: PDL launches did not start early (edges missing?)"
+    # control: without the wait, PDL lets each kernel read its input before its predecessor wrote it (graph capture
+    # only: eager PdlKernel launches are plain launches, launch.py "Where", so there the chain stays exact)
+    nowait = _run_chain(PdlKernel(raw.get_function("chain_step_nowait")), graph)
+    if graph:
+        assert not np.array_equal(nowait, expected), "no overlap seen: PDL did not start kernels early (edges missing?)"
+    else:
+        np.testing.assert_array_equal(nowait, expected)
 
 
 @pytest.mark.parametrize("qat", [False, True])

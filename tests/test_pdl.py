@@ -142,7 +142,10 @@ def test_launch_struct_layout():
     assert driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION.value == 6
 
 
-def test_switch_off_by_default(monkeypatch):
+def test_switch_on_by_default_and_off_with_zero(monkeypatch):
+    """On by default since its GPU run (switches.py); DS4CUPY_PDL=0 turns it off."""
     from ds4cupy.engines.cuda import switches
     monkeypatch.delenv("DS4CUPY_PDL", raising=False)
+    assert switches.enabled("PDL") is True
+    monkeypatch.setenv("DS4CUPY_PDL", "0")
     assert switches.enabled("PDL") is False

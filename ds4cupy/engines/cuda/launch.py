@@ -6,6 +6,11 @@ Why it is safe: every kernel of ds4cupy/kernels starts with DS4_PDL_ENTRY() (ker
 checks each one), which waits for the grids it depends on to complete and their writes to be visible before it
 touches global memory. Kernels launched otherwise (CuPy's own, plain RawKernel calls) keep full stream order.
 
+Where: only launches into a stream that is being captured (the decode graph) take cuLaunchKernelEx; eager launches go
+through the RawKernel as before. Marshalling the arguments here costs ~20-50 us of host time a launch (ctypes), which
+a replayed graph never pays but an eager prefill chunk of ~1,700 launches would (+35-90 ms), while an eager launch
+gains nothing from PDL (the host, not the GPU, is the gap).
+
 compile.get_kernel returns a PdlKernel instead of the cupy.RawKernel when the switch is on and the device's compute
 capability is >= 9.0. PdlKernel is called like the RawKernel, `k(grid, block, args, shared_mem=0, stream=None)`, and
 passes every other attribute (max_dynamic_shared_size_bytes, name, kernel.ptr, ...) through to it: both launch the
@@ -105,9 +110,12 @@ class PdlKernel:
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         import cupy
         from cupy_backends.cuda.api.driver import CUDADriverError
+        s = cupy.cuda.get_current_stream() if stream is None else stream
+        if not s.is_capturing():           # eager: the plain launch (module docstring, "Where")
+            with s:
+                return self.raw(grid, block, args, shared_mem=shared_mem)
         grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
         params, _bufs = kernel_params(args)
-        s = cupy.cuda.get_current_stream() if stream is None else stream
         config = CUlaunchConfig(*(max(1, int(v)) for v in grid), *(max(1, int(v)) for v in block),
                                 int(shared_mem), ctypes.c_void_p(s.ptr), ctypes.pointer(self._attr), 1)
         func = self.raw.kernel.ptr

@@ -18,7 +18,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | DECODE_ATTN_MMA  | decode attention splits of layers with >= 512 key rows on tensor cores           | on      |
 | MOE_GROUPED_PIPE | MOE_GROUPED's GEMMs with next k-steps' loads in flight (moe_grouped_pipe_*)      | on      |
 | MOE_STAGED       | one-token expert kernels staging through shared memory (moe_*_i8s_*, moe_*_xs_*) | on      |
-| PDL              | kernels launched with programmatic dependent launch, sm_90+ (launch.py)          | off     |
+| PDL              | graph-captured kernels launched with programmatic dependent launch, sm_90+       | on      |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -32,8 +32,10 @@ MOE_STAGED (moe_gate_up_i8s_iq2_xxs and moe_down_xs_q2_k, bit-identical to the k
 tests/test_gpu_moe_staged.py at 0970b1b (25 passed with test_gpu_quant_ops' MoE tests); scripts/bench_moe.py: IQ2_XXS
 gate/up 34.8 -> 30.8 us a layer, Q2_K down 21.7 -> 20.7 (4 rows a warp, XS_RD; 21.9 with 2); the 43-layer decode
 step (profile_decode.py --graph --time 50, depth 4,096) 9.10 -> 8.77 ms.
-PDL is new (opt-in until tests/test_gpu_pdl.py has passed on a GPU and the decode step's time with it is measured): it
-overlaps each kernel's launch with its predecessor's tail (kernels/pdl.cuh) and changes no arithmetic.
+PDL (launch.py, kernels/pdl.cuh) passed tests/test_gpu_pdl.py at ced352d (8 passed: launches bit-identical, the
+tiny model's logits with it on and off bit for bit) and the ced352d bench ran with it; decode step 8.73 -> 8.68 ms and
+8.85 -> 8.50 ms in two A/Bs (docs/PERF_NOTES.md). Since ced352d it takes only graph-captured launches (the decode
+graph): eager launches keep CuPy's own, cheaper argument marshalling.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
-            "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": False}
+            "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": True}
 
 
 def enabled(name: str) -> bool:
