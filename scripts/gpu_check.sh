@@ -39,6 +39,7 @@ SWITCHES=(
   "GPU_SAMPLING|tests/test_gpu_sampling.py"
   "MOE_I8|tests/test_gpu_moe_i8.py"
   "MOE_STAGED|tests/test_gpu_moe_staged.py"
+  "MOE_DOWN_STAGED|tests/test_gpu_moe_down_staged.py"
   "MOE_GROUPED_PIPE|tests/test_gpu_moe_grouped_pipe.py"
   "PDL|tests/test_gpu_pdl.py"
 )

@@ -21,8 +21,10 @@ pytestmark = GPU_MARKS
 
 @pytest.fixture(autouse=True)
 def _switches(monkeypatch):
-    """MOE_I8 on for both sides; each call sets MOE_STAGED itself."""
+    """MOE_I8 on for both sides, MOE_DOWN_STAGED off (tests/test_gpu_moe_down_staged.py has its kernel); each call
+    sets MOE_STAGED itself."""
     monkeypatch.setenv("DS4CUPY_MOE_I8", "1")
+    monkeypatch.setenv("DS4CUPY_MOE_DOWN_STAGED", "0")
     monkeypatch.delenv("DS4CUPY_MOE_STAGED", raising=False)
 
 

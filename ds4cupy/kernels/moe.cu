@@ -884,6 +884,88 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// moe_down_xsw_q2_k: moe_down_xs_q2_k with the weights staged too (switch MOE_DOWN_STAGED), bit-identical to it and so
+// to moe_down_fast_q2_k. H200 at f3072b2: moe_down_xs_q2_k takes 20.7 us a layer for 16.5 MB, latency-bound: a warp
+// loads one expert's rows, computes, then loads the next expert's (six round trips a unit). Here a warp's unit (XSW_RD
+// output rows x all k experts: k XSW_RD rows of row_stride bytes, row (j, r) at (j XSW_RD + r) row_stride) is copied
+// into the warp's shared buffer by 16-byte cp.async in one go, then computed from shared memory with the same slices,
+// expert order, float steps (MoeQ2K::dot_rows_x) and warp sums. row_stride % 16 == 0 (ff % 1024 == 0). Dynamic shared
+// memory: 4 k ff (mid, swizzled as moe_down_xs_q2_k) + 8 (k XSW_RD row_stride + 16) bytes (quant_ops.xsw_smem_bytes).
+// Launch: 256 threads, grid = min(ceil(units / 8), resident CTAs), units = ceil(D / XSW_RD).
+// Reference: moe_down_xs_q2_k / moe_down_fast_q2_k (bit for bit; tests/test_gpu_moe_down_staged.py).
+#ifndef XSW_RD
+#define XSW_RD 2
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xsw_q2_k(
+    const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,
+    const float* mid, int ff, float* Y, int D, int accumulate) {
+    DS4_PDL_ENTRY();
+    extern __shared__ __align__(16) float4 s_mid[];             // [k ff / 4] swizzled, then the warps' weight buffers
+    const int nchunk = k * ff / 4;
+    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) s_mid[xs_slot(c)] = ld_x4(mid + 4 * c);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ub = k * XSW_RD * (int)row_stride + 16, nch = (int)(row_stride >> 4);
+    u8* wbuf = reinterpret_cast<u8*>(s_mid + nchunk) + (size_t)warp * ub;
+    const int units = (D + XSW_RD - 1) / XSW_RD;
+    const int nblocks = ff / MoeQ2K::QK;
+    bool first = true;
+    for (int u = blockIdx.x * 8 + warp; u < units; u += gridDim.x * 8) {
+        const int d0 = u * XSW_RD;
+        bool bad = false;
+        for (int j = 0; j < k; ++j) {                             // the unit's rows, all experts, in one go
+            const int e = ids ? ids[j] : 0;
+            if (e < 0 || e >= n_expert) {
+                bad = true;
+                continue;
+            }
+#pragma unroll
+            for (int r = 0; r < XSW_RD; ++r) {
+                const u8* src = down + (size_t)e * expert_stride + (size_t)min(d0 + r, D - 1) * row_stride;
+                u8* dst = wbuf + (size_t)(j * XSW_RD + r) * row_stride;
+                for (int c = lane; c < nch; c += 32) cp_async16(smem_u32(dst + 16 * c), src + 16 * c, 16);
+            }
+        }
+        cp_async_commit();
+        if (first) {
+            __syncthreads();                                      // mid staged by the whole CTA
+            first = false;
+        }
+        cp_async_wait_all();
+        __syncwarp();
+        float acc[XSW_RD];
+#pragma unroll
+        for (int r = 0; r < XSW_RD; ++r) acc[r] = 0.f;
+        for (int j = 0; j < k; ++j) {
+            const int e = ids ? ids[j] : 0;
+            if (e < 0 || e >= n_expert) continue;
+            const u8* rows[XSW_RD];
+#pragma unroll
+            for (int r = 0; r < XSW_RD; ++r) rows[r] = wbuf + (size_t)(j * XSW_RD + r) * row_stride;
+            constexpr int unroll = DS4_MOE_UNROLL;                  // rows_dot's unrolling
+#pragma unroll unroll
+            for (int s = lane; s < nblocks * MoeQ2K::SL; s += 32) {
+                const int blk = s / MoeQ2K::SL, cb = (j * ff + blk * MoeQ2K::QK) / 4;
+                MoeQ2K::dot_rows_x<XSW_RD>(rows, (size_t)blk * MoeQ2K::BYTES, s % MoeQ2K::SL,
+                                           [cb](int i) { return s_mid[xs_slot(cb + i)]; }, acc);
+            }
+        }
+        __syncwarp();                                             // buffer read before the next unit's copy
+#pragma unroll
+        for (int r = 0; r < XSW_RD; ++r) acc[r] = warp_sum(acc[r]);
+#pragma unroll
+        for (int r = 0; r < XSW_RD; ++r) {
+            if (lane == r && d0 + r < D) {
+                float* y = Y + d0 + r;
+                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
+                *y = accumulate ? *y + v : v;
+            }
+        }
+    }
+    if (first) __syncthreads();                                   // a CTA without units still joins the barrier
+}
+
 // ---- Q8_0R (q8_0r.cuh) ----------------------------------------------------------------------------------------------
 template <int RF>
 __device__ __forceinline__ void moe_gate_up_q8r_body(const u8* gate, const u8* up, long long expert_stride,

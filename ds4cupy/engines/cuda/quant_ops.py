@@ -571,6 +571,22 @@ def _use_xs(t, n: int, k: int, ff: int) -> bool:
     return t == T.Q2_K and n == 1 and 4 * k * ff <= _XS_MAX_SMEM and switches.enabled("MOE_STAGED")
 
 
+_XSW_ROWS_PER_WARP = 2   # XSW_RD in moe.cu (moe_down_xsw_q2_k: mid and the unit's weights staged)
+_MAX_DYN_SMEM = 227 * 1024
+
+
+def xsw_smem_bytes(k: int, ff: int, row_bytes: int) -> int:
+    """Dynamic shared memory of moe_down_xsw_q2_k: the mid copy (4 k ff) + 8 warps' unit buffers."""
+    return 4 * k * ff + 8 * (k * _XSW_ROWS_PER_WARP * row_bytes + 16)
+
+
+def _use_xsw(t, n: int, k: int, ff: int, rb: int, down) -> bool:
+    """moe_down_xsw_q2_k: _use_xs's cases whose rows line up with 16-byte copies (ff % 1024 == 0) and fit, with
+    switch MOE_DOWN_STAGED on too."""
+    return (_use_xs(t, n, k, ff) and rb % 16 == 0 and down.data.ptr % 16 == 0
+            and xsw_smem_bytes(k, ff, rb) <= _MAX_DYN_SMEM and switches.enabled("MOE_DOWN_STAGED"))
+
+
 def _use_i8s(t, n: int, cols: int, rb: int, gate, up) -> bool:
     """moe_gate_up_i8s_iq2_xxs takes IQ2_XXS gate/up for one token when its 16-byte copies line up (row bytes and
     both stacks' addresses multiples of 16: cols a multiple of 2,048) and the switches MOE_I8 and MOE_STAGED are on."""
@@ -714,12 +730,14 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
                   np.int32(k), np.int32(n_expert), mid3, np.int32(ff), y, np.int32(D),
                   np.int32(1 if accumulate else 0), np.int32(wpr)))
         return y
-    if _use_xs(t, n, k, ff):                    # one token: mid staged in shared memory once per CTA
-        kern = get_kernel("moe", "moe_down_xs_q2_k")
-        smem = 4 * k * ff
+    xsw = _use_xsw(t, n, k, ff, rb, down)
+    if xsw or _use_xs(t, n, k, ff):             # one token: mid (and with xsw the weights) staged in shared memory
+        kern = get_kernel("moe", "moe_down_xsw_q2_k" if xsw else "moe_down_xs_q2_k")
+        smem = xsw_smem_bytes(k, ff, rb) if xsw else 4 * k * ff
         if kern.max_dynamic_shared_size_bytes < smem:
             kern.max_dynamic_shared_size_bytes = smem
-        units = (D + _XS_ROWS_PER_WARP - 1) // _XS_ROWS_PER_WARP
+        rd = _XSW_ROWS_PER_WARP if xsw else _XS_ROWS_PER_WARP
+        units = (D + rd - 1) // rd
         with _stream(stream):
             kern((_persistent_grid(kern, units, smem),), (_THREADS,),
                  (down, np.int64(D * rb), np.int64(rb), ids if ids is not None else np.uint64(0), np.int32(k),
@@ -747,4 +765,4 @@ def moe_down(down, qtype, mid, ids=None, out=None, accumulate: bool = False, str
 
 __all__ = ["SUPPORTED_TYPES", "Q8_0R", "Q8Activations", "quantize_q8x", "quantize_q8x_np", "matvec", "matvec_xgroup", "MatvecGroup", "matmul", "dequantize",
            "moe_gate_up", "moe_down", "warps_per_row", "q8r_launch_geometry", "repack_q8_0", "unpack_q8_0",
-           "matmul_xgroup", "use_mma", "MMA_MIN_TOKENS", "MMA_TYPES", "i8s_smem_bytes"]
+           "matmul_xgroup", "use_mma", "MMA_MIN_TOKENS", "MMA_TYPES", "i8s_smem_bytes", "xsw_smem_bytes"]
