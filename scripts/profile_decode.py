@@ -5,6 +5,7 @@
     python3 scripts/profile_decode.py --summarize ncu.csv
     ncu --graph-profiling node ... python3 scripts/profile_decode.py --graph ...     (kernel nodes of a graph replay)
     python3 scripts/profile_decode.py --graph --time 50 ...                         (wall ms a step, no ncu)
+    python3 scripts/profile_decode.py --ab DS4CUPY_PDL=0,1 --rounds 4 --time 50 ... (A/B of a switch, one model)
     ncu ... python3 scripts/profile_decode.py --prefill 2048 ...                     (the kernels of one prefill)
 
 The script prefills `depth` tokens, runs two decode steps eagerly (kernels compiled and warm), then profiles exactly one
@@ -61,6 +62,53 @@ def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: boo
     cp.cuda.profiler.stop()
 
 
+def ab(layers: int, depth: int, experts: str, spec: str, rounds: int, time_steps: int) -> None:
+    """A/B of one environment variable (VAR=a,b[,c..]) on one model: per round, a fresh session per value (order
+    reversed every other round: a b b a ..., so a drift of the GPU over the run, e.g. its clocks warming up, falls on
+    both sides), at the depth (random KV fill), decode graph captured, then the median wall time of time_steps
+    steps. Switches the model holds are re-read per session (CudaModel.read_switches)."""
+    import os
+    import time
+
+    import cupy as cp
+    import numpy as np
+
+    from ds4cupy.tools.synthetic import load_synthetic
+    var, _, vals = spec.partition("=")
+    values = vals.split(",")
+    if not var or len(values) < 2:
+        raise SystemExit(f"--ab {spec!r}: give VAR=a,b (two or more values)")
+    steps = max(time_steps, 10)
+    model = load_synthetic(layers=layers, experts=experts, ctx=depth + 64 + steps)
+    model._impl.decode_graph = True
+    ids = np.random.default_rng(0).integers(0, 100000, 1)
+    res = {v: [] for v in values}
+    for r in range(rounds):
+        for v in (values if r % 2 == 0 else values[::-1]):
+            os.environ[var] = v
+            model._impl.read_switches()
+            s = model.new_session(depth + 64 + steps)
+            if depth > 1:
+                s.fill_random_state(depth - 1)
+            s.prefill(ids)
+            s.decode(5)
+            s.decode(6)                   # the decode graph is captured by now
+            cp.cuda.runtime.deviceSynchronize()
+            t = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                s.decode(8 + i)
+                t.append(time.perf_counter() - t0)
+            res[v].append(1e3 * float(np.median(t)))
+            del s
+    print(f"A/B {var} ({layers} layers, depth {depth}, {rounds} rounds of {steps} steps; ms a step, median per round)")
+    base = float(np.median(res[values[0]]))
+    for v in values:
+        m = float(np.median(res[v]))
+        print(f"  {var}={v}: median {m:.3f} ms ({100 * (m / base - 1):+.1f} % vs {values[0]}); rounds "
+              + " ".join(f"{x:.3f}" for x in res[v]))
+
+
 def summarize(path: str) -> None:
     per = defaultdict(lambda: [0, 0.0])
     with open(path, newline="") as f:
@@ -96,6 +144,8 @@ if __name__ == "__main__":
                    help="profile a prefill of N tokens (after the depth) instead of a decode step")
     p.add_argument("--att-max-splits", type=int, default=0, metavar="N",
                    help="decode attention: at most N splits a layer (session.DECODE_MAX_SPLITS; 0 = the engine's)")
+    p.add_argument("--ab", metavar="VAR=a,b", help="A/B of an environment variable on one model (see ab())")
+    p.add_argument("--rounds", type=int, default=4, help="--ab: rounds (each value once a round, order alternating)")
     p.add_argument("--summarize", metavar="NCU_CSV")
     a = p.parse_args()
     if a.att_max_splits:
@@ -103,6 +153,8 @@ if __name__ == "__main__":
         _session.DECODE_MAX_SPLITS = a.att_max_splits
     if a.summarize:
         summarize(a.summarize)
+    elif a.ab:
+        ab(a.layers, a.depth, a.experts, a.ab, a.rounds, a.time)
     else:
         run(a.layers, a.depth, a.experts, a.fill, a.graph, a.time, a.prefill)
     sys.exit(0)

@@ -103,15 +103,21 @@ class CudaModel:
         # launches it fuses; independent chains (the compressors and the indexer beside the query path, the shared
         # expert beside the router and routed experts) on a side stream as parallel branches of the decode graph, or
         # one stream in program order; the sampler's candidates in the decode graph or from the downloaded row
+        self.read_switches(device)
+        if repack_q8_0 is None:
+            repack_q8_0 = switches.enabled("REPACK_Q8_0")
+        if repack_q8_0:
+            self._repack_q8_0()
+
+    def read_switches(self, device: int | None = None) -> None:
+        """The switches sessions read from the model (engines/cuda/switches.py), from the environment now: at build,
+        and again when an A/B changes DS4CUPY_* between sessions of one model (scripts/profile_decode.py --ab). The
+        others (MOE_*, PDL, ...) are read at each launch; REPACK_Q8_0 only at build (it rewrites the weights)."""
         self.hc_fused = switches.enabled("HC_FUSED")
         self.branches = switches.enabled("BRANCHES")
         self.gpu_sampling = switches.enabled("GPU_SAMPLING")
         self.prefill_attn_mma = attention_mma.enabled(device)    # chunks of >= MIN_TOKENS: attention_mma.cu
         self.decode_attn_mma = attention_decode_mma.enabled(device)   # decode and shorter chunks: its splits
-        if repack_q8_0 is None:
-            repack_q8_0 = switches.enabled("REPACK_Q8_0")
-        if repack_q8_0:
-            self._repack_q8_0()
 
     def _repack_q8_0(self) -> None:
         """Q8_0 weights into the plane layout of engines/cuda/q8_0r.py, in place (same bytes and allocation; arrays
