@@ -549,7 +549,8 @@ class CudaSession:
     def _hc(self, X, name: str, S: int, norm: str, xn, post, head: bool = False):
         """One launch (hc_step): hc_post of the previous sub-block (post = its (y, coef), or None), then mHC pre (mix,
         Sinkhorn split, collapse; head=True: the output head's sigmoid collapse) and the block's RMS norm:
-        xn = rms_norm(u, norm). Returns (post, comb) coefficients for the next hc_post (None for the head)."""
+        xn = rms_norm(u, norm). Returns (post, comb) coefficients for the next hc_post (None for the head).
+        HC_SIDE_SINKHORN: comb comes from hc_sinkhorn_deferred on the side branch; a step with post joins it first."""
         c, m = self.model.config, self.model
         n, D = c.hc_mult, c.n_embd
         rows = n if head else c.hc_mix
