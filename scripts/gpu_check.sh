@@ -42,6 +42,7 @@ SWITCHES=(
   "MOE_DOWN_STAGED|tests/test_gpu_moe_down_staged.py"
   "MOE_GROUPED_PIPE|tests/test_gpu_moe_grouped_pipe.py"
   "PDL|tests/test_gpu_pdl.py"
+  "HC_SIDE_SINKHORN|tests/test_gpu_hc_side_sinkhorn.py"
 )
 gate_files=()
 rc=0

@@ -341,13 +341,16 @@ __device__ __forceinline__ float hc_load_w(const void* p, int dtype, long long i
 // 24 rows, F16 fn) and hc_step_n4_r4_f16 (the head): the rows are a compile-time count, so a thread's weight loads
 // are all in flight at once (the run-time `r < rows` guards cost one predicate each and held ~7 loads in flight),
 // and the tail is hc_tail4 (ops.hc_step picks the kernel; same results as hc_step up to the norm's summation order).
+// sk (double [T, rows + 2], or nullptr): with sk and mode 0 the last block's warp 0 writes post into coef_out and the
+// Sinkhorn's inputs (sums[0..rows], rs) into sk[t] instead of running it; hc_sinkhorn_deferred then writes comb
+// (switch HC_SIDE_SINKHORN: the launch ends without the Sinkhorn's serial double divisions).
 #define HC_STEP_TILE 4096
 template <int N, int RT, int DT>
 __device__ __forceinline__ void hc_step_body(float* X, const float* y, const float* coef_in, int n_arg, int D,
                                              const void* fn, int dtype, int rows_arg, int nsplit, float* part,
                                              unsigned* counter, const float* scale, const float* base, int iters,
                                              float eps_hc, float eps_rms, int mode, float* u, float* coef_out,
-                                             const float* norm_w, float* xn) {
+                                             const float* norm_w, float* xn, double* sk) {
     __shared__ float xs[HC_STEP_TILE];
     __shared__ float red[8][HC_MAX_ROWS + 1];
     const int n = N ? N : n_arg, rows = RT ? RT : rows_arg;
@@ -429,7 +432,13 @@ __device__ __forceinline__ void hc_step_body(float* X, const float* y, const flo
     if (tid < 32) rs = hc_pre_post(sums, n, K, rows, scale, base, eps_hc, eps_rms, mode, true, cf, pre_s);
     __syncthreads();
     if (tid < 32) {
-        if (mode == 0) hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, true, cf);
+        if (mode == 0 && sk != nullptr) {         // deferred: the Sinkhorn's inputs for hc_sinkhorn_deferred
+            double* st = sk + (long long)t * (rows + 2);
+            for (int r = tid; r <= rows; r += 32) st[r] = sums[r];
+            if (tid == 0) st[rows + 1] = rs;
+        } else if (mode == 0) {
+            hc_sinkhorn(sums, rs, n, scale, base, iters, eps_hc, true, cf);
+        }
     } else if constexpr (N == 4) {
         hc_tail4_collapse_norm(t, tail, D, pre_s, eps_rms, u, norm_w, xn, redd);
     } else {
@@ -440,12 +449,26 @@ __device__ __forceinline__ void hc_step_body(float* X, const float* y, const flo
 #define HC_STEP_PARAMS                                                                                                \
     float *X, const float *y, const float *coef_in, int n, int D, const void *fn, int dtype, int rows, int nsplit,    \
         float *part, unsigned *counter, const float *scale, const float *base, int iters, float eps_hc,              \
-        float eps_rms, int mode, float *u, float *coef_out, const float *norm_w, float *xn
+        float eps_rms, int mode, float *u, float *coef_out, const float *norm_w, float *xn, double *sk
 #define HC_STEP_ARGS X, y, coef_in, n, D, fn, dtype, rows, nsplit, part, counter, scale, base, iters, eps_hc, eps_rms, \
-                     mode, u, coef_out, norm_w, xn
+                     mode, u, coef_out, norm_w, xn, sk
 extern "C" __global__ void hc_step(HC_STEP_PARAMS) { DS4_PDL_ENTRY(); hc_step_body<0, 0, -1>(HC_STEP_ARGS); }
 extern "C" __global__ void hc_step_n4_r24_f16(HC_STEP_PARAMS) { DS4_PDL_ENTRY(); hc_step_body<4, 24, 1>(HC_STEP_ARGS); }
 extern "C" __global__ void hc_step_n4_r4_f16(HC_STEP_PARAMS) { DS4_PDL_ENTRY(); hc_step_body<4, 4, 1>(HC_STEP_ARGS); }
+
+// hc_sinkhorn_deferred: the Sinkhorn of an hc_step launched with sk (switch HC_SIDE_SINKHORN), on a side branch.
+//   sk: [T, rows + 2] double from that hc_step: the split sums sums[0..rows] and rs (the mix's 1 / rms) at rows + 1.
+//   coef: [T, n + n*n]; writes comb into coef[t, n:] (hc_step wrote post into coef[t, :n]).
+// grid = T, block = 32 (one warp a token): hc_sinkhorn on the same doubles, so coef is bit-identical to hc_step's
+// fused Sinkhorn (reference: numerics.hc_split_sinkhorn, as hc_split_collapse).
+extern "C" __global__ void hc_sinkhorn_deferred(const double* sk, int rows, int n, const float* scale,
+                                                const float* base, int iters, float eps_hc, float* coef, int T) {
+    DS4_PDL_ENTRY();
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    const double* st = sk + (long long)t * (rows + 2);
+    hc_sinkhorn(st, st[rows + 1], n, scale, base, iters, eps_hc, true, coef + (long long)t * (n + n * n));
+}
 
 // hc_post, in place: X'[t, k, d] = post[k] * y[t, d] + sum_j comb[j, k] * X[t, j, d]   (comb transposed: model.md §7.1)
 // coef: [T, n + n*n] from hc_split_collapse. grid = (ceil(D/256), T), block = 256.

@@ -161,11 +161,13 @@ def hc_step_kernel(n: int, D: int, rows: int, fn_dtype: int, arrays=()) -> str:
 
 
 def hc_step(X, y, coef_in, fn, fn_dtype: int, rows: int, part, nsplit: int, counter, scale, base, iters: int,
-            eps_hc: float, eps_rms: float, head: bool, u, coef_out, norm_w, xn) -> None:
+            eps_hc: float, eps_rms: float, head: bool, u, coef_out, norm_w, xn, sk=None) -> None:
     """One launch for hc_post(X, y, coef_in) (skipped when y is None) + hc_mix + hc_split_collapse with the fused
     block norm (xn = rms_norm(u, norm_w)); head=True is the output head's collapse (coef_out unused).
     X [T, n, D] (updated in place by the post), part [T, nsplit, rows + 1] with nsplit from hc_step_nsplit,
-    counter uint32 [>= T] zeroed once when allocated (every launch leaves it zero)."""
+    counter uint32 [>= T] zeroed once when allocated (every launch leaves it zero).
+    sk float64 [>= T * (rows + 2)] (head=False only): the Sinkhorn is deferred, coef_out gets post only and sk the
+    Sinkhorn's inputs; hc_sinkhorn_deferred(sk, ...) then writes comb (switch HC_SIDE_SINKHORN)."""
     T, n, D = X.shape
     if rows > 32 or n * n > 32:
         raise ValueError(f"hc_step supports at most 32 mix rows and 5 streams, got rows={rows}, n={n}")
@@ -175,10 +177,24 @@ def hc_step(X, y, coef_in, fn, fn_dtype: int, rows: int, part, nsplit: int, coun
     _check(counter, "uint32", "counter")
     if counter.size < T:
         raise ValueError(f"hc_step: counter holds {counter.size} entries for {T} tokens")
+    if sk is not None:
+        _check(sk, "float64", "sk")
+        if head or sk.size < T * (rows + 2):
+            raise ValueError(f"hc_step: sk needs head=False and {T * (rows + 2)} doubles, got head={head}, {sk.size}")
     get_kernel("hc", hc_step_kernel(n, D, rows, fn_dtype, (X, u, xn, norm_w)))(
         (nsplit, T), (256,), (X, _p(y), _p(coef_in), _i32(n), _i32(D), fn, _i32(fn_dtype), _i32(rows), _i32(nsplit),
                               part, counter, scale, base, _i32(iters), _f32(eps_hc), _f32(eps_rms),
-                              _i32(1 if head else 0), u, _p(coef_out), _p(norm_w), xn))
+                              _i32(1 if head else 0), u, _p(coef_out), _p(norm_w), xn, _p(sk)))
+
+
+def hc_sinkhorn_deferred(sk, rows: int, n: int, scale, base, iters: int, eps_hc: float, coef, T: int) -> None:
+    """The Sinkhorn an hc_step launched with sk left out: coef[t, n:] = comb from sk [T, rows + 2] (float64),
+    bit-identical to hc_step's own. coef [T, n + n*n] float32 (its post part written by that hc_step)."""
+    _check(sk, "float64", "sk")
+    if n * n > 32 or sk.size < T * (rows + 2) or coef.size < T * (n + n * n):
+        raise ValueError(f"hc_sinkhorn_deferred: n={n}, sk {sk.size} / coef {coef.size} values for {T} tokens")
+    get_kernel("hc", "hc_sinkhorn_deferred")((T,), (32,), (sk, _i32(rows), _i32(n), scale, base, _i32(iters),
+                                                         _f32(eps_hc), coef, _i32(T)))
 
 
 def hc_post(X, y, coef) -> None:

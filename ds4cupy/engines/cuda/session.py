@@ -116,6 +116,8 @@ class CudaModel:
         self.hc_fused = switches.enabled("HC_FUSED")
         self.branches = switches.enabled("BRANCHES")
         self.gpu_sampling = switches.enabled("GPU_SAMPLING")
+        # hc_step's Sinkhorn on the side branch, joined before the next hc_step (HC_SIDE_SINKHORN; needs hc_step)
+        self.hc_side_sinkhorn = self.hc_fused and switches.enabled("HC_SIDE_SINKHORN")
         self.prefill_attn_mma = attention_mma.enabled(device)    # chunks of >= MIN_TOKENS: attention_mma.cu
         self.decode_attn_mma = attention_decode_mma.enabled(device)   # decode and shorter chunks: its splits
 
@@ -261,6 +263,8 @@ class CudaSession:
         self._topk = m.mem.alloc("scratch", (S * max(c.indexer_top_k, 1),), np.int32) if has_csa else None
         self._hc_counter = m.mem.alloc("scratch", (S,), np.uint32)
         self._hc_counter.fill(0)                 # hc_step's arrival counters: every launch leaves them at zero
+        # the deferred Sinkhorn's inputs (hc_step sk, float64: the float32 scratch of _b does not fit them)
+        self._hc_sk = m.mem.alloc("scratch", (S * (c.hc_mix + 2),), np.float64) if m.hc_side_sinkhorn else None
         self._ring = {il: self.kv[(il, "raw")][: c.sliding_window] for il in range(c.n_layer)}
         # prefill MoE as grouped GEMMs (S >= moe_grouped.MIN_TOKENS): routing buffers and per-pair output rows
         self._moe_prefill = moe_grouped.PrefillMoE(c, m.qtype, m.v, S, lambda shape, dt: m.mem.alloc("scratch", shape,
@@ -551,7 +555,8 @@ class CudaSession:
     def _hc(self, X, name: str, S: int, norm: str, xn, post, head: bool = False):
         """One launch (hc_step): hc_post of the previous sub-block (post = its (y, coef), or None), then mHC pre (mix,
         Sinkhorn split, collapse; head=True: the output head's sigmoid collapse) and the block's RMS norm:
-        xn = rms_norm(u, norm). Returns (post, comb) coefficients for the next hc_post (None for the head)."""
+        xn = rms_norm(u, norm). Returns (post, comb) coefficients for the next hc_post (None for the head).
+        HC_SIDE_SINKHORN: comb comes from hc_sinkhorn_deferred on the side branch; a step with post joins it first."""
         c, m = self.model.config, self.model
         n, D = c.hc_mult, c.n_embd
         rows = n if head else c.hc_mix
@@ -569,9 +574,16 @@ class CudaSession:
                                   coef, m.v[norm], xn)
             return coef
         ns = ops.hc_step_nsplit(n, D, S)
+        deferred = m.hc_side_sinkhorn and not head      # HC_SIDE_SINKHORN: the Sinkhorn on the side branch
+        if m.hc_side_sinkhorn and post is not None:     # coef_in's comb comes from the previous step's side branch
+            self._join_side_branch()
+        sk = self._hc_sk[: S * (rows + 2)] if deferred else None
         ops.hc_step(X, y, coef_in, m.w[fn], ops.dtype_code(m.qtype[fn]), rows, self._b("hcpart", S, ns, rows + 1), ns,
                     self._hc_counter, scale, base, iters, c.hc_eps, c.rms_eps, head, self._b("u", S, D), coef,
-                    m.v[norm], xn)
+                    m.v[norm], xn, sk)
+        if deferred:                    # read by the next hc_step only (after its join)
+            with self._side_branch():
+                ops.hc_sinkhorn_deferred(sk, rows, n, scale, base, iters, c.hc_eps, coef, S)
         return coef
 
     def _attention(self, xn, S: int, il: int):
@@ -721,6 +733,8 @@ class CudaSession:
             post = (self._attention(xn, S, il), coef)
             coef = self._hc(X, p + "hc_ffn_", S, p + "ffn_norm.weight", xn, post)
             post = (self._moe(xn, S, il), coef)
+        if m.hc_side_sinkhorn:          # the last deferred Sinkhorn: before the head, the next chunk, a graph's end
+            self._join_side_branch()
         logits = None                   # X is the chunk's own (the next chunk starts from its embeddings)
         if want_logits:
             rows = S if all_logits else 1

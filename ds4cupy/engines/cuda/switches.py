@@ -20,6 +20,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | MOE_STAGED       | one-token expert kernels staging through shared memory (moe_*_i8s_*, moe_*_xs_*) | on      |
 | PDL              | graph-captured kernels launched with programmatic dependent launch, sm_90+       | on      |
 | MOE_DOWN_STAGED  | MOE_STAGED's Q2_K down with each warp's expert rows staged too (moe_down_xsw_*)  | off     |
+| HC_SIDE_SINKHORN | hc_step's Sinkhorn deferred to hc_sinkhorn_deferred on the side branch (hc.cu)   | off     |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -39,6 +40,10 @@ tiny model's logits with it on and off bit for bit) and the ced352d bench ran wi
 graph): eager launches keep CuPy's own, cheaper argument marshalling.
 MOE_DOWN_STAGED (moe_down_xsw_q2_k, bit-identical to moe_down_xs_q2_k) has not run on a GPU yet
 (tests/test_gpu_moe_down_staged.py): off until it passes and benchmarks faster.
+HC_SIDE_SINKHORN (off: written after the last GPU run, its tests have not run): the mHC Sinkhorn (20 dependent double
+normalisations, ~3.3 us on an H200 in hc_step's last block) leaves hc_step, which writes its inputs instead, for a
+one-warp-a-token kernel on the side branch; only the next hc_step (and the head) wait for it, one sub-block later.
+Bit-identical (the same double arithmetic); tests/test_gpu_hc_side_sinkhorn.py.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ import os
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
             "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": True,
-            "MOE_DOWN_STAGED": False}
+            "MOE_DOWN_STAGED": False, "HC_SIDE_SINKHORN": False}
 
 
 def enabled(name: str) -> bool:
