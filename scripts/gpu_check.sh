@@ -14,6 +14,9 @@
 # whole tests/ folder): the device image lacks the CPU suite's test extras (openai, anthropic, jsonschema, ...).
 # GATE_TIMEOUT (default 150) and TEST_TIMEOUT (default 1800) bound each pytest process in seconds: a hung kernel
 # counts as a failure (rc 124), and a short device budget still leaves time for the bench.
+# GATES="NAME ..." runs only those switches' tests (a short budget: the paths that changed since their last GPU run);
+# the others are exported at their defaults (switches.DEFAULTS), so the bench report's meta.env still names every
+# switch. TESTS="tests/test_gpu_x.py ..." replaces the list of other GPU test files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
@@ -60,6 +63,12 @@ if [ "$what" = gate ] || [ "$what" = all ]; then
     name=${entry%%|*}; args=${entry#*|}
     read -r -a argv <<< "$args"
     [ -e "${argv[0]}" ] || continue
+    if [ -n "${GATES:-}" ] && [[ " $GATES " != *" $name "* ]]; then
+      default=$(python3 -c "from ds4cupy.engines.cuda.switches import DEFAULTS; print(int(DEFAULTS['$name']))")
+      export "DS4CUPY_$name=$default"
+      echo "DS4CUPY_$name=$default: not gated this run (GATES), its default" >> "$out/switches.txt"
+      continue
+    fi
     [ "${argv[1]:-}" = -k ] || gate_files+=("${argv[0]}")
     names+=("$name|$args")
     ( timeout "${GATE_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs "${argv[@]}" \
@@ -67,7 +76,7 @@ if [ "$what" = gate ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for f in tests/test_gpu_*.py; do              # every GPU test file but those gate runs whole
+  for f in ${TESTS:-tests/test_gpu_*.py}; do    # every GPU test file but those gate runs whole
     [[ " ${gate_files[*]} " == *" $f "* ]] || files+=("$f")
   done
   for f in "${files[@]}"; do
