@@ -41,6 +41,7 @@ SWITCHES=(
   "MOE_STAGED|tests/test_gpu_moe_staged.py"
   "MOE_GROUPED_PIPE|tests/test_gpu_moe_grouped_pipe.py"
   "PDL|tests/test_gpu_pdl.py"
+  "INDEXER_FP4|tests/test_gpu_indexer_fp4.py"
 )
 gate_files=()
 rc=0

@@ -19,6 +19,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | MOE_GROUPED_PIPE | MOE_GROUPED's GEMMs with next k-steps' loads in flight (moe_grouped_pipe_*)      | on      |
 | MOE_STAGED       | one-token expert kernels staging through shared memory (moe_*_i8s_*, moe_*_xs_*) | on      |
 | PDL              | kernels launched with programmatic dependent launch, sm_90+ (launch.py)          | off     |
+| INDEXER_FP4      | QAT on: indexer keys packed (68 B a row), exact integer scores (indexer.cu)      | off     |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -34,6 +35,11 @@ gate/up 34.8 -> 30.8 us a layer, Q2_K down 21.7 -> 20.7 (4 rows a warp, XS_RD; 2
 step (profile_decode.py --graph --time 50, depth 4,096) 9.10 -> 8.77 ms.
 PDL is new (opt-in until tests/test_gpu_pdl.py has passed on a GPU and the decode step's time with it is measured): it
 overlaps each kernel's launch with its predecessor's tail (kernels/pdl.cuh) and changes no arithmetic.
+INDEXER_FP4 is new (opt-in until tests/test_gpu_indexer_fp4.py has passed on a GPU): with QAT on (model.qat) each CSA
+layer's indexer rows are stored as e2m1 codes + block exponents (compressor.cu compressor_emit_fp4, lossless for the
+fp4_sim'd rows) and scored by indexer_scores_fp4 with exact integer block dot products; with QAT off it changes
+nothing. It cuts the indexer cache from 512 to 68 bytes a row (128 B to 17 B a token per CSA layer) and the bytes the
+indexer reads each decode step by the same 7.5x.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ import os
 
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
-            "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": False}
+            "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": False,
+            "INDEXER_FP4": False}
 
 
 def enabled(name: str) -> bool:
