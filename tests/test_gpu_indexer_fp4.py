@@ -255,7 +255,8 @@ def test_tiny_model_qat_switch_on_vs_off(tiny_file, rng, monkeypatch):
 
 
 def test_switch_needs_qat(tiny_file, monkeypatch):
-    """QAT off: the switch changes nothing (the rows are not fp4_sim'd, so not representable): float rows, old kernel."""
+    """QAT off: the switch changes nothing (the rows are not fp4_sim'd, so not representable): float rows, the
+    float kernels."""
     from ds4cupy.engines.cuda.session import CudaModel
     from ds4cupy.format.model_file import ModelFile
     monkeypatch.setenv("DS4CUPY_INDEXER_FP4", "1")

@@ -150,3 +150,138 @@ def test_kv_layout_packs_the_indexer_rows_only_when_asked():
     total = sum(b.nbytes for b in packed.values())
     assert abs(kv_fixed_bytes(cfg, ctx, index_fp4=True) + kv_bytes_per_token(cfg, True) * ctx - total) <= 1
     assert sum(b.nbytes for b in plain.values()) - total == 21 * (ctx // 4 + 2) * (512 - 68)
+
+
+# ---- indexer_scores_fp4, emulated statement by statement (thread loops between barriers, the same shared-memory byte
+# addresses, swizzle, tail fetch, prmt expansion, integer block sums, float32 combine and head sum). Slow: tiny sizes.
+F32 = np.float32
+IDX_TR, IDX_MAXH = 32, 64
+
+
+def fp4_scale_exp(amax):
+    a = max(float(amax), 6.0 * 2.0 ** -126)
+    m, e = np.frexp(a / 6.0)
+    return int(e - 1 if m == 0.5 else e)
+
+def fp4_code(x, e):
+    v = min(abs(np.ldexp(float(x), -e)), 6.0)
+    a = float(nm.e2m1_round(np.array([v]))[0])
+    m2 = int(2.0 * a)
+    idx = m2 if m2 <= 4 else (5 if m2 == 6 else (6 if m2 == 8 else 7))
+    return idx | (8 if np.signbit(x) else 0)
+
+def rowbytes(c): return c // 2 + ((c // 32 + 3) & ~3)
+
+def fp4_term(s, e):
+    if -126 <= e <= 127:
+        return F32(F32(s) * F32(np.ldexp(1.0, e)))
+    return F32(np.ldexp(np.float64(F32(s)), e))
+
+def _emulate_scores_fp4(q, wts, kbytes, pos0, HI, c, ratio, wscale, scores, stride, nblk):
+    S = q.shape[0]
+    kflat = kbytes.reshape(-1)
+    for t in range(S):
+        P = pos0 + t; nvis = (P + 1) // ratio; ntiles = (nvis + IDX_TR - 1) // IDX_TR
+        for bx in range(nblk):
+            if bx >= ntiles: continue
+            nb, nslot = c >> 5, c >> 4; smask = nslot - 1; rb_ = rowbytes(c); tile16 = IDX_TR * rb_ // 16
+            qs8 = np.zeros(IDX_MAXH * 8 * 16, np.int8); qe = np.zeros((64, 4), np.int64)
+            for hb in range(IDX_MAXH * nb):
+                h, b = hb // nb, hb % nb
+                xs = [q[t, h, b * 32 + l] if h < HI else F32(0) for l in range(32)]
+                e = fp4_scale_exp(max(abs(x) for x in xs))
+                for lane in range(32):
+                    code = fp4_code(xs[lane], e)
+                    m2 = [0, 1, 2, 3, 4, 6, 8, 12][code & 7]
+                    i = b * 32 + lane
+                    qs8[(h * nslot + ((i >> 4) ^ (h & smask))) * 16 + (i & 15)] = -m2 if code & 8 else m2
+                qe[h, b] = e - 1 if h < HI else 0
+            w = np.zeros((16, 4), F32)
+            for th in range(16):
+                for j in range(4):
+                    h = th + 16 * j
+                    w[th, j] = F32(wts[t, h] * F32(wscale)) if h < HI else F32(0)
+            def fetch(tile):
+                out = np.zeros((256, 16), np.uint8)
+                if tile >= ntiles: return out
+                r0 = tile * IDX_TR; nbytes = min(IDX_TR, nvis - r0) * rb_
+                for tid in range(tile16):
+                    at = r0 * rb_ // 16 + tid
+                    if (tid + 1) * 16 <= nbytes: out[tid] = kflat[16 * at: 16 * at + 16]
+                    elif tid * 16 < nbytes:
+                        nw = (nbytes - tid * 16) >> 2
+                        out[tid, :4 * nw] = kflat[16 * at: 16 * at + 4 * nw]
+                return out
+            nxt = fetch(bx)
+            tile = bx
+            while tile < ntiles:
+                r0 = tile * IDX_TR
+                kraw = nxt[:tile16].reshape(-1).copy()
+                nxt = fetch(tile + nblk)
+                ks8 = np.zeros(IDX_TR * 8 * 16, np.int8)
+                for i in range(IDX_TR * (c >> 3)):
+                    r, j = i // (c >> 3), i % (c >> 3)
+                    wd = int(kraw[r * rb_ + 4 * j: r * rb_ + 4 * j + 4].view(np.uint32)[0])
+                    vals = _expand8(wd)
+                    base = (r * nslot + (((8 * j) >> 4) ^ (r & smask))) * 16 + (j & 1) * 8
+                    ks8[base: base + 8] = vals
+                ke = np.zeros((32, 4), np.int64)
+                for i in range(IDX_TR * nb):
+                    r, b = i // nb, i % nb
+                    ke[r, b] = int(kraw[r * rb_ + c // 2 + b].view(np.int8)) - 1
+                sa_all = np.zeros((16, 16), F32); sb_all = np.zeros((16, 16), F32)
+                for tr in range(16):
+                    for th in range(16):
+                        ra, rb = 2 * tr, 2 * tr + 1
+                        acc = np.zeros((2, 4), F32)
+                        for b in range(nb):
+                            isum = np.zeros((2, 4), np.int64)
+                            for hh in range(2):
+                                f = 2 * b + hh
+                                ka = ks8[(ra * nslot + (f ^ (ra & smask))) * 16:][:16].astype(np.int64)
+                                kb = ks8[(rb * nslot + (f ^ (rb & smask))) * 16:][:16].astype(np.int64)
+                                for j in range(4):
+                                    h = th + 16 * j
+                                    qv = qs8[(h * nslot + (f ^ (h & smask))) * 16:][:16].astype(np.int64)
+                                    isum[0, j] += int(qv @ ka); isum[1, j] += int(qv @ kb)
+                            for j in range(4):
+                                eq = qe[th + 16 * j, b]
+                                acc[0, j] = F32(acc[0, j] + fp4_term(isum[0, j], eq + ke[ra, b]))
+                                acc[1, j] = F32(acc[1, j] + fp4_term(isum[1, j], eq + ke[rb, b]))
+                        sa = F32(0); sb = F32(0)
+                        for j in range(4):
+                            sa = F32(np.float64(w[th, j]) * max(acc[0, j], F32(0)) + np.float64(sa))
+                            sb = F32(np.float64(w[th, j]) * max(acc[1, j], F32(0)) + np.float64(sb))
+                        sa_all[tr, th] = sa; sb_all[tr, th] = sb
+                for o in (8, 4, 2, 1):
+                    sa_all = (sa_all + sa_all[:, np.arange(16) ^ o]).astype(F32)
+                    sb_all = (sb_all + sb_all[:, np.arange(16) ^ o]).astype(F32)
+                for tr in range(16):
+                    if r0 + 2 * tr < nvis: scores[t, r0 + 2 * tr] = sa_all[tr, 0]
+                    if r0 + 2 * tr + 1 < nvis: scores[t, r0 + 2 * tr + 1] = sb_all[tr, 0]
+                tile += nblk
+
+
+@pytest.mark.parametrize("HI,c,S,p0,N,nblk,fp4_q", [(4, 64, 2, 205, 60, 2, True), (64, 128, 1, 150, 40, 1, True),
+                                                     (5, 32, 1, 99, 26, 3, False)])
+def test_emulated_kernel_matches_float64(rng, HI, c, S, p0, N, nblk, fp4_q):
+    """The emulated kernel on packed keys: every visible score within 16 roundings of float64 of the exact
+    fp4_sim(q) . k sums (tests/test_gpu_indexer_fp4.py's bound), nothing written past nvis; a q that is not fp4_sim
+    output is scored as fp4_sim(q)."""
+    q = nm.hadamard(rng.standard_normal((S, HI, c)).astype(F32))
+    if fp4_q:
+        q = nm.fp4_sim(q)
+    k = nm.fp4_sim(nm.hadamard(rng.standard_normal((N, c)).astype(F32)))
+    wts = rng.standard_normal((S, HI)).astype(F32)
+    wscale = c ** -0.5 * HI ** -0.5
+    sc = np.full((S, N), np.nan, F32)
+    _emulate_scores_fp4(q, wts, nm.fp4_pack(k), p0, HI, c, 4, wscale, sc, N, nblk)
+    w = (wts * F32(wscale)).astype(np.float64)
+    terms = np.einsum("shbi,nbi->shnb", nm.fp4_sim(q).astype(np.float64).reshape(S, HI, c // 32, 32),
+                      k.astype(np.float64).reshape(N, c // 32, 32))
+    ref = np.einsum("sh,shn->sn", w, np.maximum(terms.sum(-1), 0.0))
+    scale = np.einsum("sh,shn->sn", np.abs(w), np.abs(terms).sum(-1))
+    for t in range(S):
+        nv = (p0 + t + 1) // 4
+        assert np.isnan(sc[t, nv:]).all()
+        assert np.all(np.abs(sc[t, :nv] - ref[t, :nv]) <= 16 * 2.0 ** -24 * scale[t, :nv] + 1e-45)

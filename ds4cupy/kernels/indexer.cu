@@ -97,9 +97,9 @@ extern "C" __global__ void __launch_bounds__(256) indexer_scores(const float* q,
 // c = 128 instead of 512).
 // Layout choice: rows interleaved (codes then exponents, one row after the other) rather than separate code / exponent
 // planes: a tile of IDX_TR = 32 rows is one contiguous, 16-byte aligned run of 32 * FP4_ROW_BYTES(c) bytes (2,176 for
-// c = 128), read
-// with coalesced uint4 loads (the exponents come in the same transactions), and the cache stays a [rows, bytes] array
-// that snapshot / restore slice by rows like the float cache.
+// c = 128), read with coalesced uint4 loads (the exponents come in the same transactions; every visible row is read
+// exactly once a step, so there is no reuse that planes could serve better), and the cache stays a [rows, bytes]
+// array that snapshot / restore slice by rows like the float cache.
 // q: float [S, HI, c], already fp4_sim'd (heads_prep QAT mode 2). Each CTA packs it on the fly: per block of 32,
 // e = fp4_scale_exp(amax), codes = e2m1 rounding of q * 2^-e: for an fp4_sim'd q that recovers its values exactly
 // (common.cuh). A q that is not representable (QAT off, never sent here by the session) is silently rounded: the
@@ -114,7 +114,8 @@ extern "C" __global__ void __launch_bounds__(256) indexer_scores(const float* q,
 // bound is below 2^24 units of the smallest block's scale (e.g. c = 128 and the four blocks' eq + ek within 9 of each
 // other: 128 * 144 * 2^9 < 2^24), both kernels compute the same exact dot product and, with the same head-sum order,
 // bit-identical scores. (RMS-normalised, Hadamard-rotated rows have block exponents within 1-2 of each other.) Beyond
-// that both round: here at most 3 roundings of the block combine (|error| <= 3 * 2^-24 * sum_b |term_b|), there up to c.
+// that both round: here at most 3 roundings of the block combine (|error| <= 3 * 2^-24 * sum_b |term_b|), there up
+// to c (one per FMA whose partial sum is not representable).
 // Limits (checked by ops.indexer_scores_fp4): HI <= 64, c in {32, 64, 128}, k 16-byte aligned. Static shared memory:
 // 15.6 KiB. Tiles are as in indexer_scores; each thread prefetches its part of the CTA's next tile into registers
 // before computing the current one.
