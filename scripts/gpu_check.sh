@@ -46,6 +46,7 @@ SWITCHES=(
   "MOE_GROUPED_PIPE|tests/test_gpu_moe_grouped_pipe.py"
   "PDL|tests/test_gpu_pdl.py"
   "HC_SIDE_SINKHORN|tests/test_gpu_hc_side_sinkhorn.py"
+  "INDEXER_FP4|tests/test_gpu_indexer_fp4.py"
 )
 gate_files=()
 rc=0

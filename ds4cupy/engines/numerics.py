@@ -127,6 +127,48 @@ def fp4_sim(x: np.ndarray, block: int = 32) -> np.ndarray:
     return y.reshape(x.shape).astype(F32)
 
 
+def fp4_row_bytes(c: int) -> int:
+    """Bytes of one packed FP4 row of c values (fp4_pack; kernels/common.cuh FP4_ROW_BYTES): c/2 code bytes, c/32
+    int8 block exponents, zero padding to a multiple of 4 (68 for c = 128)."""
+    return c // 2 + (c // 32 + 3) // 4 * 4
+
+
+def fp4_pack(x: np.ndarray) -> np.ndarray:
+    """Lossless packed form of fp4_sim'd rows x [..., c] (c % 32 == 0) -> uint8 [..., fp4_row_bytes(c)], the layout of
+    switch INDEXER_FP4's indexer cache (kernels/common.cuh "packed FP4 rows"). Per block of 32: e = the fp4_sim scale
+    exponent of the block's (already rounded) amax, code = sign bit << 3 | index of |x| * 2^-e in the e2m1 grid. x must
+    be fp4_sim output (ValueError otherwise): then fp4_unpack(fp4_pack(x)) == x bit for bit, -0.0 included."""
+    x = np.asarray(x, dtype=F32)
+    c = x.shape[-1]
+    if c % 32:
+        raise ValueError(f"fp4_pack: the last axis ({c}) must be a multiple of 32")
+    xb = x.reshape(-1, c // 32, 32).astype(np.float64)
+    amax = np.maximum(np.max(np.abs(xb), axis=-1, keepdims=True), 6.0 * 2.0 ** -126)
+    e = np.ceil(np.log2(amax / 6.0)).astype(np.int64)              # [rows, nb, 1], within [-126, 126]
+    g = np.abs(xb) * np.exp2(-e.astype(np.float64))
+    idx = np.searchsorted(_E2M1, g)                                  # exact grid points: their index
+    if np.any(idx > 7) or np.any(_E2M1[np.minimum(idx, 7)] != g):
+        raise ValueError("fp4_pack: the rows are not fp4_sim output (a value is off the e2m1 grid of its block)")
+    code = (idx | (np.signbit(xb) << 3)).astype(np.uint8).reshape(-1, c)
+    out = np.zeros((code.shape[0], fp4_row_bytes(c)), np.uint8)
+    out[:, : c // 2] = code[:, 0::2] | (code[:, 1::2] << 4)
+    out[:, c // 2: c // 2 + c // 32] = e[..., 0].astype(np.int8).view(np.uint8)
+    return out.reshape(x.shape[:-1] + (fp4_row_bytes(c),))
+
+
+def fp4_unpack(p: np.ndarray, c: int) -> np.ndarray:
+    """Inverse of fp4_pack: uint8 [..., fp4_row_bytes(c)] -> float32 [..., c]."""
+    p = np.asarray(p, dtype=np.uint8)
+    flat = p.reshape(-1, p.shape[-1])
+    code = np.empty((flat.shape[0], c), np.uint8)
+    code[:, 0::2] = flat[:, : c // 2] & 15
+    code[:, 1::2] = flat[:, : c // 2] >> 4
+    e = flat[:, c // 2: c // 2 + c // 32].view(np.int8).astype(np.float64)
+    g = _E2M1[code & 7].reshape(-1, c // 32, 32) * np.exp2(e)[..., None]
+    y = np.where((code & 8).reshape(g.shape) != 0, -g, g)
+    return y.reshape(p.shape[:-1] + (c,)).astype(F32)
+
+
 def hadamard(x: np.ndarray) -> np.ndarray:
     """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last axis: H_n x / sqrt(n)."""
     x = np.asarray(x, dtype=np.float64)

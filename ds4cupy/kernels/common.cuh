@@ -263,3 +263,49 @@ __device__ void row_finish(float* v, int n, bool norm, const float* w, float eps
         __syncthreads();
     }
 }
+
+// ---- packed FP4 rows (switch INDEXER_FP4: compressor_emit_fp4, indexer_scores_fp4; NumPy model: numerics.fp4_pack)
+// A fp4_sim'd block of 32 values (model.md §2.7) is exactly g_i * 2^e, g_i in the e2m1 grid {0,.5,1,1.5,2,3,4,6}
+// (signed), e = fp4_scale_exp(amax of the block): recomputing e from the already rounded values gives either fp4_sim's
+// own exponent or a smaller one under which every g_i is still on the grid (amax = 3 * 2^k -> k - 1, ...), and
+// fp4_sim(fp4_sim(x)) == fp4_sim(x): so (codes, e) is an exact, lossless representation of the block.
+// Code of one value: bit 3 = its sign bit (-0.0 -> 8, so rows round-trip bit for bit), bits 0-2 = the index of |g|
+// in the grid. 2 * |g| = {0, 1, 2, 3, 4, 6, 8, 12}[index]: FP4_MAG2_LO / FP4_MAG2_HI, the bytes prmt selects.
+// Packed row of c values (c % 32 == 0): c / 2 bytes of codes (element i in byte i / 2, low nibble for even i), then
+// c / 32 int8 block exponents e (fp4_scale_exp gives e in [-126, 126]), zero-padded to a multiple of 4 bytes:
+// FP4_ROW_BYTES(c) bytes (68 for c = 128; 36 for 64, 20 for 32), so every row starts on a 4-byte boundary.
+#define FP4_ROW_BYTES(c) ((c) / 2 + ((((c) / 32) + 3) & ~3))
+#define FP4_MAG2_LO 0x03020100u
+#define FP4_MAG2_HI 0x0C080604u
+
+// The 4-bit code of x under block exponent e: x * 2^-e rounded to the e2m1 grid (exact when x is representable).
+__device__ __forceinline__ unsigned int fp4_code(float x, int e) {
+    const double a = e2m1_round_d(fmin(fabs(ldexp((double)x, -e)), 6.0));
+    const int m2 = (int)(2.0 * a);                                  // 0, 1, 2, 3, 4, 6, 8, 12
+    const unsigned int idx = m2 <= 4 ? (unsigned int)m2 : (m2 == 6 ? 5u : (m2 == 8 ? 6u : 7u));
+    return idx | (signbit(x) ? 8u : 0u);
+}
+
+// Lane i of a full warp holds element i of one block of 32: its code (fp4_sim's rounding of x under the block's
+// fp4_sim exponent; the exact code when the block is already fp4_sim'd), *e = that exponent (the same in every lane).
+__device__ __forceinline__ unsigned int fp4_pack_lane(float x, int* e) {
+    *e = fp4_scale_exp(warp_max(fabsf(x)));
+    return fp4_code(x, *e);
+}
+
+// Eight codes (one 32-bit word of a packed row, element 8j + n in nibble n) -> eight signed int8 2 * g (two words,
+// byte n = element n, for dp4a). prmt's default mode copies the byte its selector's low 3 bits pick when the
+// selector's bit 3 (here the sign) is 0 and writes the picked byte's sign (0x00 here) when it is 1: pos holds the
+// magnitudes of the positive codes, neg (selectors with the sign flipped) those of the negative ones, bytewise
+// disjoint; ((pos | 0x80) - neg) ^ 0x80 per byte is pos - neg in two's complement with no borrow between bytes.
+__device__ __forceinline__ unsigned int fp4_prmt(unsigned int sel) {
+    unsigned int d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(FP4_MAG2_LO), "r"(FP4_MAG2_HI), "r"(sel));
+    return d;
+}
+
+__device__ __forceinline__ void fp4_expand8(unsigned int w, unsigned int* lo, unsigned int* hi) {
+    const unsigned int wl = w & 0xFFFFu, wh = w >> 16;
+    *lo = ((fp4_prmt(wl) | 0x80808080u) - fp4_prmt(wl ^ 0x8888u)) ^ 0x80808080u;
+    *hi = ((fp4_prmt(wh) | 0x80808080u) - fp4_prmt(wh ^ 0x8888u)) ^ 0x80808080u;
+}

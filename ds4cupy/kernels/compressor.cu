@@ -17,13 +17,14 @@
 #include "common.cuh"
 #include "pdl.cuh"
 
-// grid = S / m + 2 (block b handles window floor(pos0/m) + b if it closes inside this call), block = 256,
-// dynamic smem = hd * 12 bytes.
-extern "C" __global__ void compressor_emit(const float* C, const float* Z, const float* ape, const float* st_kv,
-                                           const float* st_sc, const int* d_pos, int S, int m, int hd, int overlap,
-                                           const float* norm_w, float eps, int n_rot, const double* freqs, int qat,
-                                           float* out) {
-    DS4_PDL_ENTRY();
+// The body of compressor_emit (PACK = false: float rows, out = float*) and compressor_emit_fp4 (PACK = true: packed
+// rows, out = unsigned char*); forceinline, and the float instantiation is compressor_emit's code as it was before
+// the packed variant existed.
+template <bool PACK, typename OutT>
+__device__ __forceinline__ void compressor_emit_body(const float* C, const float* Z, const float* ape,
+                                                     const float* st_kv, const float* st_sc, const int* d_pos, int S,
+                                                     int m, int hd, int overlap, const float* norm_w, float eps,
+                                                     int n_rot, const double* freqs, int qat, OutT* out) {
     extern __shared__ double dsm[];
     float* v = (float*)(dsm + hd);
     __shared__ double redd[32];
@@ -67,7 +68,45 @@ extern "C" __global__ void compressor_emit(const float* C, const float* Z, const
         }
     }
     row_finish(v, hd, true, norm_w, eps, n_rot, freqs, w * m, qat, dsm, redd);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) out[w * hd + i] = v[i];
+    if constexpr (!PACK) {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) out[w * hd + i] = v[i];
+    } else {
+        const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+        unsigned char* row = out + w * (long long)FP4_ROW_BYTES(hd);
+        for (int i = hd / 2 + hd / 32 + threadIdx.x; i < FP4_ROW_BYTES(hd); i += blockDim.x) row[i] = 0;
+        for (int b = wid; b < hd / 32; b += nw) {       // row_finish ended with __syncthreads: v is complete
+            int e;
+            const unsigned int code = fp4_pack_lane(v[b * 32 + lane], &e);
+            const unsigned int up = __shfl_down_sync(0xffffffffu, code, 1);
+            if ((lane & 1) == 0) row[b * 16 + lane / 2] = (unsigned char)(code | (up << 4));
+            if (lane == 0) row[hd / 2 + b] = (unsigned char)(signed char)e;
+        }
+    }
+}
+
+// grid = S / m + 2 (block b handles window floor(pos0/m) + b if it closes inside this call), block = 256,
+// dynamic smem = hd * 12 bytes.
+extern "C" __global__ void compressor_emit(const float* C, const float* Z, const float* ape, const float* st_kv,
+                                           const float* st_sc, const int* d_pos, int S, int m, int hd, int overlap,
+                                           const float* norm_w, float eps, int n_rot, const double* freqs, int qat,
+                                           float* out) {
+    DS4_PDL_ENTRY();
+    compressor_emit_body<false>(C, Z, ape, st_kv, st_sc, d_pos, S, m, hd, overlap, norm_w, eps, n_rot, freqs, qat,
+                                out);
+}
+
+// compressor_emit for the indexer compressor with QAT (qat 2: Hadamard + fp4_sim; switch INDEXER_FP4): the finished
+// row v (fp4_sim'd, so exactly representable) is stored packed, out[w] = hd / 2 bytes of e2m1 codes + hd / 32 int8
+// block exponents, zero-padded to FP4_ROW_BYTES(hd) (common.cuh "packed FP4 rows"; 68 bytes for hd = 128 instead of
+// 512), bit-exact: unpacking it (numerics.fp4_unpack) gives compressor_emit's float row bit for bit. One warp per
+// block of 32: the lane pair (2i, 2i + 1) makes byte i, lane 0 the exponent. hd % 32 == 0. Grid, block and shared
+// memory as compressor_emit.
+extern "C" __global__ void compressor_emit_fp4(const float* C, const float* Z, const float* ape, const float* st_kv,
+                                               const float* st_sc, const int* d_pos, int S, int m, int hd,
+                                               int overlap, const float* norm_w, float eps, int n_rot,
+                                               const double* freqs, unsigned char* out) {
+    DS4_PDL_ENTRY();
+    compressor_emit_body<true>(C, Z, ape, st_kv, st_sc, d_pos, S, m, hd, overlap, norm_w, eps, n_rot, freqs, 2, out);
 }
 
 // Write this call's last min(S, lanes*m) tokens into the state ring. grid = min(S, lanes*m), block = 256.

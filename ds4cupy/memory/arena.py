@@ -179,8 +179,10 @@ class DeviceMemory:
         return "\n".join(lines)
 
 
-def alloc_kv(memory: DeviceMemory, cfg, ctx: int, kv_mode: str = "device", chunk: int | None = None) -> dict:
-    """Every KV buffer of `kv_layout(cfg, ctx)`, zero-filled: {(layer, name): cupy.ndarray}, categories kv.<kind>.
+def alloc_kv(memory: DeviceMemory, cfg, ctx: int, kv_mode: str = "device", chunk: int | None = None,
+             index_fp4: bool = False) -> dict:
+    """Every KV buffer of `kv_layout(cfg, ctx, chunk, index_fp4)`, zero-filled: {(layer, name): cupy.ndarray},
+    categories kv.<kind>. index_fp4: the indexer rows packed (uint8, switch INDEXER_FP4 with QAT on).
 
     kv_mode "managed": cudaMallocManaged + PreferredLocation(device) + prefetch (unified-memory GPUs, large KV).
     """
@@ -189,7 +191,7 @@ def alloc_kv(memory: DeviceMemory, cfg, ctx: int, kv_mode: str = "device", chunk
         raise ValueError(f"kv mode must be 'device' or 'managed', got {kv_mode!r}")
     managed = kv_mode == "managed"
     out = {}
-    for b in kv_layout(cfg, ctx, DEFAULT_CHUNK if chunk is None else chunk):
+    for b in kv_layout(cfg, ctx, DEFAULT_CHUNK if chunk is None else chunk, index_fp4):
         a = memory.alloc(f"kv.{b.category}", b.shape, b.dtype, managed=managed)
         if managed:
             memory.advise_device(a)

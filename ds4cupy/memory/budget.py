@@ -7,7 +7,10 @@ it lists (through `DeviceMemory`), and `Budget` sums the same list. The layout f
 - raw window ring, every layer: float32 [raw_cap, head_dim], raw_cap = round_up(sliding_window + min(chunk, ctx), 256)
   (a prefill chunk sees its own rows plus the window before it), capped at round_up(sliding_window + ctx, 256);
 - compressed rows, layers with ratio r != 0: float32 [ctx // r + 2, head_dim];
-- indexer rows, ratio-4 layers: float32 [ctx // 4 + 2, indexer_head_dim];
+- indexer rows, ratio-4 layers: float32 [ctx // 4 + 2, indexer_head_dim]; with index_fp4 (switch INDEXER_FP4 and
+  QAT on: engines/cuda/session.py) uint8 [ctx // 4 + 2, numerics.fp4_row_bytes(indexer_head_dim)] instead, the packed
+  e2m1 codes + block exponents (68 bytes a row for Flash's 128 dims instead of 512: 17 instead of 128 bytes a token
+  per CSA layer, 21 CSA layers: 2,331 bytes a token less, 13,760 -> 11,429);
 - compressor state (model.md §2.5 kv_state / score_state), coff = 2 for ratio 4 else 1:
   main  float32 [coff * r, coff * head_dim] twice (kv, score); indexer float32 [8, 2 * indexer_head_dim] twice.
 
@@ -61,6 +64,12 @@ class KVBuffer(NamedTuple):
         return "state" if self.name.endswith("_state") else self.name
 
 
+def fp4_row_bytes(c: int) -> int:
+    """Bytes of a packed FP4 row of c values: engines.numerics.fp4_row_bytes (the same formula; memory sits below
+    engines and cannot import it; tests/test_indexer_fp4.py checks they agree)."""
+    return c // 2 + (c // 32 + 3) // 4 * 4
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -73,8 +82,9 @@ def raw_cap(cfg: ModelConfig, ctx: int, chunk: int = DEFAULT_CHUNK) -> int:
     return min(_round_up(w + min(chunk, ctx), RAW_ALIGN), _round_up(w + ctx, RAW_ALIGN))
 
 
-def kv_layout(cfg: ModelConfig, ctx: int, chunk: int = DEFAULT_CHUNK) -> list[KVBuffer]:
-    """Every KV-cache buffer of a session of `ctx` tokens: (layer, name, shape, dtype), float32 throughout."""
+def kv_layout(cfg: ModelConfig, ctx: int, chunk: int = DEFAULT_CHUNK, index_fp4: bool = False) -> list[KVBuffer]:
+    """Every KV-cache buffer of a session of `ctx` tokens: (layer, name, shape, dtype), float32 throughout except the
+    indexer rows with index_fp4 (packed uint8 rows, the module docstring)."""
     f32 = np.dtype(np.float32)
     hd, idim = cfg.head_dim, cfg.indexer_head_dim
     cap = raw_cap(cfg, ctx, chunk)
@@ -89,27 +99,30 @@ def kv_layout(cfg: ModelConfig, ctx: int, chunk: int = DEFAULT_CHUNK) -> list[KV
         out.append(KVBuffer(il, "comp_kv_state", (coff * r, coff * hd), f32))
         out.append(KVBuffer(il, "comp_score_state", (coff * r, coff * hd), f32))
         if r == 4:
-            out.append(KVBuffer(il, "index", (ctx // 4 + 2, idim), f32))
+            out.append(KVBuffer(il, "index", (ctx // 4 + 2, fp4_row_bytes(idim)), np.dtype(np.uint8)) if index_fp4
+                       else KVBuffer(il, "index", (ctx // 4 + 2, idim), f32))
             out.append(KVBuffer(il, "index_kv_state", (8, 2 * idim), f32))
             out.append(KVBuffer(il, "index_score_state", (8, 2 * idim), f32))
     return out
 
 
-def kv_bytes_per_token(cfg: ModelConfig) -> float:
-    """KV bytes that grow with the context: compressed + indexer rows (flash: 13,760 B/token, ds4's 13.76 KB)."""
+def kv_bytes_per_token(cfg: ModelConfig, index_fp4: bool = False) -> float:
+    """KV bytes that grow with the context: compressed + indexer rows (flash: 13,760 B/token, ds4's 13.76 KB; with
+    index_fp4 the indexer rows packed: 11,429 B/token)."""
     per = 0.0
     for il in range(cfg.n_layer):
         r = cfg.ratio(il)
         if r:
             per += cfg.head_dim * 4 / r
         if r == 4:
-            per += cfg.indexer_head_dim * 4 / 4
+            per += (fp4_row_bytes(cfg.indexer_head_dim) if index_fp4 else cfg.indexer_head_dim * 4) / 4
     return per
 
 
-def kv_fixed_bytes(cfg: ModelConfig, ctx: int, chunk: int = DEFAULT_CHUNK) -> int:
+def kv_fixed_bytes(cfg: ModelConfig, ctx: int, chunk: int = DEFAULT_CHUNK, index_fp4: bool = False) -> int:
     """KV bytes that do not grow with ctx (raw rings at their cap, compressor state, the +2 rows)."""
-    return sum(b.nbytes for b in kv_layout(cfg, ctx, chunk)) - int(round(kv_bytes_per_token(cfg) * ctx))
+    return (sum(b.nbytes for b in kv_layout(cfg, ctx, chunk, index_fp4))
+            - int(round(kv_bytes_per_token(cfg, index_fp4) * ctx)))
 
 
 def weight_category(name: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..numerics import fp4_row_bytes
 from .compile import get_kernel, sm_count
 
 # dtype codes shared with the kernels (common.cuh load_w, embed.cu)
@@ -298,6 +299,25 @@ def compressor_step(C, Z, ape, st_kv, st_sc, d_pos, ratio: int, norm_w, n_rot: i
                                            _i32(lanes)))
 
 
+def compressor_step_fp4(C, Z, ape, st_kv, st_sc, d_pos, norm_w, n_rot: int, freqs, out, eps: float = 1e-6) -> None:
+    """compressor_step for the indexer compressor with QAT (ratio 4, overlap, Hadamard + fp4_sim) storing each emitted
+    row packed (switch INDEXER_FP4): out uint8 [Ncap, numerics.fp4_row_bytes(hd)], row w = numerics.fp4_pack of the
+    float row compressor_step would write (compressor.cu compressor_emit_fp4)."""
+    S, cw = C.shape
+    hd = cw // 2
+    if hd % 32:
+        raise ValueError(f"compressor_step_fp4: row width {hd} must be a multiple of 32")
+    _check(out, "uint8", "out")
+    if out.ndim != 2 or out.shape[1] != fp4_row_bytes(hd):
+        raise ValueError(f"compressor_step_fp4: out must be uint8 [rows, {fp4_row_bytes(hd)}], got {out.shape}")
+    get_kernel("compressor", "compressor_emit_fp4")(
+        (S // 4 + 2,), (256,),
+        (C, Z, ape, st_kv, st_sc, d_pos, _i32(S), _i32(4), _i32(hd), _i32(1), norm_w, _f32(eps), _i32(n_rot), freqs,
+         out), shared_mem=12 * hd)
+    get_kernel("compressor", "compressor_store")(
+        (min(S, 8),), (256,), (C, Z, ape, st_kv, st_sc, d_pos, _i32(S), _i32(4), _i32(cw), _i32(2)))
+
+
 # ---- indexer.cu ------------------------------------------------------------------------------------------------------
 def indexer_scores(q, wts, k, d_pos, ratio: int, scores, nblk: int) -> None:
     """scores[t, s] = sum_h wts[t,h] c^-1/2 HI^-1/2 relu(q[t,h] . k[s]) for s < (P+1)//ratio. q [S, HI, c],
@@ -307,6 +327,23 @@ def indexer_scores(q, wts, k, d_pos, ratio: int, scores, nblk: int) -> None:
     if HI > 64 or c > 128 or c % 32:
         raise ValueError(f"indexer_scores takes HI <= 64 heads of c <= 128 dims with c % 32 == 0, got HI={HI}, c={c}")
     get_kernel("indexer", "indexer_scores")(
+        (nblk, S), (256,), (q, wts, k, d_pos, _i32(HI), _i32(c), _i32(ratio), _f32(c ** -0.5 * HI ** -0.5), scores,
+                            _i64(scores.shape[1])))
+
+
+def indexer_scores_fp4(q, wts, k, d_pos, ratio: int, scores, nblk: int) -> None:
+    """indexer_scores with the keys packed (switch INDEXER_FP4, QAT on): k uint8 [N, numerics.fp4_row_bytes(c)] (rows
+    of compressor_step_fp4 / numerics.fp4_pack), q [S, HI, c] fp4_sim'd (any other q is scored as fp4_sim(q)). Exact
+    integer block dot products (indexer.cu indexer_scores_fp4: where and by how much it can differ from indexer_scores).
+    Same grid rule as indexer_scores: nblk from indexer_blocks(ctx // ratio, S)."""
+    S, HI, c = q.shape
+    if HI > 64 or c not in (32, 64, 128):
+        raise ValueError(f"indexer_scores_fp4 takes HI <= 64 heads of c in (32, 64, 128) dims, got HI={HI}, c={c}")
+    _check(k, "uint8", "k")
+    rb = fp4_row_bytes(c)
+    if k.ndim != 2 or k.shape[1] != rb or k.data.ptr % 16:
+        raise ValueError(f"indexer_scores_fp4: k must be a 16-byte aligned uint8 [rows, {rb}], got {k.shape}")
+    get_kernel("indexer", "indexer_scores_fp4")(
         (nblk, S), (256,), (q, wts, k, d_pos, _i32(HI), _i32(c), _i32(ratio), _f32(c ** -0.5 * HI ** -0.5), scores,
                             _i64(scores.shape[1])))
 

@@ -9,7 +9,11 @@ State per layer (device buffers from memory.alloc_kv, the single source of truth
 - comp / comp_kv_state / comp_score_state: compressed rows (row w at index w) and the compressor's ring of the last
   lanes*ratio tokens' (kv, gate score + ape) rows (slot p % (lanes*ratio)); the partial window of the reference's
   CompressorState and the previous full window of the overlapping ratio-4 compressor both live in that ring.
-- index / index_kv_state / index_score_state: the same for the indexer's compressor (ratio-4 layers).
+- index / index_kv_state / index_score_state: the same for the indexer's compressor (ratio-4 layers). With
+  model.indexer_fp4 (switch INDEXER_FP4 and QAT on) `index` holds the rows packed, uint8 [ctx // 4 + 2, 68] for Flash's
+  128 dims (numerics.fp4_pack: e2m1 codes + block exponents, lossless for the fp4_sim'd rows) instead of float32
+  [ctx // 4 + 2, 128]: 17 instead of 128 bytes a token per CSA layer (2,331 bytes a token less for Flash's 21, the KV
+  cache 13,760 -> 11,429 bytes a token; memory.budget.kv_layout sizes it), and the indexer reads 7.5x fewer bytes.
 Nothing else is state: the number of compressed rows is (pos + 1) // ratio, computed by the kernels from the device
 position counter.
 
@@ -118,6 +122,9 @@ class CudaModel:
         self.gpu_sampling = switches.enabled("GPU_SAMPLING")
         # hc_step's Sinkhorn on the side branch, joined before the next hc_step (HC_SIDE_SINKHORN; needs hc_step)
         self.hc_side_sinkhorn = self.hc_fused and switches.enabled("HC_SIDE_SINKHORN")
+        # the indexer's rows packed (e2m1 codes + block exponents) and scored with exact integer dot products: only
+        # with QAT on, where the rows and queries are fp4_sim'd and so exactly representable (kernels/indexer.cu)
+        self.indexer_fp4 = self.qat and switches.enabled("INDEXER_FP4")
         self.prefill_attn_mma = attention_mma.enabled(device)    # chunks of >= MIN_TOKENS: attention_mma.cu
         self.decode_attn_mma = attention_decode_mma.enabled(device)   # decode and shorter chunks: its splits
 
@@ -213,7 +220,7 @@ class CudaSession:
         c = model.config
         self.S_max = min(model.chunk, ctx)
         with cp.cuda.Device(model.device):
-            self.kv = alloc_kv(model.mem, c, ctx, model.kv_mode, model.chunk)
+            self.kv = alloc_kv(model.mem, c, ctx, model.kv_mode, model.chunk, index_fp4=model.indexer_fp4)
             self.d_pos = cp.zeros(1, cp.int32)
             self.d_ids = cp.zeros(self.S_max, cp.int32)
             self._side = cp.cuda.Stream(non_blocking=True)      # the side branch (_side_branch)
@@ -398,8 +405,15 @@ class CudaSession:
             raise ValueError(f"n_tokens must be in [0, {self.ctx}), got {n_tokens}")
         gen = cp.random.default_rng(seed)
         with cp.cuda.Device(self.model.device):
-            for a in self.kv.values():
-                a[...] = gen.standard_normal(a.shape, dtype=cp.float32)
+            for (il, name), a in self.kv.items():
+                if a.dtype == cp.uint8:          # packed indexer rows: random codes, block exponents in [-3, 0]
+                    ci = self.model.config.indexer_head_dim    # (values of a unit-RMS row's magnitude)
+                    a[...] = 0
+                    a[:, : ci // 2] = gen.integers(0, 256, (a.shape[0], ci // 2), dtype=cp.int32).astype(cp.uint8)
+                    a[:, ci // 2: ci // 2 + ci // 32] = (gen.integers(-3, 1, (a.shape[0], ci // 32), dtype=cp.int32)
+                                                         .astype(cp.int8).view(cp.uint8))
+                else:
+                    a[...] = gen.standard_normal(a.shape, dtype=cp.float32)
             self.d_pos.fill(n_tokens)
         self.tokens = [int(t) for t in np.random.default_rng(seed).integers(0, self.model.config.n_vocab, n_tokens)]
 
@@ -661,6 +675,12 @@ class CudaSession:
         Ci = self._proj(p + "indexer_compressor_kv.weight", xn, self._b("Ci", S, 2 * ci), done)
         Zi = self._proj(p + "indexer_compressor_gate.weight", xn, self._b("Zi", S, 2 * ci), done)
         qat = ops.QAT_HADAMARD_FP4 if m.qat else ops.QAT_NONE
+        if m.indexer_fp4:                       # the rows stored packed (QAT on: Hadamard + fp4_sim, then packed)
+            ops.compressor_step_fp4(Ci, Zi, m.v[p + "indexer_compressor_ape.weight"],
+                                    self.kv[(il, "index_kv_state")], self.kv[(il, "index_score_state")], self.d_pos,
+                                    m.v[p + "indexer_compressor_norm.weight"], c.n_rot, m.freqs[il],
+                                    self.kv[(il, "index")], c.rms_eps)
+            return
         ops.compressor_step(Ci, Zi, m.v[p + "indexer_compressor_ape.weight"], self.kv[(il, "index_kv_state")],
                             self.kv[(il, "index_score_state")], self.d_pos, 4,
                             m.v[p + "indexer_compressor_norm.weight"], c.n_rot, m.freqs[il], qat,
@@ -678,7 +698,8 @@ class CudaSession:
         stride = self.ctx // 4 + 2
         scores = self._b("scores", S, stride)
         nblk = ops.indexer_blocks(self.ctx // 4, S)          # from ctx, never the position (graph capture)
-        ops.indexer_scores(qi, wts, self.kv[(il, "index")], self.d_pos, 4, scores, nblk)
+        score = ops.indexer_scores_fp4 if m.indexer_fp4 else ops.indexer_scores
+        score(qi, wts, self.kv[(il, "index")], self.d_pos, 4, scores, nblk)
         K = c.indexer_top_k
         topk = self._topk[: S * K].reshape(S, K)
         ops.indexer_topk(scores, self.d_pos, 4, topk)

@@ -21,6 +21,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | PDL              | graph-captured kernels launched with programmatic dependent launch, sm_90+       | on      |
 | MOE_DOWN_STAGED  | MOE_STAGED's Q2_K down with each warp's expert rows staged too (moe_down_xsw_*)  | off     |
 | HC_SIDE_SINKHORN | hc_step's Sinkhorn deferred to hc_sinkhorn_deferred on the side branch (hc.cu)   | off     |
+| INDEXER_FP4      | QAT on: indexer keys packed (68 B a row), exact integer scores (indexer.cu)      | off     |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -44,6 +45,11 @@ HC_SIDE_SINKHORN (off: written after the last GPU run, its tests have not run): 
 normalisations, ~3.3 us on an H200 in hc_step's last block) leaves hc_step, which writes its inputs instead, for a
 one-warp-a-token kernel on the side branch; only the next hc_step (and the head) wait for it, one sub-block later.
 Bit-identical (the same double arithmetic); tests/test_gpu_hc_side_sinkhorn.py.
+INDEXER_FP4 is new (opt-in until tests/test_gpu_indexer_fp4.py has passed on a GPU): with QAT on (model.qat) each CSA
+layer's indexer rows are stored as e2m1 codes + block exponents (compressor.cu compressor_emit_fp4, lossless for the
+fp4_sim'd rows) and scored by indexer_scores_fp4 with exact integer block dot products; with QAT off it changes
+nothing. It cuts the indexer cache from 512 to 68 bytes a row (128 B to 17 B a token per CSA layer) and the bytes the
+indexer reads each decode step by the same 7.5x.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ import os
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
             "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": True,
-            "MOE_DOWN_STAGED": False, "HC_SIDE_SINKHORN": False}
+            "MOE_DOWN_STAGED": False, "HC_SIDE_SINKHORN": False,
+            "INDEXER_FP4": False}
 
 
 def enabled(name: str) -> bool:
