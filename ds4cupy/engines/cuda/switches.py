@@ -19,9 +19,9 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | MOE_GROUPED_PIPE | MOE_GROUPED's GEMMs with next k-steps' loads in flight (moe_grouped_pipe_*)      | on      |
 | MOE_STAGED       | one-token expert kernels staging through shared memory (moe_*_i8s_*, moe_*_xs_*) | on      |
 | PDL              | graph-captured kernels launched with programmatic dependent launch, sm_90+       | on      |
-| MOE_DOWN_STAGED  | MOE_STAGED's Q2_K down with each warp's expert rows staged too (moe_down_xsw_*)  | off     |
-| HC_SIDE_SINKHORN | hc_step's Sinkhorn deferred to hc_sinkhorn_deferred on the side branch (hc.cu)   | off     |
-| INDEXER_FP4      | QAT on: indexer keys packed (68 B a row), exact integer scores (indexer.cu)      | off     |
+| MOE_DOWN_STAGED  | MOE_STAGED's Q2_K down with each warp's expert rows staged too (moe_down_xsw_*)  | on      |
+| HC_SIDE_SINKHORN | hc_step's Sinkhorn deferred to hc_sinkhorn_deferred on the side branch (hc.cu)   | on      |
+| INDEXER_FP4      | QAT on: indexer keys packed (68 B a row), exact integer scores (indexer.cu)      | on      |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -39,17 +39,21 @@ PDL (launch.py, kernels/pdl.cuh) passed tests/test_gpu_pdl.py at ced352d (8 pass
 tiny model's logits with it on and off bit for bit) and the ced352d bench ran with it; decode step 8.73 -> 8.68 ms and
 8.85 -> 8.50 ms in two A/Bs (docs/PERF_NOTES.md). Since ced352d it takes only graph-captured launches (the decode
 graph): eager launches keep CuPy's own, cheaper argument marshalling.
-MOE_DOWN_STAGED (moe_down_xsw_q2_k, bit-identical to moe_down_xs_q2_k) has not run on a GPU yet
-(tests/test_gpu_moe_down_staged.py): off until it passes and benchmarks faster.
-HC_SIDE_SINKHORN (off: written after the last GPU run, its tests have not run): the mHC Sinkhorn (20 dependent double
-normalisations, ~3.3 us on an H200 in hc_step's last block) leaves hc_step, which writes its inputs instead, for a
-one-warp-a-token kernel on the side branch; only the next hc_step (and the head) wait for it, one sub-block later.
-Bit-identical (the same double arithmetic); tests/test_gpu_hc_side_sinkhorn.py.
-INDEXER_FP4 is new (opt-in until tests/test_gpu_indexer_fp4.py has passed on a GPU): with QAT on (model.qat) each CSA
-layer's indexer rows are stored as e2m1 codes + block exponents (compressor.cu compressor_emit_fp4, lossless for the
-fp4_sim'd rows) and scored by indexer_scores_fp4 with exact integer block dot products; with QAT off it changes
-nothing. It cuts the indexer cache from 512 to 68 bytes a row (128 B to 17 B a token per CSA layer) and the bytes the
-indexer reads each decode step by the same 7.5x.
+MOE_DOWN_STAGED, HC_SIDE_SINKHORN and INDEXER_FP4 passed their GPU tests at 36b50d1 (scripts/gpu_check.sh with
+GATES: 7, 22 and 19 passed; tests/test_gpu_model.py 16 passed) and the 36b50d1 bench ran with them on (BENCHMARKS.md).
+A/B on one model (scripts/profile_decode.py --ab, 43 layers, depth 4,096, 3 rounds a b b a a b, same run):
+MOE_DOWN_STAGED 8.614 -> 8.480 ms a step (-1.6 %, every round lower); HC_SIDE_SINKHORN 8.599 -> 8.572 (-0.3 %, within
+the rounds' spread: the Sinkhorn was mostly hidden behind hc_step's collapse and norm). Both are bit-identical to the
+paths they replace. INDEXER_FP4 (QAT on only; QAT off changes nothing) is exact where the block exponents are within 9
+of each other (kernels/indexer.cu) and cuts the indexer cache and its reads 7.5x (2,331 bytes a token for Flash);
+its speed at long context is not measured yet.
+MOE_DOWN_STAGED: moe_down_xsw_q2_k, bit-identical to moe_down_xs_q2_k (tests/test_gpu_moe_down_staged.py).
+HC_SIDE_SINKHORN: the mHC Sinkhorn (20 dependent double normalisations in hc_step's last block) leaves hc_step, which
+writes its inputs instead, for a one-warp-a-token kernel on the side branch; only the next hc_step (and the head) wait
+for it, one sub-block later. Bit-identical (the same double arithmetic); tests/test_gpu_hc_side_sinkhorn.py.
+INDEXER_FP4: with QAT on (model.qat) each CSA layer's indexer rows are stored as e2m1 codes + block exponents
+(compressor.cu compressor_emit_fp4, lossless for the fp4_sim'd rows) and scored by indexer_scores_fp4 with exact
+integer block dot products (tests/test_gpu_indexer_fp4.py): 512 -> 68 bytes a row.
 """
 from __future__ import annotations
 
@@ -58,8 +62,8 @@ import os
 DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLING": True, "PREFILL_MMA": True,
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
             "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": True,
-            "MOE_DOWN_STAGED": False, "HC_SIDE_SINKHORN": False,
-            "INDEXER_FP4": False}
+            "MOE_DOWN_STAGED": True, "HC_SIDE_SINKHORN": True,
+            "INDEXER_FP4": True}
 
 
 def enabled(name: str) -> bool:
