@@ -97,6 +97,9 @@ def test_kv_read_bytes_follows_the_cache_layout():
     expect = 4 * w * hd * 4 + state + (10000 // 4) * idim * 4 + cfg.indexer_top_k * hd * 4 + (10000 // 128) * hd * 4
     assert bench_measure.kv_read_bytes(cfg, pos) == expect
     assert bench_measure.kv_read_bytes(cfg, 0) == 4 * 1 * hd * 4 + state
+    # packed indexer rows (INDEXER_FP4): 68 bytes a row for 128 dims (64 of e2m1 codes, 4 block exponents)
+    packed = expect - (10000 // 4) * idim * 4 + (10000 // 4) * (idim // 2 + idim // 32)
+    assert bench_measure.kv_read_bytes(cfg, pos, index_fp4=True) == packed
 
 
 def test_int_list_and_summary():

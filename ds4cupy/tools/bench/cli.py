@@ -193,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
         for r in range(args.runs):
             runs.append(engine_run(target, args, ctx, r))
             print(f"run {r + 1}/{args.runs} done", file=sys.stderr)
+        meta["kv_bytes_per_token"] = kv_bytes_per_token(cfg, target.index_fp4)     # as the loaded engine stores it
     meta["page_cache"] = [r["page_cache"] for r in runs]
     meta["seconds"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
     report = {"meta": meta, "runs": runs, "summary": summarize(runs)}

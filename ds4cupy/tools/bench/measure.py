@@ -100,12 +100,15 @@ def drop_page_cache(path: str | os.PathLike | None, how: str = "drop") -> tuple[
                      "(load times include cached reads)"
 
 
-def kv_read_bytes(cfg, pos: int) -> int:
+def kv_read_bytes(cfg, pos: int, index_fp4: bool = False) -> int:
     """Bytes of KV state a decode step at position `pos` (0-based; pos tokens before it) reads (float32 cache):
     window ring rows, compressed rows (all on HCA layers; on CSA layers the indexer's rows plus the top-k selected
-    compressed rows), compressor state."""
+    compressed rows), compressor state. index_fp4: the indexer rows packed (switch INDEXER_FP4 with QAT on,
+    memory.budget.kv_layout)."""
+    from ...engines.numerics import fp4_row_bytes
     n = pos + 1
     hd, idim = cfg.head_dim, cfg.indexer_head_dim
+    index_row = fp4_row_bytes(idim) if index_fp4 else idim * 4
     total = 0
     for il in range(cfg.n_layer):
         total += min(n, cfg.sliding_window) * hd * 4
@@ -116,7 +119,7 @@ def kv_read_bytes(cfg, pos: int) -> int:
         coff = 2 if r == 4 else 1
         total += 2 * (coff * r) * (coff * hd) * 4
         if r == 4:
-            total += n_comp * idim * 4 + min(cfg.indexer_top_k, n_comp) * hd * 4
+            total += n_comp * index_row + min(cfg.indexer_top_k, n_comp) * hd * 4
             total += 2 * 8 * 2 * idim * 4
         else:
             total += n_comp * hd * 4
@@ -193,6 +196,7 @@ class EngineTarget:
         from ..synthetic import decode_bytes_per_token
         self.weight_bytes_per_token = decode_bytes_per_token(self.config, self.tensor_bytes)
         self.on_gpu = self.backend == "cuda"
+        self.index_fp4 = False              # set by engine_run from the loaded model
 
     def load(self, ctx: int):
         a = self.args
@@ -244,6 +248,8 @@ def engine_run(target: EngineTarget, args, ctx: int, run: int) -> dict:
     model = target.load(ctx)
     gpu_sync(on_gpu)
     out["load_s"] = time.perf_counter() - t0
+    # the CUDA engine's packed indexer rows (INDEXER_FP4 with QAT on): what the KV byte counts below assume
+    target.index_fp4 = bool(getattr(getattr(model, "_impl", None), "indexer_fp4", False))
     mem.sample()
     try:
         tok = getattr(model, "tokenizer", None) if not target.synthetic else None
@@ -336,7 +342,8 @@ def decode_record(target, depth: int, prompt_tokens: int, n: int, t_req: float, 
     steady = (n - 1) / (stamps[-1] - stamps[0]) if n >= 2 and stamps[-1] > stamps[0] else None
     avg = n / (stamps[-1] - t_first) if n >= 1 else None
     w = int(sum(target.weight_bytes_per_token.values()))
-    kv = float(np.mean([kv_read_bytes(cfg, prompt_tokens + i) for i in range(n)])) if n else 0.0
+    index_fp4 = getattr(target, "index_fp4", False)
+    kv = float(np.mean([kv_read_bytes(cfg, prompt_tokens + i, index_fp4) for i in range(n)])) if n else 0.0
     per = w + kv
     rate = steady if steady is not None else avg
     gbps = per * rate / 1e9 if rate else None
