@@ -636,7 +636,7 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
 
 // ---------------------------------------------------------------------------------------------------------------------
 // moe_gate_up_i8s_iq2_xxs: moe_gate_up_i8_iq2_xxs for one token (n_pairs == k, cols <= I8_STAGE_COLS), bit-identical
-// to it (switch MOE_STAGED, quant_ops picks it), with the weights staged through shared memory. H200 ncu at 1d62150:
+// to it (switch MOE_STAGED, quant_ops picks it), with the weights staged through shared memory. H200 ncu at eadf732:
 // the per-lane kernel above keeps L1 77 % busy at 13 % of DRAM bandwidth (two-byte loads from 66-byte blocks, two
 // 64-bit table lookups a weight group). Here
 //   - a warp's unit (I8S_RF gate rows and the same up rows, rows of cols / 256 blocks of 66 bytes: row_stride must be
@@ -648,6 +648,8 @@ extern "C" __global__ void __launch_bounds__(256, DS4_MOE_MINB) moe_gate_up_i8_i
 //   - the signed weight bytes s g of 4 weights come from one PRMT: selector nibble = grid code (0, 1, 2 for 8, 25,
 //     43) | 4 for a negative weight, picking from the bytes {8, 25, 43, 0, -8, -25, -43, 0}; the grid codes (256 x 8
 //     nibbles) and the sign nibbles (128 x 8) are 32-bit tables in shared memory, I8S_TAB_COPIES copies.
+// Measured (H200, scripts/bench_moe.py, flash shapes): 30.8 us a layer against the per-lane kernel's 34.8; SASS: 450
+// instructions a loop iteration (4 rows x one 32-weight sub-block a lane): instruction-bound (docs/PERF_NOTES.md).
 // Lane sb-order, the three dp4a sums, the float steps and the warp sums are i8_iq2_subblock's / the kernel above's,
 // so the results are the same bits. Launch: 256 threads, dynamic shared memory i8s_smem_bytes(row_stride), grid =
 // min(ceil(units / 8), resident CTAs), units = k * ceil(ff / I8S_RF).
@@ -816,7 +818,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
 
 // ---------------------------------------------------------------------------------------------------------------------
 // moe_down_xs_q2_k: moe_down_fast_q2_k for one token (n == 1), bit-identical to it (switch MOE_STAGED, quant_ops picks
-// it), with the token's k x ff mid values copied once per CTA into shared memory. H200 ncu at 1d62150: the per-lane
+// it), with the token's k x ff mid values copied once per CTA into shared memory. H200 ncu at eadf732: the per-lane
 // kernel keeps L1 72 % busy at 13 % of DRAM bandwidth, mostly on its activation loads: a lane's float4 loads of one
 // slice touch 16 cache lines per warp instruction, for every expert and every RD rows. Here those loads come from
 // shared memory, 16-byte chunk c stored at slot c ^ ((c >> 5) & 7) so that the 32 lanes of one float4 load spread
@@ -886,8 +888,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
 
 // ---------------------------------------------------------------------------------------------------------------------
 // moe_down_xsw_q2_k: moe_down_xs_q2_k with the weights staged too (switch MOE_DOWN_STAGED), bit-identical to it and so
-// to moe_down_fast_q2_k. H200 at f3072b2: moe_down_xs_q2_k takes 20.7 us a layer for 16.5 MB, latency-bound: a warp
-// loads one expert's rows, computes, then loads the next expert's (six round trips a unit). Here a warp's unit (XSW_RD
+// to moe_down_fast_q2_k. H200 (0970b1b, -DXS_RD=4): moe_down_xs_q2_k takes 20.7 us a layer for 16.5 MB,
+// latency-bound: a warp loads one expert's rows, computes, then loads the next expert's (six round trips a unit).
+// Measured (36b50d1): 22.7 us alone (bench_moe.py), yet 1.6 % less a decode step (profile_decode.py --ab; see
+// docs/PERF_NOTES.md). Here a warp's unit (XSW_RD
 // output rows x all k experts: k XSW_RD rows of row_stride bytes, row (j, r) at (j XSW_RD + r) row_stride) is copied
 // into the warp's shared buffer by 16-byte cp.async in one go, then computed from shared memory with the same slices,
 // expert order, float steps (MoeQ2K::dot_rows_x) and warp sums. row_stride % 16 == 0 (ff % 1024 == 0). Dynamic shared
