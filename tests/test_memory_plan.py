@@ -25,6 +25,19 @@ def test_kv_bytes_per_token_matches_ds4():
     assert kv_bytes_per_token(FLASH) == 13760
 
 
+def test_budget_with_packed_indexer_rows():
+    """Budget.build(index_fp4=True) sizes the indexer rows as the CUDA engine stores them with INDEXER_FP4 (68 bytes a
+    row: 17 instead of 128 a token per CSA layer), keeps it through with_ctx, and only the index buffers change."""
+    from ds4cupy.memory.budget import Budget, preset_tensors
+    tensors = preset_tensors(FLASH, "q2")
+    flat, packed = (Budget.build(FLASH, tensors, 65536, index_fp4=f) for f in (False, True))
+    assert flat.kv_per_token == 13760 and packed.kv_per_token == 13760 - 21 * (128 - 17)
+    assert flat.weights == packed.weights and flat.scratch == packed.scratch
+    index_rows = 21 * (65536 // 4 + 2)
+    assert flat.kv_total - packed.kv_total == index_rows * (512 - 68)
+    assert packed.with_ctx(4096).index_fp4 and packed.with_ctx(4096).kv_per_token == packed.kv_per_token
+
+
 def test_kv_layout_shapes_flash():
     ctx = 65536
     lay = {(b.layer, b.name): b for b in kv_layout(FLASH, ctx)}

@@ -168,6 +168,7 @@ class Budget:
     graph: int
     reserve: int
     weight_types: dict[str, str] = field(default_factory=dict)  # category -> "IQ2_XXS+Q2_K" style summary
+    index_fp4: bool = False          # the indexer rows packed (kv_layout; the CUDA engine with INDEXER_FP4, QAT on)
 
     @property
     def weights_total(self) -> int:
@@ -183,7 +184,7 @@ class Budget:
 
     @property
     def kv_per_token(self) -> float:
-        return kv_bytes_per_token(self.cfg)
+        return kv_bytes_per_token(self.cfg, self.index_fp4)
 
     def categories(self) -> dict[str, int]:
         """Flat {category: bytes}: weights.*, kv.*, scratch, graph, reserve."""
@@ -195,13 +196,14 @@ class Budget:
     def with_ctx(self, ctx: int) -> "Budget":
         """The same weights with another context length (KV and scratch recomputed)."""
         return Budget.build(self.cfg, None, ctx, self.chunk, graph=self.graph, reserve=self.reserve,
-                            _weights=(dict(self.weights), dict(self.weight_types)))
+                            index_fp4=self.index_fp4, _weights=(dict(self.weights), dict(self.weight_types)))
 
     @classmethod
     def build(cls, cfg: ModelConfig, tensors: Iterable[tuple[str, object, int]] | None, ctx: int,
               chunk: int = DEFAULT_CHUNK, *, scratch: int | None = None, graph: int = DEFAULT_GRAPH_BYTES,
-              reserve: int = DEFAULT_RESERVE_BYTES, _weights=None) -> "Budget":
-        """From a config, the file's tensors as (name, qtype, nbytes) and a context length."""
+              reserve: int = DEFAULT_RESERVE_BYTES, index_fp4: bool = False, _weights=None) -> "Budget":
+        """From a config, the file's tensors as (name, qtype, nbytes) and a context length. index_fp4: the KV as the
+        CUDA engine stores it with packed indexer rows (switch INDEXER_FP4 with QAT on; the caller knows)."""
         if ctx <= 0:
             raise ValueError(f"ctx must be > 0, got {ctx}")
         if _weights is not None:
@@ -215,11 +217,11 @@ class Budget:
                 seen[c].add(getattr(qtype, "name", str(qtype)))
             types = {c: "+".join(sorted(v)) for c, v in seen.items() if v}
         kv = {c: 0 for c in KV_CATEGORIES}
-        for b in kv_layout(cfg, ctx, chunk):
+        for b in kv_layout(cfg, ctx, chunk, index_fp4):
             kv[b.category] += b.nbytes
         if scratch is None:
             scratch = scratch_bytes(cfg, ctx, chunk)
-        return cls(cfg, ctx, chunk, weights, kv, int(scratch), int(graph), int(reserve), types)
+        return cls(cfg, ctx, chunk, weights, kv, int(scratch), int(graph), int(reserve), types, index_fp4)
 
 
 def preset_tensors(cfg: ModelConfig, experts: str = "q2") -> list[tuple[str, object, int]]:

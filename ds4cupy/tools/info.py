@@ -52,9 +52,12 @@ def summarize(mf: ModelFile, ctx: int) -> dict:
 
 
 def file_budget(mf: ModelFile, ctx: int):
-    """The memory budget (ds4cupy.memory.budget.Budget) of this file's tensors at context `ctx`."""
+    """The memory budget (ds4cupy.memory.budget.Budget) of this file's tensors at context `ctx`, with the KV as the
+    CUDA engine stores it by default (QAT on: packed indexer rows while switch INDEXER_FP4 is on)."""
+    from ..engines.cuda import switches
     from ..memory.budget import Budget
-    return Budget.build(mf.config, [(t.name, t.qtype, t.nbytes) for t in mf.tensors.values()], ctx)
+    return Budget.build(mf.config, [(t.name, t.qtype, t.nbytes) for t in mf.tensors.values()], ctx,
+                        index_fp4=switches.enabled("INDEXER_FP4"))
 
 
 def memory_report(mf: ModelFile, ctx: int, machine: str | None = None) -> str:

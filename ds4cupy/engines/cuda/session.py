@@ -162,7 +162,8 @@ class CudaModel:
             weights_mode = kv_mode = memory
             reason = "as requested (--memory)"
         else:
-            budget = Budget.build(c, table, ctx_hint or min(c.n_ctx_train, 65536), chunk)
+            budget = Budget.build(c, table, ctx_hint or min(c.n_ctx_train, 65536), chunk,
+                                  index_fp4=qat and switches.enabled("INDEXER_FP4"))     # as read_switches will
             placement = choose_placement(detect(device), budget, memory)
             weights_mode, kv_mode, reason = placement.weights_mode, placement.kv_mode, placement.reason
         print(f"ds4cupy: weights in {weights_mode} memory, KV in {kv_mode} memory: {reason}", file=sys.stderr)
