@@ -592,6 +592,8 @@ def _use_i8s(t, n: int, cols: int, rb: int, gate, up) -> bool:
     both stacks' addresses multiples of 16: cols a multiple of 2,048) and the switches MOE_I8 and MOE_STAGED are on."""
     return (t == T.IQ2_XXS and n == 1 and cols <= _I8S_MAX_COLS and rb % 16 == 0 and gate.data.ptr % 16 == 0
             and up.data.ptr % 16 == 0 and switches.enabled("MOE_I8") and switches.enabled("MOE_STAGED"))
+
+
 _Q8R_MOE_ROWS = 2        # rows per warp of moe_*_q8_0r (gate/up: 2 gate + 2 up dot products); moe.cu has r1, r2
 
 
