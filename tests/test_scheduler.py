@@ -474,6 +474,13 @@ def test_sessions_fit_check_names_the_numbers(tiny_reference_model):
     assert check_sessions_fit(cfg, ctx, 2, "reference", host) == host
     with pytest.raises(SessionsFitError, match="of host memory is free"):
         check_sessions_fit(cfg, ctx, 3, "reference", host)
+    # the CUDA engine's packed indexer rows (INDEXER_FP4, QAT on) make a session smaller by exactly those rows
+    from ds4cupy.engines.numerics import fp4_row_bytes
+    from ds4cupy.memory.budget import kv_layout
+    packed = session_bytes(cfg, ctx, "cuda", index_fp4=True)
+    rows = sum(b.shape[0] for b in kv_layout(cfg, ctx) if b.name == "index")
+    assert rows > 0 and per - packed == rows * (4 * cfg.indexer_head_dim - fp4_row_bytes(cfg.indexer_head_dim))
+    assert check_sessions_fit(cfg, ctx, 4, "cuda", reserve + 3 * packed, index_fp4=True) == 3 * packed
 
 
 def test_stream_batch_for_the_server(tiny_reference_model):

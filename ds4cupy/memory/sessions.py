@@ -18,9 +18,10 @@ class SessionsFitError(RuntimeError):
     """N sessions do not fit; the message names the numbers and what fits instead."""
 
 
-def session_bytes(cfg: ModelConfig, ctx: int, backend: str, chunk: int = DEFAULT_CHUNK) -> int:
-    """Bytes one session of `ctx` tokens needs at most: its KV cache, plus the prefill scratch on the GPU."""
-    kv = sum(b.nbytes for b in kv_layout(cfg, ctx, chunk))
+def session_bytes(cfg: ModelConfig, ctx: int, backend: str, chunk: int = DEFAULT_CHUNK, index_fp4: bool = False) -> int:
+    """Bytes one session of `ctx` tokens needs at most: its KV cache (index_fp4: with the indexer rows packed, as the
+    CUDA engine stores them with INDEXER_FP4 and QAT on), plus the prefill scratch on the GPU."""
+    kv = sum(b.nbytes for b in kv_layout(cfg, ctx, chunk, index_fp4))
     return kv + (scratch_bytes(cfg, ctx, chunk) if backend == "cuda" else 0)
 
 
@@ -38,13 +39,13 @@ def free_for_sessions(backend: str) -> int:
 
 
 def check_sessions_fit(cfg: ModelConfig, ctx: int, n: int, backend: str, free: int,
-                       chunk: int = DEFAULT_CHUNK) -> int:
+                       chunk: int = DEFAULT_CHUNK, index_fp4: bool = False) -> int:
     """Check that n sessions of ctx tokens fit when one exists already and `free` bytes are left; returns the bytes
     the n - 1 more need. SessionsFitError names the numbers, the largest n that fits at this ctx and the largest ctx
     (a multiple of 1024 when >= 1024) at which n fit."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    per = session_bytes(cfg, ctx, backend, chunk)
+    per = session_bytes(cfg, ctx, backend, chunk, index_fp4)
     reserve = reserve_bytes(backend)
     usable = max(0, free - reserve)
     need = (n - 1) * per
@@ -55,7 +56,7 @@ def check_sessions_fit(cfg: ModelConfig, ctx: int, n: int, backend: str, free: i
     lo, hi = 0, ctx                      # the largest ctx whose n - 1 extra sessions fit (and the first, smaller)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if (n - 1) * session_bytes(cfg, mid, backend, chunk) <= usable:
+        if (n - 1) * session_bytes(cfg, mid, backend, chunk, index_fp4) <= usable:
             lo = mid
         else:
             hi = mid - 1

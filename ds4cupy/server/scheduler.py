@@ -407,8 +407,10 @@ def stream_batch(model, session, ctx: int, max_batch: int, free_bytes: int | Non
         return None
     from ..memory.sessions import SessionsFitError, check_sessions_fit, free_for_sessions
     try:
+        index_fp4 = bool(getattr(getattr(model, "_impl", None), "indexer_fp4", False))   # the CUDA engine's choice
         check_sessions_fit(model.config, ctx, max_batch, model.backend,
-                           free_for_sessions(model.backend) if free_bytes is None else free_bytes)
+                           free_for_sessions(model.backend) if free_bytes is None else free_bytes,
+                           index_fp4=index_fp4)
     except SessionsFitError as e:
         raise SystemExit(f"ds4cupy serve: {e}") from None
     sessions = [session] + [model.new_session(ctx=ctx) for _ in range(max_batch - 1)]
