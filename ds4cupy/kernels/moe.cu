@@ -366,6 +366,22 @@ __device__ __forceinline__ void moe_gate_up_fast_body(const u8* gate, const u8* 
     }
 }
 
+// A down warp unit's epilogue: warp sums of its RD lane partials, then lane r stores y[d0 + r] (+)= the sum (NaN for a
+// bad expert id among the token's). y: the token's output row.
+template <int RD>
+__device__ __forceinline__ void moe_down_store(float* acc, int lane, int d0, int D, bool bad, float* y,
+                                               int accumulate) {
+#pragma unroll
+    for (int r = 0; r < RD; ++r) acc[r] = warp_sum(acc[r]);
+#pragma unroll
+    for (int r = 0; r < RD; ++r) {
+        if (lane == r && d0 + r < D) {
+            const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
+            y[d0 + r] = accumulate ? y[d0 + r] + v : v;
+        }
+    }
+}
+
 template <class P, int RD>
 __device__ __forceinline__ void moe_down_fast_body(const u8* down, long long expert_stride, long long row_stride,
                                                    const int* ids, int k, int n_expert, const float* mid, int ff,
@@ -393,16 +409,7 @@ __device__ __forceinline__ void moe_down_fast_body(const u8* down, long long exp
                 rows[r] = down + (size_t)e * expert_stride + (size_t)min(d0 + r, D - 1) * row_stride;
             rows_dot<P, RD>(rows, mid + ((size_t)tok * k + j) * ff, nblocks, lane, acc, nullptr, nullptr);
         }
-#pragma unroll
-        for (int r = 0; r < RD; ++r) acc[r] = warp_sum(acc[r]);
-#pragma unroll
-        for (int r = 0; r < RD; ++r) {
-            if (lane == r && d0 + r < D) {
-                float* y = Y + (size_t)tok * D + d0 + r;
-                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
-                *y = accumulate ? *y + v : v;
-            }
-        }
+        moe_down_store<RD>(acc, lane, d0, D, bad, Y + (size_t)tok * D, accumulate);
     }
 }
 
@@ -512,6 +519,20 @@ __device__ __forceinline__ float small_int_f32(int v) { return __int_as_float(0x
 
 // one IQ2_XXS sub-block (8 bytes at q: 4 grid indices, then 4 x 7 sign bits and the 4-bit scale) of a row against
 // the planes: returns 2^(e - 23) * sum_j s_j g_j m_j (without the scale d (0.5 + s4) / 4)
+// the signed weight bytes w0, w1 of 8-weight group gi against the three planes: S_h, S_c, S_l += (exact integers)
+__device__ __forceinline__ void i8_group_dots(u32 w0, u32 w1, const I8XPlanes& x, int gi, int& sh, int& sc, int& sl) {
+    sh = dp4a_ss(w0, x.h[2 * gi], sh);
+    sh = dp4a_ss(w1, x.h[2 * gi + 1], sh);
+    sc = dp4a_su(w0, x.c[2 * gi], sc);
+    sc = dp4a_su(w1, x.c[2 * gi + 1], sc);
+    sl = dp4a_su(w0, x.l[2 * gi], sl);
+    sl = dp4a_su(w1, x.l[2 * gi + 1], sl);
+}
+// the sub-block's 2^(e - 23) (65536 S_h + 256 S_c + S_l): |S_h| <= 43 * 128 * 32, |S_c|, |S_l| <= 43 * 255 * 32 < 2^22
+__device__ __forceinline__ float i8_planes_value(int sh, int sc, int sl, float p2) {
+    return fmaf(small_int_f32(sh), 65536.0f, fmaf(small_int_f32(sc), 256.0f, small_int_f32(sl))) * p2;
+}
+
 __device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlanes& x, const u64* gtab,
                                                  const u64* stab) {
     int sh = 0, sc = 0, sl = 0;
@@ -522,15 +543,9 @@ __device__ __forceinline__ float i8_iq2_subblock(u32 g4, u32 aux, const I8XPlane
         const u32 mlo = (u32)M, mhi = (u32)(M >> 32);
         const u32 w0 = (((u32)P) ^ mlo) + (mlo & 0x01010101u);           // bytes s g (two's complement, no carry:
         const u32 w1 = (((u32)(P >> 32)) ^ mhi) + (mhi & 0x01010101u);   // 255 - g + 1 <= 248)
-        sh = dp4a_ss(w0, x.h[2 * gi], sh);
-        sh = dp4a_ss(w1, x.h[2 * gi + 1], sh);
-        sc = dp4a_su(w0, x.c[2 * gi], sc);
-        sc = dp4a_su(w1, x.c[2 * gi + 1], sc);
-        sl = dp4a_su(w0, x.l[2 * gi], sl);
-        sl = dp4a_su(w1, x.l[2 * gi + 1], sl);
+        i8_group_dots(w0, w1, x, gi, sh, sc, sl);
     }
-    // |S_h| <= 43 * 128 * 32, |S_c|, |S_l| <= 43 * 255 * 32 < 2^22
-    return fmaf(small_int_f32(sh), 65536.0f, fmaf(small_int_f32(sc), 256.0f, small_int_f32(sl))) * x.p2;
+    return i8_planes_value(sh, sc, sl, x.p2);
 }
 
 // shared tables for the integer kernel: raw grid bytes (8 / 25 / 43) and sign masks (byte 0xFF where negative)
@@ -722,14 +737,9 @@ __device__ __forceinline__ float i8s_subblock(u32 g4, u32 aux, const I8XPlanes& 
         const u32 sidx = (aux >> (7 * gi)) & 127u;
         const u32 sel = lds_u32(gtab + gidx * (4u * I8S_TAB_COPIES)) | lds_u32(stab + sidx * (4u * I8S_TAB_COPIES));
         const u32 w0 = prmt_var(I8S_LUT_LO, I8S_LUT_HI, sel), w1 = prmt_var(I8S_LUT_LO, I8S_LUT_HI, sel >> 16);
-        sh = dp4a_ss(w0, x.h[2 * gi], sh);
-        sh = dp4a_ss(w1, x.h[2 * gi + 1], sh);
-        sc = dp4a_su(w0, x.c[2 * gi], sc);
-        sc = dp4a_su(w1, x.c[2 * gi + 1], sc);
-        sl = dp4a_su(w0, x.l[2 * gi], sl);
-        sl = dp4a_su(w1, x.l[2 * gi + 1], sl);
+        i8_group_dots(w0, w1, x, gi, sh, sc, sl);
     }
-    return fmaf(small_int_f32(sh), 65536.0f, fmaf(small_int_f32(sc), 256.0f, small_int_f32(sl))) * x.p2;
+    return i8_planes_value(sh, sc, sl, x.p2);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
@@ -836,17 +846,34 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_i8s_iq2_xxs(
 
 __device__ __forceinline__ int xs_slot(int c) { return c ^ ((c >> 5) & 7); }
 
+// the token's k x ff mid values into shared memory, float4 c at slot xs_slot(c) (the caller syncs)
+__device__ __forceinline__ void xs_stage_mid(const float* mid, int nchunk, float4* s_mid) {
+    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) s_mid[xs_slot(c)] = ld_x4(mid + 4 * c);
+}
+
+// acc[r] += rows[r] . mid[j] over the lane's Q2_K slices (rows_dot's order and unrolling), mid from the staged copy
+template <int RD>
+__device__ __forceinline__ void xs_rows_dot(const u8* const* rows, const float4* s_mid, int j, int ff, int lane,
+                                            float* acc) {
+    constexpr int unroll = DS4_MOE_UNROLL;
+#pragma unroll unroll
+    for (int s = lane; s < ff / MoeQ2K::QK * MoeQ2K::SL; s += 32) {
+        const int blk = s / MoeQ2K::SL, cb = (j * ff + blk * MoeQ2K::QK) / 4;
+        MoeQ2K::dot_rows_x<RD>(rows, (size_t)blk * MoeQ2K::BYTES, s % MoeQ2K::SL,
+                               [s_mid, cb](int i) { return s_mid[xs_slot(cb + i)]; }, acc);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
     const u8* down, long long expert_stride, long long row_stride, const int* ids, int k, int n_expert,
     const float* mid, int ff, float* Y, int D, int accumulate) {
     DS4_PDL_ENTRY();
     extern __shared__ __align__(16) float4 s_mid[];
     const int nchunk = k * ff / 4;
-    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) s_mid[xs_slot(c)] = ld_x4(mid + 4 * c);
+    xs_stage_mid(mid, nchunk, s_mid);
     __syncthreads();
     const int lane = threadIdx.x & 31;
     const int units = (D + XS_RD - 1) / XS_RD;
-    const int nblocks = ff / MoeQ2K::QK;
     for (int u = blockIdx.x * 8 + (threadIdx.x >> 5); u < units; u += gridDim.x * 8) {
         const int d0 = u * XS_RD;
         float acc[XS_RD];
@@ -865,24 +892,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xs_q2_k(
 #pragma unroll
             for (int r = 0; r < XS_RD; ++r)
                 rows[r] = down + (size_t)e * expert_stride + (size_t)min(d0 + r, D - 1) * row_stride;
-            constexpr int unroll = DS4_MOE_UNROLL;                  // rows_dot's unrolling
-#pragma unroll unroll
-            for (int s = lane; s < nblocks * MoeQ2K::SL; s += 32) {
-                const int blk = s / MoeQ2K::SL, cb = (j * ff + blk * MoeQ2K::QK) / 4;
-                MoeQ2K::dot_rows_x<XS_RD>(rows, (size_t)blk * MoeQ2K::BYTES, s % MoeQ2K::SL,
-                                          [cb](int i) { return s_mid[xs_slot(cb + i)]; }, acc);
-            }
+            xs_rows_dot<XS_RD>(rows, s_mid, j, ff, lane, acc);
         }
-#pragma unroll
-        for (int r = 0; r < XS_RD; ++r) acc[r] = warp_sum(acc[r]);
-#pragma unroll
-        for (int r = 0; r < XS_RD; ++r) {
-            if (lane == r && d0 + r < D) {
-                float* y = Y + d0 + r;
-                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
-                *y = accumulate ? *y + v : v;
-            }
-        }
+        moe_down_store<XS_RD>(acc, lane, d0, D, bad, Y, accumulate);
     }
 }
 
@@ -908,12 +920,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xsw_q2_k(
     DS4_PDL_ENTRY();
     extern __shared__ __align__(16) float4 s_mid[];             // [k ff / 4] swizzled, then the warps' weight buffers
     const int nchunk = k * ff / 4;
-    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) s_mid[xs_slot(c)] = ld_x4(mid + 4 * c);
+    xs_stage_mid(mid, nchunk, s_mid);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ub = k * XSW_RD * (int)row_stride + 16, nch = (int)(row_stride >> 4);
     u8* wbuf = reinterpret_cast<u8*>(s_mid + nchunk) + (size_t)warp * ub;
     const int units = (D + XSW_RD - 1) / XSW_RD;
-    const int nblocks = ff / MoeQ2K::QK;
     bool first = true;
     for (int u = blockIdx.x * 8 + warp; u < units; u += gridDim.x * 8) {
         const int d0 = u * XSW_RD;
@@ -947,25 +958,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_xsw_q2_k(
             const u8* rows[XSW_RD];
 #pragma unroll
             for (int r = 0; r < XSW_RD; ++r) rows[r] = wbuf + (size_t)(j * XSW_RD + r) * row_stride;
-            constexpr int unroll = DS4_MOE_UNROLL;                  // rows_dot's unrolling
-#pragma unroll unroll
-            for (int s = lane; s < nblocks * MoeQ2K::SL; s += 32) {
-                const int blk = s / MoeQ2K::SL, cb = (j * ff + blk * MoeQ2K::QK) / 4;
-                MoeQ2K::dot_rows_x<XSW_RD>(rows, (size_t)blk * MoeQ2K::BYTES, s % MoeQ2K::SL,
-                                           [cb](int i) { return s_mid[xs_slot(cb + i)]; }, acc);
-            }
+            xs_rows_dot<XSW_RD>(rows, s_mid, j, ff, lane, acc);
         }
         __syncwarp();                                             // buffer read before the next unit's copy
-#pragma unroll
-        for (int r = 0; r < XSW_RD; ++r) acc[r] = warp_sum(acc[r]);
-#pragma unroll
-        for (int r = 0; r < XSW_RD; ++r) {
-            if (lane == r && d0 + r < D) {
-                float* y = Y + d0 + r;
-                const float v = bad ? __int_as_float(0x7fc00000) : acc[r];
-                *y = accumulate ? *y + v : v;
-            }
-        }
+        moe_down_store<XSW_RD>(acc, lane, d0, D, bad, Y, accumulate);
     }
     if (first) __syncthreads();                                   // a CTA without units still joins the barrier
 }
