@@ -23,6 +23,27 @@ __device__ __forceinline__ float4* idx_slot(float4* base, int row, int f, int c4
     return base + row * c4 + (f ^ (row & 7));
 }
 
+// The weighted relu sum over a thread's 4 heads of its two rows, then over the 16 head-group lanes of the row pair
+// (fixed shuffle order), stored by lane th == 0 for the visible rows: shared by indexer_scores and indexer_scores_fp4.
+__device__ __forceinline__ void idx_store_pair(const float (&acc)[2][4], const float* w, int th, long long ra,
+                                               long long rb, long long nvis, float* row) {
+    float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        sa = fmaf(w[j], fmaxf(acc[0][j], 0.0f), sa);
+        sb = fmaf(w[j], fmaxf(acc[1][j], 0.0f), sb);
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) {
+        sa += __shfl_xor_sync(0xffffffffu, sa, o);
+        sb += __shfl_xor_sync(0xffffffffu, sb, o);
+    }
+    if (th == 0) {
+        if (ra < nvis) row[ra] = sa;
+        if (rb < nvis) row[rb] = sb;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256) indexer_scores(const float* q, const float* wts, const float* k,
                                                                  const int* d_pos, int HI, int c, int ratio,
                                                                  float wscale, float* scores, long long stride) {
@@ -73,21 +94,7 @@ extern "C" __global__ void __launch_bounds__(256) indexer_scores(const float* q,
                 acc[1][j] = fmaf(qv.z, kb.z, acc[1][j]); acc[1][j] = fmaf(qv.w, kb.w, acc[1][j]);
             }
         }
-        float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            sa = fmaf(w[j], fmaxf(acc[0][j], 0.0f), sa);
-            sb = fmaf(w[j], fmaxf(acc[1][j], 0.0f), sb);
-        }
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) {              // the 16 head-group lanes of this row pair
-            sa += __shfl_xor_sync(0xffffffffu, sa, o);
-            sb += __shfl_xor_sync(0xffffffffu, sb, o);
-        }
-        if (th == 0) {
-            if (r0 + ra < nvis) scores[(long long)t * stride + r0 + ra] = sa;
-            if (r0 + rb < nvis) scores[(long long)t * stride + r0 + rb] = sb;
-        }
+        idx_store_pair(acc, w, th, r0 + ra, r0 + rb, nvis, scores + (long long)t * stride);
     }
 }
 
@@ -247,21 +254,7 @@ extern "C" __global__ void __launch_bounds__(256) indexer_scores_fp4(const float
                 acc[1][j] = __fadd_rn(acc[1][j], fp4_term(is[1][j], eq + eb));
             }
         }
-        float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            sa = fmaf(w[j], fmaxf(acc[0][j], 0.0f), sa);
-            sb = fmaf(w[j], fmaxf(acc[1][j], 0.0f), sb);
-        }
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) {              // the 16 head-group lanes of this row pair
-            sa += __shfl_xor_sync(0xffffffffu, sa, o);
-            sb += __shfl_xor_sync(0xffffffffu, sb, o);
-        }
-        if (th == 0) {
-            if (r0 + ra < nvis) scores[(long long)t * stride + r0 + ra] = sa;
-            if (r0 + rb < nvis) scores[(long long)t * stride + r0 + rb] = sb;
-        }
+        idx_store_pair(acc, w, th, r0 + ra, r0 + rb, nvis, scores + (long long)t * stride);
     }
 }
 
