@@ -40,20 +40,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_partial_mma(
     const int gq = lane >> 2, tq = lane & 3;
     const int s = blockIdx.y, NS = gridDim.y, t = blockIdx.z;
     const int hA = blockIdx.x * AM_HG + 16 * hg + gq, hB = hA + 8;   // the rows gq, gq + 8 of the warp's tiles
-    const long long P = (long long)d_pos[0] + t;
-    AmKeys L;
-    L.ring = ring;
-    L.cur = cur;
-    L.comp = comp;
-    L.idx_t = mode == 2 ? idx + (long long)t * K : nullptr;
-    L.pos0 = d_pos[0];
-    L.lo = P - W + 1 > 0 ? P - W + 1 : 0;
-    L.W = W;
-    L.d = d;
-    L.mode = mode;
-    L.nwin = (int)(P - L.lo + 1);
-    L.nvis = ratio > 0 ? (int)((P + 1) / ratio) : 0;
-    const int R = L.nwin + (mode == 1 ? L.nvis : (mode == 2 ? K : 0));
+    AmKeys L = am_keys(ring, cur, comp, idx, K, d_pos, t, W, d, ratio, mode);
+    const int R = L.R;
     const int j0 = s * rps, j1 = min(R, j0 + rps);
     if (s > 0 && j0 >= R) return;     // past the list end (uniform over the block, before any barrier)
     // the split's entries j0 + j, j < j1 - j0, as entries j of a shifted list: window entry j0 + j is position

@@ -75,20 +75,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_prefill_mma(
     const int gq = lane >> 2, tq = lane & 3;
     const int t = blockIdx.y;
     const int hA = blockIdx.x * AM_HG + 16 * hg + gq, hB = hA + 8;   // the rows gq, gq + 8 of the warp's tiles
-    const long long P = (long long)d_pos[0] + t;
-    AmKeys L;
-    L.ring = ring;
-    L.cur = cur;
-    L.comp = comp;
-    L.idx_t = mode == 2 ? idx + (long long)t * K : nullptr;
-    L.pos0 = d_pos[0];
-    L.lo = P - W + 1 > 0 ? P - W + 1 : 0;
-    L.W = W;
-    L.d = d;
-    L.mode = mode;
-    L.nwin = (int)(P - L.lo + 1);
-    L.nvis = ratio > 0 ? (int)((P + 1) / ratio) : 0;
-    L.R = L.nwin + (mode == 1 ? L.nvis : (mode == 2 ? K : 0));
+    const long long P = (long long)d_pos[0] + t;                     // the query's position (inverse rope)
+    AmKeys L = am_keys(ring, cur, comp, idx, K, d_pos, t, W, d, ratio, mode);
     const int ntiles = (L.R + AM_TK - 1) / AM_TK;
     const int nb = d >> 4;
 

@@ -33,6 +33,27 @@ struct AmKeys {
     }
 };
 
+// The key list of query t (position P = d_pos[0] + t): its window rows, then the compressed rows (mode 1: all visible;
+// mode 2: its K indexer picks), R entries in all.
+__device__ __forceinline__ AmKeys am_keys(const float* ring, const float* cur, const float* comp, const int* idx, int K,
+                                          const int* d_pos, int t, int W, int d, int ratio, int mode) {
+    const long long P = (long long)d_pos[0] + t;
+    AmKeys L;
+    L.ring = ring;
+    L.cur = cur;
+    L.comp = comp;
+    L.idx_t = mode == 2 ? idx + (long long)t * K : nullptr;
+    L.pos0 = d_pos[0];
+    L.lo = P - W + 1 > 0 ? P - W + 1 : 0;
+    L.W = W;
+    L.d = d;
+    L.mode = mode;
+    L.nwin = (int)(P - L.lo + 1);
+    L.nvis = ratio > 0 ? (int)((P + 1) / ratio) : 0;
+    L.R = L.nwin + (mode == 1 ? L.nvis : (mode == 2 ? K : 0));
+    return L;
+}
+
 // Tile `it` of the list into stage st (cp.async): row r = tid / 16 of the tile, 16-byte chunks c = tid % 16 + 16 k
 // at the swizzled chunk (c & ~7) | ((c & 7) ^ (r & 7)); zero-filled for a skipped / past-the-end entry. Thread
 // (r, 0) also sets the entry's key flag and clears the row's max for the conversion.
