@@ -40,14 +40,8 @@ def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: boo
     s.decode(6)
     cp.cuda.runtime.deviceSynchronize()
     if time_steps:        # wall time of whole decode steps (no profiler attached: run this without ncu)
-        import time
-        t = []
-        for i in range(time_steps):
-            t0 = time.perf_counter()
-            s.decode(8 + i)
-            t.append(time.perf_counter() - t0)
-        print(f"decode step ({layers} layers, depth {depth}, graph={graph}): median {1e3 * float(np.median(t)):.3f} ms "
-              f"over {time_steps} steps")
+        print(f"decode step ({layers} layers, depth {depth}, graph={graph}): median {median_step_ms(s, time_steps):.3f} "
+              f"ms over {time_steps} steps")
         return
     if prefill:           # one prefill of `prefill` new tokens after the depth (chunks as the engine cuts them)
         more = np.random.default_rng(1).integers(0, 100000, prefill)
@@ -62,13 +56,25 @@ def run(layers: int, depth: int, experts: str, fill: str = "prefill", graph: boo
     cp.cuda.profiler.stop()
 
 
+def median_step_ms(s, steps: int) -> float:
+    """The median wall time of `steps` decode steps of session s, in ms (token ids 8, 9, ...)."""
+    import time
+
+    import numpy as np
+    t = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        s.decode(8 + i)
+        t.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(t))
+
+
 def ab(layers: int, depth: int, experts: str, spec: str, rounds: int, time_steps: int) -> None:
     """A/B of one environment variable (VAR=a,b[,c..]) on one model: per round, a fresh session per value (order
     reversed every other round: a b b a ..., so a drift of the GPU over the run, e.g. its clocks warming up, falls on
     both sides), at the depth (random KV fill), decode graph captured, then the median wall time of time_steps
     steps. Switches the model holds are re-read per session (CudaModel.read_switches)."""
     import os
-    import time
 
     import cupy as cp
     import numpy as np
@@ -94,12 +100,7 @@ def ab(layers: int, depth: int, experts: str, spec: str, rounds: int, time_steps
             s.decode(5)
             s.decode(6)                   # the decode graph is captured by now
             cp.cuda.runtime.deviceSynchronize()
-            t = []
-            for i in range(steps):
-                t0 = time.perf_counter()
-                s.decode(8 + i)
-                t.append(time.perf_counter() - t0)
-            res[v].append(1e3 * float(np.median(t)))
+            res[v].append(median_step_ms(s, steps))
             del s
     print(f"A/B {var} ({layers} layers, depth {depth}, {rounds} rounds of {steps} steps; ms a step, median per round)")
     base = float(np.median(res[values[0]]))
