@@ -112,6 +112,8 @@ class PdlKernel:
         from cupy_backends.cuda.api.driver import CUDADriverError
         s = cupy.cuda.get_current_stream() if stream is None else stream
         if not s.is_capturing():           # eager: the plain launch (module docstring, "Where")
+            if stream is None:             # already the current stream: no stream switch on this path
+                return self.raw(grid, block, args, shared_mem=shared_mem)
             with s:
                 return self.raw(grid, block, args, shared_mem=shared_mem)
         grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
