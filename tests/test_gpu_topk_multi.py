@@ -146,7 +146,7 @@ def test_argument_errors():
 @pytest.mark.parametrize("qat", [False, True])
 def test_tiny_model_switch_on_vs_off(tiny_file, qat, rng, monkeypatch):
     """The tiny model (ratio-4 layers: top-6), TOPK_MULTI on vs off, ctx 4,608 so that G = 3 blocks a query (1,152
-    rows / 512): a 300-token prefill in chunks of 64 (up to 75 visible rows, several blocks' slices) then 30
+    rows / 512; prefill chunks of 64 queries: 2 or 3 by the SM count): a 300-token prefill in chunks of 64 (up to 75 visible rows, several blocks' slices) then 30
     graph-replayed greedy decode steps give identical logits bit for bit (any differing top-k id changes the attended
     rows and the logits)."""
     from ds4cupy.engines.cuda import ops
@@ -160,6 +160,6 @@ def test_tiny_model_switch_on_vs_off(tiny_file, qat, rng, monkeypatch):
     on, off = sessions
     assert on.model.topk_multi and not off.model.topk_multi
     assert on._topk_hist is not None and off._topk_hist is None
-    assert ops.topk_multi_blocks(4608 // 4, 1) == 3 and ops.topk_multi_blocks(4608 // 4, 64) == 3
+    assert ops.topk_multi_blocks(4608 // 4, 1) == 3 and ops.topk_multi_blocks(4608 // 4, 64) >= 2   # >= 2: SMs
     _lockstep(on, off, rng.integers(0, on.model.config.n_vocab, 300), 30, np.testing.assert_array_equal)
     assert not cp.asnumpy(on._topk_hist).any()
