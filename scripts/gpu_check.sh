@@ -47,6 +47,7 @@ SWITCHES=(
   "PDL|tests/test_gpu_pdl.py"
   "HC_SIDE_SINKHORN|tests/test_gpu_hc_side_sinkhorn.py"
   "INDEXER_FP4|tests/test_gpu_indexer_fp4.py"
+  "TOPK_MULTI|tests/test_gpu_topk_multi.py"
 )
 gate_files=()
 rc=0

@@ -364,6 +364,49 @@ def indexer_topk(scores, d_pos, ratio: int, out) -> None:
                                                           out))
 
 
+TOPKM_BINS = 2048          # topk_multi.cu's histogram bins per query
+
+
+def topk_multi_blocks(max_rows: int, S: int) -> int:
+    """Blocks per query G for indexer_topk_multi: one per 512 of `max_rows` (the most rows any position of the
+    session can see: size it from ctx, never the position), up to two waves of the GPU over all S queries (264 on an
+    H200 for one query from 135,168 rows up, i.e. ctx >= 540K)."""
+    import cupy
+    sms = sm_count(cupy.cuda.Device().id)
+    return max(1, min((max_rows + 511) // 512, (2 * sms + S - 1) // S))
+
+
+def topk_multi_meta_size(S: int, nblk: int) -> int:
+    """int32 elements of indexer_topk_multi's `meta` scratch for S queries of nblk blocks."""
+    return S * (2 + 2 * nblk)
+
+
+def indexer_topk_multi(scores, d_pos, ratio: int, out, hist, meta, nblk: int) -> None:
+    """indexer_topk over nblk blocks per query (switch TOPK_MULTI, kernels/topk_multi.cu): the same int32 output bit
+    for bit (top-K of ord_key, ties -> lower index, ascending, -1 padding). hist: uint32 [>= S * 2048], all zero
+    before the first call (each call leaves it zero); meta: int32 [>= topk_multi_meta_size(S, nblk)], any content.
+    nblk from topk_multi_blocks(ctx // ratio, S). Eight launches, no host sync (graph-capturable)."""
+    S, K = out.shape
+    _check(out, "int32", "out")
+    _check(scores, "float32", "scores")
+    _check(hist, "uint32", "hist")
+    _check(meta, "int32", "meta")
+    if K < 1 or nblk < 1:
+        raise ValueError(f"indexer_topk_multi: K = {K} and nblk = {nblk} must be >= 1")
+    if hist.size < S * TOPKM_BINS or meta.size < topk_multi_meta_size(S, nblk):
+        raise ValueError(f"indexer_topk_multi: hist needs {S * TOPKM_BINS} elements (has {hist.size}), meta "
+                         f"{topk_multi_meta_size(S, nblk)} (has {meta.size})")
+    stride = _i64(scores.shape[1])
+    hk, sk = get_kernel("topk_multi", "topkm_hist"), get_kernel("topk_multi", "topkm_scan")
+    for level in range(3):
+        hk((nblk, S), (256,), (scores, stride, d_pos, _i32(ratio), _i32(K), _i32(level), meta, hist))
+        sk((S,), (1024,), (d_pos, _i32(ratio), _i32(K), _i32(level), meta, hist))
+    get_kernel("topk_multi", "topkm_count")((nblk, S), (256,), (scores, stride, d_pos, _i32(ratio), _i32(K), _i32(S),
+                                                                 meta))
+    get_kernel("topk_multi", "topkm_write")((nblk, S), (256,), (scores, stride, d_pos, _i32(ratio), _i32(K), _i32(S),
+                                                                 meta, out))
+
+
 def pos_advance(d_pos, n: int) -> None:
     """d_pos[0] += n on the device."""
     get_kernel("embed", "pos_advance")((1,), (1,), (d_pos, _i32(n)))

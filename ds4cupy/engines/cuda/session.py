@@ -125,6 +125,8 @@ class CudaModel:
         # the indexer's rows packed (e2m1 codes + block exponents) and scored with exact integer dot products: only
         # with QAT on, where the rows and queries are fp4_sim'd and so exactly representable (kernels/indexer.cu)
         self.indexer_fp4 = self.qat and switches.enabled("INDEXER_FP4")
+        # the indexer's top-k over G blocks a query (TOPK_MULTI, kernels/topk_multi.cu): the same output as indexer_topk
+        self.topk_multi = switches.enabled("TOPK_MULTI")
         self.prefill_attn_mma = attention_mma.enabled(device)    # chunks of >= MIN_TOKENS: attention_mma.cu
         self.decode_attn_mma = attention_decode_mma.enabled(device)   # decode and shorter chunks: its splits
 
@@ -269,6 +271,13 @@ class CudaSession:
         self._flat = {name: m.mem.alloc("scratch", (max(v, 1),), np.float32) for name, v in sizes.items()}
         self._eids = m.mem.alloc("scratch", (S * k,), np.int32)
         self._topk = m.mem.alloc("scratch", (S * max(c.indexer_top_k, 1),), np.int32) if has_csa else None
+        # TOPK_MULTI: the top-k's per-query histograms (zero between calls) and its state / per-block counts; G from ctx
+        self._topk_hist = self._topk_meta = None
+        if has_csa and m.topk_multi:
+            g1 = ops.topk_multi_blocks(self.ctx // 4, 1)     # the most blocks a query gets (S * G(S) <= S * G(1))
+            self._topk_hist = m.mem.alloc("scratch", (S * ops.TOPKM_BINS,), np.uint32)
+            self._topk_hist.fill(0)
+            self._topk_meta = m.mem.alloc("scratch", (ops.topk_multi_meta_size(S, g1),), np.int32)
         self._hc_counter = m.mem.alloc("scratch", (S,), np.uint32)
         self._hc_counter.fill(0)                 # hc_step's arrival counters: every launch leaves them at zero
         # the deferred Sinkhorn's inputs (hc_step sk, float64: the float32 scratch of _b does not fit them)
@@ -703,7 +712,11 @@ class CudaSession:
         score(qi, wts, self.kv[(il, "index")], self.d_pos, 4, scores, nblk)
         K = c.indexer_top_k
         topk = self._topk[: S * K].reshape(S, K)
-        ops.indexer_topk(scores, self.d_pos, 4, topk)
+        if self._topk_hist is not None:                      # TOPK_MULTI (chosen when the session was made)
+            ops.indexer_topk_multi(scores, self.d_pos, 4, topk, self._topk_hist, self._topk_meta,
+                                   ops.topk_multi_blocks(self.ctx // 4, S))
+        else:
+            ops.indexer_topk(scores, self.d_pos, 4, topk)
         return topk
 
     def _moe(self, xn, S: int, il: int):

@@ -22,6 +22,7 @@ table) and benchmarks with the ones that passed turned on, so the next GPU run c
 | MOE_DOWN_STAGED  | MOE_STAGED's Q2_K down with each warp's expert rows staged too (moe_down_xsw_*)  | on      |
 | HC_SIDE_SINKHORN | hc_step's Sinkhorn deferred to hc_sinkhorn_deferred on the side branch (hc.cu)   | on      |
 | INDEXER_FP4      | QAT on: indexer keys packed (68 B a row), exact integer scores (indexer.cu)      | on      |
+| TOPK_MULTI       | indexer top-k over G blocks a query, global radix levels (topk_multi.cu)         | off     |
 
 Every path that is on passed its GPU tests on an H200 on 2026-12-03 (scripts/gpu_check.sh at commits ceec17e, a666a91, 5d43b87,
 ea5f401 and 1d62150; BENCHMARKS.md has the benchmarks); `=0` keeps the older path for comparison and as a fallback.
@@ -54,6 +55,11 @@ for it, one sub-block later. Bit-identical (the same double arithmetic); tests/t
 INDEXER_FP4: with QAT on (model.qat) each CSA layer's indexer rows are stored as e2m1 codes + block exponents
 (compressor.cu compressor_emit_fp4, lossless for the fp4_sim'd rows) and scored by indexer_scores_fp4 with exact
 integer block dot products (tests/test_gpu_indexer_fp4.py): 512 -> 68 bytes a row.
+TOPK_MULTI (off: written 2026-12-03, not yet run on a GPU): indexer_topk's selection (one block of 1,024 threads a
+query, six full passes over up to ~262,000 scores at 1M context by one SM) spread over G blocks a query (G from ctx,
+ops.topk_multi_blocks): three 11/11/10-bit radix levels with per-query histograms in global memory, then a counted,
+deterministic compaction; the same int32 output bit for bit (kernels/topk_multi.cu; tests/test_gpu_topk_multi.py).
+Eight launches instead of one, so it can only pay at long context; its speed is not measured yet.
 """
 from __future__ import annotations
 
@@ -63,7 +69,7 @@ DEFAULTS = {"REPACK_Q8_0": True, "HC_FUSED": True, "BRANCHES": True, "GPU_SAMPLI
             "MOE_GROUPED": True, "MOE_I8": True, "PREFILL_ATTN_MMA": True,
             "DECODE_ATTN_MMA": True, "MOE_GROUPED_PIPE": True, "MOE_STAGED": True, "PDL": True,
             "MOE_DOWN_STAGED": True, "HC_SIDE_SINKHORN": True,
-            "INDEXER_FP4": True}
+            "INDEXER_FP4": True, "TOPK_MULTI": False}
 
 
 def enabled(name: str) -> bool:
